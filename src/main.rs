@@ -1,1 +1,306 @@
-fn main() {}
+//! The `rnat` command.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ipnet::Ipv4Net;
+use rnat::rootful::{CreateOpts, Engine};
+use rnat::run::RunError;
+use rnat::spec::{self, PortMapping};
+use rnat::state::{Container, StateDirs};
+
+/// Exit status for rnat's own errors (as Docker and Podman use).
+const EXIT_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "rnat",
+    version,
+    about = "Container networking: a network namespace with outbound NAT and published ports"
+)]
+#[command(after_help = "Examples:
+  rnat run -p 8080:80 -- busybox httpd -f -p 80 -h /srv/www
+  rnat run --name web -p 127.0.0.1:8080:80 -p 5353:53/udp -- ./server
+  rnat publish --name web 9000-9010:9000-9010
+  rnat unpublish --name web 9000-9010:9000-9010
+  rnat network create lab --subnet 192.0.2.0/24
+  rnat ps --json
+
+State lives in /var/lib/rnat and /run/rnat (RNAT_STATE_DIR=DIR moves both under DIR).
+Logs: RNAT_LOG=debug.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run CMD in a new network namespace with outbound NAT and published ports
+    #[command(
+        after_help = "SPEC: [HOSTIP:][HOSTPORT[-END]:]CONTAINERPORT[-END][/tcp|/udp], as Docker's -p.
+Examples:
+  rnat run -p 8080:80 -- busybox httpd -f -p 80
+  rnat run --network lab -p 192.0.2.1:53:53/udp -- dnsmasq -k"
+    )]
+    Run {
+        /// Publish a port: [HOSTIP:][HOSTPORT[-END]:]CONTAINERPORT[-END][/tcp|/udp]
+        #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+        publish: Vec<String>,
+        /// Container name (default: rnat-<id>)
+        #[arg(long)]
+        name: Option<String>,
+        /// Network to attach to (default: "default", bridge rnat0)
+        #[arg(long)]
+        network: Option<String>,
+        /// The command and its arguments
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// Publish more ports on a running container
+    #[command(
+        after_help = "Example:\n  rnat publish --name web 8443:443 127.0.0.1:9000-9009:9000-9009"
+    )]
+    Publish {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(required = true, value_name = "SPEC")]
+        specs: Vec<String>,
+    },
+    /// Stop publishing ports of a running container
+    #[command(after_help = "Example:\n  rnat unpublish --name web 8443:443")]
+    Unpublish {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(required = true, value_name = "SPEC")]
+        specs: Vec<String>,
+    },
+    /// List running containers
+    Ps {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage networks
+    #[command(subcommand)]
+    Network(NetCmd),
+}
+
+#[derive(Subcommand)]
+enum NetCmd {
+    /// Define a network (its bridge is created when a container first uses it)
+    #[command(after_help = "Example:\n  rnat network create lab --subnet 192.0.2.0/24")]
+    Create {
+        name: String,
+        #[arg(long)]
+        subnet: Ipv4Net,
+        /// Gateway (the bridge's address; default: the subnet's first address)
+        #[arg(long)]
+        gateway: Option<Ipv4Addr>,
+        /// Bridge name (default: rn-NAME)
+        #[arg(long)]
+        bridge: Option<String>,
+    },
+    /// Remove a network and its bridge
+    Rm { name: String },
+    /// List networks
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RNAT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) if is_broken_pipe(&e) => ExitCode::from(141),
+        Err(e) => {
+            eprintln!("Error: {}", one_line(&e));
+            ExitCode::from(status_of(&e))
+        }
+    }
+}
+
+/// The error and its causes on one line, leaving out a cause whose text is already shown (typed
+/// errors often include their source in their own message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
+}
+
+/// Output cut short by a reader that went away (`rnat ps | head`) is not an error worth a message.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn status_of(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<RunError>() {
+        Some(RunError::Spawn(s)) => s.status as u8,
+        _ => EXIT_ERROR,
+    }
+}
+
+fn parse_specs(specs: &[String]) -> anyhow::Result<Vec<PortMapping>> {
+    Ok(spec::expand_all(specs)?)
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    let dirs = StateDirs::from_env();
+    match cli.cmd {
+        Cmd::Run {
+            publish,
+            name,
+            network,
+            cmd,
+        } => {
+            let ports = parse_specs(&publish)?;
+            let mut engine = Engine::open(dirs)?;
+            let opts = CreateOpts {
+                name,
+                network,
+                ports,
+            };
+            let status = rnat::run::run(&mut engine, &opts, &cmd)?;
+            Ok(u8::try_from(status).unwrap_or(EXIT_ERROR))
+        }
+        Cmd::Publish { name, specs } => {
+            let ports = parse_specs(&specs)?;
+            let mut engine = Engine::open(dirs)?;
+            let rec = engine.publish(name.as_deref(), &ports).context("publish")?;
+            println!("{}: published {} port(s)", rec.name, ports.len());
+            Ok(0)
+        }
+        Cmd::Unpublish { name, specs } => {
+            let ports = parse_specs(&specs)?;
+            let mut engine = Engine::open(dirs)?;
+            let rec = engine
+                .unpublish(name.as_deref(), &ports)
+                .context("unpublish")?;
+            println!("{}: unpublished {} port(s)", rec.name, ports.len());
+            Ok(0)
+        }
+        Cmd::Ps { json } => {
+            let mut engine = Engine::open(dirs)?;
+            let lock = engine.dirs().lock()?;
+            engine.reap(&lock)?;
+            drop(lock);
+            print_ps(&engine.containers()?, json)?;
+            Ok(0)
+        }
+        Cmd::Network(n) => network(dirs, n),
+    }
+}
+
+fn network(dirs: StateDirs, cmd: NetCmd) -> anyhow::Result<u8> {
+    match cmd {
+        NetCmd::Create {
+            name,
+            subnet,
+            gateway,
+            bridge,
+        } => {
+            let mut engine = Engine::open(dirs)?;
+            let net = engine.network_create(&name, subnet, gateway, bridge.as_deref())?;
+            println!(
+                "{} {} gateway {} bridge {}",
+                net.name, net.subnet, net.gateway, net.bridge
+            );
+        }
+        NetCmd::Rm { name } => {
+            let mut engine = Engine::open(dirs)?;
+            engine.network_rm(&name)?;
+        }
+        NetCmd::Ls { json } => {
+            let engine = Engine::open(dirs)?;
+            let nets = engine.networks()?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &nets)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<16} {:<18} {:<15} BRIDGE",
+                    "NAME", "SUBNET", "GATEWAY"
+                )?;
+                for n in nets {
+                    writeln!(
+                        out,
+                        "{:<16} {:<18} {:<15} {}",
+                        n.name,
+                        n.subnet.to_string(),
+                        n.gateway.to_string(),
+                        n.bridge
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn print_ps(containers: &[Container], json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let list: Vec<serde_json::Value> = containers
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "id": c.id, "name": c.name, "network": c.network, "ip": c.ip,
+                    "pid": c.pid,
+                    "netns": c.pid.map(|p| format!("/proc/{p}/ns/net")),
+                    "ports": c.ports.iter().map(|p| serde_json::json!({
+                        "host_ip": p.host_ip.map_or("0.0.0.0".to_string(), |i| i.to_string()),
+                        "host_port": p.host_port, "container_port": p.container_port, "protocol": p.protocol,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &list)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "{:<14} {:<16} {:<12} {:<15} {:<8} PORTS",
+            "ID", "NAME", "NETWORK", "IP", "PID"
+        )?;
+        for c in containers {
+            let ports: Vec<String> = c.ports.iter().map(|p| p.to_string()).collect();
+            let pid = c.pid.map_or("-".to_string(), |p| p.to_string());
+            writeln!(
+                out,
+                "{:<14} {:<16} {:<12} {:<15} {:<8} {}",
+                c.id,
+                c.name,
+                c.network,
+                c.ip.to_string(),
+                pid,
+                ports.join(", ")
+            )?;
+        }
+    }
+    Ok(())
+}

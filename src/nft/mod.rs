@@ -64,13 +64,13 @@ impl Firewall {
         self.sock.send(&batch.finish())
     }
 
-    /// Creates rnat's table with its maps and chains unless it exists.
-    pub fn ensure_table(&mut self) -> Result<(), NftError> {
+    /// Creates rnat's table with its maps and chains unless it exists. Returns whether it did.
+    pub fn ensure_table(&mut self) -> Result<bool, NftError> {
         let mut b = BatchBuf::new();
         model::create_table(&mut b)?;
         match self.send(b) {
-            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
-            other => other,
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(false),
+            other => other.map(|()| true),
         }
     }
 

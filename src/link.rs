@@ -1,0 +1,315 @@
+//! Links, addresses and routes through rtnetlink: the bridge, the veth pairs, and the container's
+//! side of them.
+//!
+//! rtnetlink is asynchronous; rnat's commands are short and sequential, so each `Netlink` owns a
+//! current-thread tokio runtime and blocks on one request at a time.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_route::link::{InfoBridgePort, InfoData, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
+};
+
+use crate::netns::NetNs;
+
+/// A failed link operation, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("link {0} does not exist")]
+    Missing(String),
+}
+
+impl LinkError {
+    /// The errno of a kernel refusal, if that is what this is.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            LinkError::Netlink {
+                source: rtnetlink::Error::NetlinkError(m),
+                ..
+            } => m.code.map(|c| -c.get()),
+            LinkError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
+    let what = what.into();
+    move |source| LinkError::Netlink { what, source }
+}
+
+/// An rtnetlink connection bound to one network namespace.
+pub struct Netlink {
+    rt: tokio::runtime::Runtime,
+    handle: Handle,
+}
+
+impl Netlink {
+    /// A connection in the calling thread's namespace.
+    pub fn open() -> Result<Netlink, LinkError> {
+        let rt = runtime()?;
+        let handle = {
+            let _guard = rt.enter();
+            let (conn, handle, _) =
+                rtnetlink::new_connection().map_err(|source| LinkError::Io {
+                    what: "rtnetlink socket".into(),
+                    source,
+                })?;
+            rt.spawn(conn);
+            handle
+        };
+        Ok(Netlink { rt, handle })
+    }
+
+    /// A connection whose socket lives in `ns` (made on a thread that entered it).
+    pub fn open_in(ns: &NetNs) -> Result<Netlink, LinkError> {
+        let rt = runtime()?;
+        let rt_handle = rt.handle().clone();
+        let made = ns
+            .run_in(move || {
+                let _guard = rt_handle.enter();
+                rtnetlink::new_connection()
+            })
+            .and_then(|r| r)
+            .map_err(|source| LinkError::Io {
+                what: "rtnetlink socket in container namespace".into(),
+                source,
+            })?;
+        let (conn, handle, _) = made;
+        rt.spawn(conn);
+        Ok(Netlink { rt, handle })
+    }
+
+    /// The index of link `name`, if it exists.
+    pub fn index(&self, name: &str) -> Result<Option<u32>, LinkError> {
+        let h = self.handle.clone();
+        let name = name.to_string();
+        self.rt.block_on(async move {
+            let mut links = h.link().get().match_name(name.clone()).execute();
+            match links.try_next().await {
+                Ok(Some(msg)) => Ok(Some(msg.header.index)),
+                Ok(None) => Ok(None),
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(nl(format!("looking up link {name}"))(e)),
+            }
+        })
+    }
+
+    /// Names of all links.
+    pub fn names(&self) -> Result<Vec<String>, LinkError> {
+        let h = self.handle.clone();
+        self.rt.block_on(async move {
+            let msgs: Vec<LinkMessage> = h
+                .link()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("listing links"))?;
+            Ok(msgs
+                .iter()
+                .filter_map(|m| {
+                    m.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::IfName(n) => Some(n.clone()),
+                        _ => None,
+                    })
+                })
+                .collect())
+        })
+    }
+
+    /// Makes sure bridge `name` exists, holds `gateway/prefix` and is up. Returns its index and
+    /// whether this call created it.
+    pub fn ensure_bridge(
+        &self,
+        name: &str,
+        gateway: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(u32, bool), LinkError> {
+        let (index, created) = match self.index(name)? {
+            Some(i) => (i, false),
+            None => {
+                let h = self.handle.clone();
+                self.rt
+                    .block_on(h.link().add(LinkBridge::new(name).build()).execute())
+                    .map_err(nl(format!("creating bridge {name}")))?;
+                (
+                    self.index(name)?
+                        .ok_or_else(|| LinkError::Missing(name.to_string()))?,
+                    true,
+                )
+            }
+        };
+        self.add_address(index, gateway, prefix)?;
+        self.set_up(index, name)?;
+        Ok((index, created))
+    }
+
+    /// Adds an address to a link; an address already there is fine.
+    pub fn add_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<(), LinkError> {
+        let h = self.handle.clone();
+        match self
+            .rt
+            .block_on(h.address().add(index, IpAddr::V4(addr), prefix).execute())
+        {
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.code.map(|c| -c.get()) == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            other => other.map_err(nl(format!("adding {addr}/{prefix}"))),
+        }
+    }
+
+    pub fn set_up(&self, index: u32, name: &str) -> Result<(), LinkError> {
+        let h = self.handle.clone();
+        self.rt
+            .block_on(
+                h.link()
+                    .set(LinkUnspec::new_with_index(index).up().build())
+                    .execute(),
+            )
+            .map_err(nl(format!("bringing {name} up")))
+    }
+
+    /// Creates a veth pair: `host` here, attached to `bridge` with hairpin on and up; `peer` created
+    /// directly inside `peer_ns` (so it may be named `eth0` whatever this namespace holds).
+    pub fn create_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        peer_ns: &NetNs,
+        bridge: u32,
+        mtu: Option<u32>,
+    ) -> Result<(), LinkError> {
+        let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer.to_string())
+            .setns_by_fd(peer_ns.raw_fd());
+        let mut host_msg = LinkVeth::new(host, peer).controller(bridge);
+        if let Some(m) = mtu {
+            peer_msg = peer_msg.mtu(m);
+            host_msg = host_msg.mtu(m);
+        }
+        let mut msg = host_msg.build();
+        let mut peer_built = Some(peer_msg.build());
+        // Replace the peer the builder made with one that names the target namespace.
+        for attr in msg.attributes.iter_mut() {
+            if let LinkAttribute::LinkInfo(infos) = attr {
+                for info in infos.iter_mut() {
+                    if let netlink_packet_route::link::LinkInfo::Data(d) = info {
+                        if let Some(p) = peer_built.take() {
+                            *d = InfoData::Veth(InfoVeth::Peer(p));
+                        }
+                    }
+                }
+            }
+        }
+        let h = self.handle.clone();
+        self.rt
+            .block_on(h.link().add(msg).execute())
+            .map_err(nl(format!("creating veth {host}")))?;
+        let index = self
+            .index(host)?
+            .ok_or_else(|| LinkError::Missing(host.to_string()))?;
+        let h = self.handle.clone();
+        self.rt
+            .block_on(
+                h.link()
+                    .set_port(
+                        LinkBridgePort::new(index)
+                            .append_info_data(InfoBridgePort::HairpinMode(true))
+                            .build(),
+                    )
+                    .execute(),
+            )
+            .map_err(nl(format!("enabling hairpin on {host}")))?;
+        self.set_up(index, host)
+    }
+
+    /// Deletes a link. Returns false if it was already gone.
+    pub fn delete(&self, name: &str) -> Result<bool, LinkError> {
+        let Some(index) = self.index(name)? else {
+            return Ok(false);
+        };
+        let h = self.handle.clone();
+        match self.rt.block_on(h.link().del(index).execute()) {
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
+            {
+                Ok(false)
+            }
+            other => other
+                .map(|_| true)
+                .map_err(nl(format!("deleting link {name}"))),
+        }
+    }
+
+    /// Inside a container: `lo` up, `ifname` with `addr` up, default route via `gateway`.
+    pub fn configure_container(
+        &self,
+        ifname: &str,
+        addr: Ipv4Net,
+        gateway: Ipv4Addr,
+    ) -> Result<(), LinkError> {
+        let lo = self
+            .index("lo")?
+            .ok_or_else(|| LinkError::Missing("lo".into()))?;
+        self.set_up(lo, "lo")?;
+        let eth = self
+            .index(ifname)?
+            .ok_or_else(|| LinkError::Missing(ifname.to_string()))?;
+        self.add_address(eth, addr.addr(), addr.prefix_len())?;
+        self.set_up(eth, ifname)?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gateway)
+            .output_interface(eth)
+            .build();
+        let h = self.handle.clone();
+        self.rt
+            .block_on(h.route().add(route).execute())
+            .map_err(nl(format!("default route via {gateway}")))
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, LinkError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|source| LinkError::Io {
+            what: "tokio runtime".into(),
+            source,
+        })
+}
+
+/// Writes a sysctl of the current network namespace (`/proc/sys/net/...`).
+pub fn set_sysctl(path: &str, value: &str) -> Result<(), LinkError> {
+    let full = format!("/proc/sys/{}", path.replace('.', "/"));
+    let current = std::fs::read_to_string(&full).unwrap_or_default();
+    if current.trim() == value {
+        return Ok(());
+    }
+    std::fs::write(&full, value).map_err(|source| LinkError::Io {
+        what: format!("setting {path}={value}"),
+        source,
+    })
+}

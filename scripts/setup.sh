@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what rnat needs to build, test and benchmark on Debian 12, then builds it.
+# Idempotent: packages already present are left alone. Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  # build: libnftnl through nftnl-sys, found with pkg-config
+  build-essential pkg-config libnftnl-dev libmnl-dev
+  # run and test: nft reads the ruleset back, ip builds test topologies, socat and busybox are the
+  # test servers and clients, setpriv drops privileges for the privilege test
+  nftables iproute2 socat busybox-static util-linux procps
+  # benchmarks: the peers rnat is measured against, and the load tools
+  containernetworking-plugins netavark iperf3 wrk jq
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "setup: no Rust toolchain; installing rustup (needs network access to rustup.rs)"
+    apt-get install -y -qq curl ca-certificates >/dev/null
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi
+
+cargo build --release --locked --quiet
+echo "setup: built $(pwd)/target/release/rnat"

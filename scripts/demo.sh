@@ -60,6 +60,7 @@ step "The host itself fetches http://127.0.0.1:8080/"
 printf 'GET / HTTP/1.0\r\n\r\n' | in_ns "$H" socat -t 3 - TCP:127.0.0.1:8080 | tail -n 1
 
 step "The container reaches the upstream server; upstream sees the host's address"
+# shellcheck disable=SC2016  # $SOCAT_PEERADDR is expanded by socat's shell, not this one
 ip netns exec "$U" socat TCP-LISTEN:7000,reuseaddr SYSTEM:'echo upstream saw you as $SOCAT_PEERADDR' &
 pids+=($!)
 sleep 0.3

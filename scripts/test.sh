@@ -9,4 +9,4 @@ export PATH="$HOME/.cargo/bin:$PATH"
 echo "== unit tests"
 cargo test --locked --lib --bins
 echo "== kernel tests (netns-tests/)"
-cargo test --locked --test netns -- --test-threads=2
+RNAT_NETNS_REQUIRE_ROOT=1 cargo test --locked --test netns -- --test-threads=2

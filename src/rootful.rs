@@ -10,6 +10,7 @@
 //! - a record lists only the ports whose map elements were added, so a rollback never removes
 //!   elements that belong to someone else.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
@@ -22,7 +23,7 @@ use crate::link::{set_sysctl, LinkError, Netlink};
 use crate::netns::NetNs;
 use crate::nft::{Dnat, Firewall, NftError, Op};
 use crate::process;
-use crate::spec::{PortMapping, SpecParseError};
+use crate::spec::{PortMapping, Protocol, SpecParseError};
 use crate::state::{self, Allocations, Container, Network, StateDirs, StateError, StateLock};
 
 /// The network used when none is named.
@@ -218,19 +219,29 @@ impl Engine {
         Ok(bridge)
     }
 
-    /// Rejects ports already taken, by a container or by a socket on this host.
+    /// Rejects ports already taken, by a container or by a socket on this host. Linear in the
+    /// number of ports involved: published ports are indexed by protocol and port first.
     fn check_ports(&self, ports: &[PortMapping], live: &[Container]) -> Result<()> {
+        let mut taken: HashMap<(Protocol, u16), Vec<(&PortMapping, &str)>> = HashMap::new();
+        for c in live {
+            for p in &c.ports {
+                taken
+                    .entry((p.protocol, p.host_port))
+                    .or_default()
+                    .push((p, c.name.as_str()));
+            }
+        }
         for m in ports {
             if matches!(m.host_ip, Some(IpAddr::V6(_))) {
                 return Err(Error::Ipv6(m.to_string()));
             }
-            if let Some(owner) = live
-                .iter()
-                .find(|c| c.ports.iter().any(|p| p.conflicts_with(m)))
-            {
+            let clash = taken
+                .get(&(m.protocol, m.host_port))
+                .and_then(|v| v.iter().find(|(p, _)| p.conflicts_with(m)));
+            if let Some((_, owner)) = clash {
                 return Err(Error::PortPublished {
                     mapping: m.to_string(),
-                    owner: owner.name.clone(),
+                    owner: owner.to_string(),
                 });
             }
             probe_bind(m)?;
@@ -535,8 +546,8 @@ fn probe_bind(m: &PortMapping) -> Result<()> {
     let ip = m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let addr = SocketAddr::new(ip, m.host_port);
     let res = match m.protocol {
-        crate::spec::Protocol::Tcp => TcpListener::bind(addr).map(drop),
-        crate::spec::Protocol::Udp => UdpSocket::bind(addr).map(drop),
+        Protocol::Tcp => TcpListener::bind(addr).map(drop),
+        Protocol::Udp => UdpSocket::bind(addr).map(drop),
     };
     res.map_err(|source| Error::PortBound {
         mapping: m.to_string(),

@@ -1,5 +1,6 @@
 //! rnat: container networking. See `docs/architecture.md` for the map of this crate.
 
+pub mod cni;
 pub mod dns;
 pub mod ipam;
 pub mod link;

@@ -54,6 +54,17 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
     move |source| LinkError::Netlink { what, source }
 }
 
+/// A veth pair to create.
+#[derive(Debug, Clone)]
+pub struct VethSpec<'a> {
+    pub host: &'a str,
+    pub peer: &'a str,
+    pub mtu: Option<u32>,
+    /// Hairpin mode on the bridge port (a container reaching itself through the host).
+    pub hairpin: bool,
+    pub peer_mac: Option<[u8; 6]>,
+}
+
 /// An rtnetlink connection bound to one network namespace.
 pub struct Netlink {
     rt: tokio::runtime::Runtime,
@@ -112,6 +123,142 @@ impl Netlink {
                 }
                 Err(e) => Err(nl(format!("looking up link {name}"))(e)),
             }
+        })
+    }
+
+    /// The MAC address of link `name`, if it exists.
+    pub fn mac(&self, name: &str) -> Result<Option<[u8; 6]>, LinkError> {
+        let h = self.handle.clone();
+        let name = name.to_string();
+        self.rt.block_on(async move {
+            let mut links = h.link().get().match_name(name.clone()).execute();
+            match links.try_next().await {
+                Ok(Some(msg)) => Ok(msg.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Address(m) if m.len() == 6 => {
+                        let mut mac = [0u8; 6];
+                        mac.copy_from_slice(m);
+                        Some(mac)
+                    }
+                    _ => None,
+                })),
+                Ok(None) => Ok(None),
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(nl(format!("looking up link {name}"))(e)),
+            }
+        })
+    }
+
+    /// The index of the bridge (or other controller) link `name` is attached to; `Some(0)` when it
+    /// exists without one, `None` when it does not exist.
+    pub fn master_of(&self, name: &str) -> Result<Option<u32>, LinkError> {
+        let h = self.handle.clone();
+        let name = name.to_string();
+        self.rt.block_on(async move {
+            let mut links = h.link().get().match_name(name.clone()).execute();
+            match links.try_next().await {
+                Ok(Some(msg)) => Ok(Some(
+                    msg.attributes
+                        .iter()
+                        .find_map(|a| match a {
+                            LinkAttribute::Controller(i) => Some(*i),
+                            _ => None,
+                        })
+                        .unwrap_or(0),
+                )),
+                Ok(None) => Ok(None),
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(nl(format!("looking up link {name}"))(e)),
+            }
+        })
+    }
+
+    /// Names of the links attached to bridge `index`.
+    pub fn ports_of(&self, index: u32) -> Result<Vec<String>, LinkError> {
+        let h = self.handle.clone();
+        self.rt.block_on(async move {
+            let msgs: Vec<LinkMessage> = h
+                .link()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("listing links"))?;
+            Ok(msgs
+                .iter()
+                .filter(|m| {
+                    m.attributes
+                        .iter()
+                        .any(|a| matches!(a, LinkAttribute::Controller(i) if *i == index))
+                })
+                .filter_map(|m| {
+                    m.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::IfName(n) => Some(n.clone()),
+                        _ => None,
+                    })
+                })
+                .collect())
+        })
+    }
+
+    /// IPv4 addresses (with prefix lengths) of link `name`.
+    pub fn addresses(&self, name: &str) -> Result<Vec<(Ipv4Addr, u8)>, LinkError> {
+        let Some(index) = self.index(name)? else {
+            return Ok(Vec::new());
+        };
+        let h = self.handle.clone();
+        self.rt.block_on(async move {
+            let msgs: Vec<netlink_packet_route::address::AddressMessage> = h
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("listing addresses"))?;
+            Ok(msgs
+                .iter()
+                .filter_map(|m| {
+                    m.attributes.iter().find_map(|a| match a {
+                        netlink_packet_route::address::AddressAttribute::Address(IpAddr::V4(
+                            ip,
+                        )) => Some((*ip, m.header.prefix_len)),
+                        _ => None,
+                    })
+                })
+                .collect())
+        })
+    }
+
+    /// The gateway of the IPv4 default route, if there is one.
+    pub fn default_gateway(&self) -> Result<Option<Ipv4Addr>, LinkError> {
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+        let h = self.handle.clone();
+        self.rt.block_on(async move {
+            let req = RouteMessageBuilder::<Ipv4Addr>::new().build();
+            let msgs: Vec<netlink_packet_route::route::RouteMessage> = h
+                .route()
+                .get(req)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl("listing routes"))?;
+            Ok(msgs
+                .iter()
+                .filter(|m| m.header.destination_prefix_length == 0)
+                .find_map(|m| {
+                    m.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Gateway(RouteAddress::Inet(gw)) => Some(*gw),
+                        _ => None,
+                    })
+                }))
         })
     }
 
@@ -192,23 +339,25 @@ impl Netlink {
             .map_err(nl(format!("bringing {name} up")))
     }
 
-    /// Creates a veth pair: `host` here, attached to `bridge` with hairpin on and up; `peer` created
+    /// Creates a veth pair: the host end here, attached to `bridge` and up; the peer created
     /// directly inside `peer_ns` (so it may be named `eth0` whatever this namespace holds).
     pub fn create_veth(
         &self,
-        host: &str,
-        peer: &str,
+        spec: &VethSpec<'_>,
         peer_ns: &NetNs,
         bridge: u32,
-        mtu: Option<u32>,
     ) -> Result<(), LinkError> {
+        let (host, peer) = (spec.host, spec.peer);
         let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_string())
             .setns_by_fd(peer_ns.raw_fd());
         let mut host_msg = LinkVeth::new(host, peer).controller(bridge);
-        if let Some(m) = mtu {
+        if let Some(m) = spec.mtu {
             peer_msg = peer_msg.mtu(m);
             host_msg = host_msg.mtu(m);
+        }
+        if let Some(mac) = spec.peer_mac {
+            peer_msg = peer_msg.address(mac.to_vec());
         }
         let mut msg = host_msg.build();
         let mut peer_built = Some(peer_msg.build());
@@ -237,12 +386,16 @@ impl Netlink {
                 h.link()
                     .set_port(
                         LinkBridgePort::new(index)
-                            .append_info_data(InfoBridgePort::HairpinMode(true))
+                            .append_info_data(InfoBridgePort::HairpinMode(spec.hairpin))
                             .build(),
                     )
                     .execute(),
             )
             .map_err(nl(format!("enabling hairpin on {host}")))?;
+        // rnat networks are IPv4: without this, every new port's IPv6 link-local address, DAD and
+        // MLD reports are flooded by the bridge to every other port, so each container would add
+        // work to all later ones.
+        disable_ipv6(host)?;
         self.set_up(index, host)
     }
 
@@ -301,9 +454,22 @@ fn runtime() -> Result<tokio::runtime::Runtime, LinkError> {
         })
 }
 
+/// Turns IPv6 off on a link of the current namespace (nothing to do on a kernel without IPv6).
+pub fn disable_ipv6(ifname: &str) -> Result<(), LinkError> {
+    if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        return Ok(());
+    }
+    set_sysctl(&format!("net/ipv6/conf/{ifname}/disable_ipv6"), "1")
+}
+
 /// Writes a sysctl of the current network namespace (`/proc/sys/net/...`).
 pub fn set_sysctl(path: &str, value: &str) -> Result<(), LinkError> {
-    let full = format!("/proc/sys/{}", path.replace('.', "/"));
+    // Dotted names are split on dots; a path with slashes is taken as is (link names may hold dots).
+    let full = if path.contains('/') {
+        format!("/proc/sys/{path}")
+    } else {
+        format!("/proc/sys/{}", path.replace('.', "/"))
+    };
     let current = std::fs::read_to_string(&full).unwrap_or_default();
     if current.trim() == value {
         return Ok(());

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
-use rnat::rootful::{CreateOpts, Engine};
+use rnat::rootful::{CreateOpts, Engine, NetworkChoice};
 use rnat::run::RunError;
 use rnat::spec::{self, PortMapping};
 use rnat::state::{Container, StateDirs};
@@ -86,6 +86,13 @@ Examples:
     /// Manage networks
     #[command(subcommand)]
     Network(NetCmd),
+    /// Install rnat as the CNI plugin `rnat` (see docs/cni.md)
+    #[command(after_help = "Example:\n  rnat install-cni /opt/cni/bin")]
+    InstallCni {
+        /// Plugin directory
+        #[arg(default_value = "/opt/cni/bin")]
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -121,6 +128,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    // A runtime calling rnat as a CNI plugin sets CNI_COMMAND (and may call it by any name).
+    if std::env::var_os("CNI_COMMAND").is_some() {
+        return ExitCode::from(rnat::cni::main());
+    }
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code),
@@ -180,8 +191,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let mut engine = Engine::open(dirs)?;
             let opts = CreateOpts {
                 name,
-                network,
+                network: NetworkChoice::Named(network),
                 ports,
+                resolv: true,
+                ip: None,
+                mac: None,
             };
             let status = rnat::run::run(&mut engine, &opts, &cmd)?;
             Ok(u8::try_from(status).unwrap_or(EXIT_ERROR))
@@ -205,12 +219,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Ps { json } => {
             let mut engine = Engine::open(dirs)?;
             let lock = engine.dirs().lock()?;
-            engine.reap(&lock)?;
+            let live = engine.live(&lock)?;
             drop(lock);
-            print_ps(&engine.containers()?, json)?;
+            print_ps(&live, json)?;
             Ok(0)
         }
         Cmd::Network(n) => network(dirs, n),
+        Cmd::InstallCni { dir } => {
+            let dest = rnat::cni::install(&dir)
+                .with_context(|| format!("installing into {}", dir.display()))?;
+            println!("installed {}", dest.display());
+            Ok(0)
+        }
     }
 }
 
@@ -270,8 +290,8 @@ fn print_ps(containers: &[Container], json: bool) -> anyhow::Result<()> {
             .map(|c| {
                 serde_json::json!({
                     "id": c.id, "name": c.name, "network": c.network, "ip": c.ip,
-                    "pid": c.pid,
-                    "netns": c.pid.map(|p| format!("/proc/{p}/ns/net")),
+                    "pid": c.main_pid(),
+                    "netns": c.main_pid().map(|p| format!("/proc/{p}/ns/net")),
                     "ports": c.ports.iter().map(|p| serde_json::json!({
                         "host_ip": p.host_ip.map_or("0.0.0.0".to_string(), |i| i.to_string()),
                         "host_port": p.host_port, "container_port": p.container_port, "protocol": p.protocol,
@@ -289,7 +309,7 @@ fn print_ps(containers: &[Container], json: bool) -> anyhow::Result<()> {
         )?;
         for c in containers {
             let ports: Vec<String> = c.ports.iter().map(|p| p.to_string()).collect();
-            let pid = c.pid.map_or("-".to_string(), |p| p.to_string());
+            let pid = c.main_pid().map_or("-".to_string(), |p| p.to_string());
             writeln!(
                 out,
                 "{:<14} {:<16} {:<12} {:<15} {:<8} {}",

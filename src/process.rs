@@ -12,9 +12,11 @@ use crate::netns::{netns_inode_of, NetNs};
 /// Spawns `cmd` inside `netns`, in a private mount namespace where `/etc/resolv.conf` is
 /// `resolv` and `/sys` shows the container's links (as `ip netns exec` does). The child is
 /// killed if this process dies, so a container never outlives the `rnat run` that owns it.
-pub fn spawn_in(mut cmd: Command, netns: &NetNs, resolv: &Path) -> io::Result<Child> {
+pub fn spawn_in(mut cmd: Command, netns: &NetNs, resolv: Option<&Path>) -> io::Result<Child> {
     let fd = netns.raw_fd();
-    let resolv = CString::new(resolv.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let resolv = resolv
+        .map(|r| CString::new(r.as_os_str().as_bytes()).map_err(io::Error::other))
+        .transpose()?;
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe calls
     // are allowed: it makes raw syscalls on data prepared before the fork (an fd number and C
@@ -35,13 +37,15 @@ pub fn spawn_in(mut cmd: Command, netns: &NetNs, resolv: &Path) -> io::Result<Ch
                 return Err(io::Error::last_os_error());
             }
             // Best effort: a host without /etc/resolv.conf gets none, and a read-only /sys stays.
-            libc::mount(
-                resolv.as_ptr(),
-                c"/etc/resolv.conf".as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            );
+            if let Some(r) = &resolv {
+                libc::mount(
+                    r.as_ptr(),
+                    c"/etc/resolv.conf".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                );
+            }
             if libc::umount2(c"/sys".as_ptr(), libc::MNT_DETACH) == 0 {
                 libc::mount(
                     c"sysfs".as_ptr(),

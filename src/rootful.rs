@@ -10,7 +10,7 @@
 //! - a record lists only the ports whose map elements were added, so a rollback never removes
 //!   elements that belong to someone else.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
@@ -19,12 +19,14 @@ use ipnet::Ipv4Net;
 
 use crate::dns;
 use crate::ipam;
-use crate::link::{set_sysctl, LinkError, Netlink};
+use crate::link::{set_sysctl, LinkError, Netlink, VethSpec};
 use crate::netns::NetNs;
 use crate::nft::{Dnat, Firewall, NftError, Op};
 use crate::process;
 use crate::spec::{PortMapping, Protocol, SpecParseError};
-use crate::state::{self, Allocations, Container, Network, StateDirs, StateError, StateLock};
+use crate::state::{
+    self, Allocations, Container, Network, Owner, StateDirs, StateError, StateLock,
+};
 
 /// The network used when none is named.
 pub const DEFAULT_NETWORK: &str = "default";
@@ -49,6 +51,12 @@ pub enum Error {
     NetworkInUse(String, String),
     #[error("network {network:?} ({subnet}) has no free address")]
     Exhausted { network: String, subnet: Ipv4Net },
+    #[error("an attachment for this container and interface already exists ({0})")]
+    AttachmentExists(String),
+    #[error("interface {0:?} already exists in the container's namespace")]
+    IfaceExists(String),
+    #[error("address {ip} is not available in network {network:?}")]
+    AddressUnavailable { ip: Ipv4Addr, network: String },
     #[error("a container named {0:?} is already running")]
     NameTaken(String),
     #[error("no running container named {0:?}")]
@@ -103,19 +111,60 @@ pub fn has_net_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
+/// Which network a container joins.
+#[derive(Debug, Clone)]
+pub enum NetworkChoice {
+    /// A network defined with `rnat network create` (`None`: the default network).
+    Named(Option<String>),
+    /// A network defined by the caller (a CNI configuration): recorded, or updated, as given.
+    Defined(Network),
+}
+
 /// What `create` needs to know about a new container.
 #[derive(Debug, Clone)]
 pub struct CreateOpts {
     pub name: Option<String>,
-    pub network: Option<String>,
+    pub network: NetworkChoice,
     pub ports: Vec<PortMapping>,
+    /// Write a resolv.conf for the container (and forward DNS to a host loopback stub if needed).
+    pub resolv: bool,
+    /// A specific address instead of the next free one.
+    pub ip: Option<Ipv4Addr>,
+    /// A specific MAC address for the container's interface.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Where the container's interface goes, and who owns the result.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub netns: NetNs,
+    pub ifname: String,
+    pub owner: Owner,
+    /// A stable id (CNI derives it from the container id and interface); random when `None`.
+    pub id: Option<String>,
+}
+
+impl Sandbox {
+    /// A new namespace owned by this process, with the container's interface named `eth0`.
+    pub fn new_process() -> Result<Sandbox> {
+        let pid = std::process::id();
+        Ok(Sandbox {
+            netns: NetNs::create().map_err(io_ctx("creating network namespace"))?,
+            ifname: CONTAINER_IF.to_string(),
+            // The slot is chosen by `create`, under the state lock.
+            owner: Owner::Process { pid, slot: 0 },
+            id: None,
+        })
+    }
 }
 
 /// A container whose network is ready and whose command has not started yet.
 pub struct Prepared {
     pub record: Container,
     pub netns: NetNs,
-    pub resolv: PathBuf,
+    pub resolv: Option<PathBuf>,
+    /// Held for the container's life when a process owns it.
+    pub owner_lock: Option<state::OwnerLock>,
 }
 
 /// The host side: state, links and firewall of the namespace rnat runs in.
@@ -123,6 +172,8 @@ pub struct Engine {
     dirs: StateDirs,
     nl: Netlink,
     fw: Firewall,
+    /// The container records, as last loaded under the lock (see `load_records`).
+    records: BTreeMap<String, Container>,
 }
 
 impl Engine {
@@ -134,6 +185,7 @@ impl Engine {
             dirs,
             nl: Netlink::open()?,
             fw: Firewall::open()?,
+            records: BTreeMap::new(),
         })
     }
 
@@ -141,8 +193,23 @@ impl Engine {
         &self.dirs
     }
 
-    fn record_path(&self, id: &str) -> PathBuf {
-        self.dirs.containers().join(format!("{id}.json"))
+    /// Loads the container records (one index file, read once per command).
+    fn load_records(&mut self) -> Result<()> {
+        self.records = state::read_json(&self.dirs.container_index())?.unwrap_or_default();
+        Ok(())
+    }
+
+    /// Records (or updates) a container, atomically.
+    fn put_record(&mut self, rec: &Container) -> Result<(), StateError> {
+        self.records.insert(rec.id.clone(), rec.clone());
+        state::write_json_runtime(&self.dirs.container_index(), &self.records)
+    }
+
+    fn drop_record(&mut self, id: &str) -> Result<(), StateError> {
+        if self.records.remove(id).is_some() {
+            state::write_json_runtime(&self.dirs.container_index(), &self.records)?;
+        }
+        Ok(())
     }
 
     fn ipam_path(&self, network: &str) -> PathBuf {
@@ -153,25 +220,23 @@ impl Engine {
         self.dirs.networks().join(format!("{name}.json"))
     }
 
-    /// Tears down every container whose owner died without doing it. Returns the reaped records.
-    pub fn reap(&mut self, _lock: &StateLock) -> Result<Vec<Container>> {
-        let mut reaped = Vec::new();
-        for rec in state::read_all::<Container>(&self.dirs.containers())? {
-            if !rec.owner_alive() {
+    /// The running containers, after tearing down every one whose owner died without doing it.
+    /// One pass over the records: each is read once and its owner checked once.
+    pub fn live(&mut self, _lock: &StateLock) -> Result<Vec<Container>> {
+        self.load_records()?;
+        tracing::debug!("index loaded");
+        let probe = state::OwnerProbe::open(&self.dirs);
+        let mut live = Vec::new();
+        let records: Vec<Container> = self.records.values().cloned().collect();
+        for rec in records {
+            if rec.owner_alive(&probe) {
+                live.push(rec);
+            } else {
                 tracing::info!(container = %rec.name, "owner process is gone; cleaning up");
                 self.teardown_locked(&rec)?;
-                reaped.push(rec);
             }
         }
-        Ok(reaped)
-    }
-
-    /// Containers whose owner is alive.
-    pub fn containers(&self) -> Result<Vec<Container>> {
-        Ok(state::read_all::<Container>(&self.dirs.containers())?
-            .into_iter()
-            .filter(Container::owner_alive)
-            .collect())
+        Ok(live)
     }
 
     pub fn networks(&self) -> Result<Vec<Network>> {
@@ -211,10 +276,9 @@ impl Engine {
                 .ensure_bridge(&net.bridge, net.gateway, net.subnet.prefix_len())?;
         // Packets to or from 127.0.0.0/8 may cross the bridge: published on 127.0.0.1 (DNAT in
         // output) and DNS forwarded to a loopback stub (DNAT in prerouting).
-        set_sysctl(&format!("net.ipv4.conf.{}.route_localnet", net.bridge), "1")?;
+        set_sysctl(&format!("net/ipv4/conf/{}/route_localnet", net.bridge), "1")?;
         if created_table || created_bridge {
-            let nets: Vec<Ipv4Net> = self.networks()?.iter().map(|n| n.subnet).collect();
-            self.fw.set_networks(&nets)?;
+            self.fw.set_networks(&masq_nets(&self.networks()?))?;
         }
         Ok(bridge)
     }
@@ -249,12 +313,16 @@ impl Engine {
         Ok(())
     }
 
-    /// Sets up a container's network. On failure nothing of it is left.
-    pub fn create(&mut self, opts: &CreateOpts) -> Result<Prepared> {
+    /// Sets up a container's network in `sandbox`. On failure nothing of it is left.
+    pub fn create(&mut self, opts: &CreateOpts, sandbox: Sandbox) -> Result<Prepared> {
         let lock = self.dirs.lock()?;
-        self.reap(&lock)?;
-        let live = self.containers()?;
-        let id = new_id();
+        tracing::debug!("locked");
+        let live = self.live(&lock)?;
+        tracing::debug!(containers = live.len(), "records read");
+        let id = sandbox.id.clone().unwrap_or_else(new_id);
+        if let Some(c) = live.iter().find(|c| c.id == id) {
+            return Err(Error::AttachmentExists(c.name.clone()));
+        }
         let name = opts
             .name
             .clone()
@@ -263,10 +331,17 @@ impl Engine {
             return Err(Error::NameTaken(name));
         }
         self.check_ports(&opts.ports, &live)?;
-        let net = self.network(opts.network.as_deref())?;
+        let net = match &opts.network {
+            NetworkChoice::Named(n) => self.network(n.as_deref())?,
+            NetworkChoice::Defined(n) => self.define_network(n, &live)?,
+        };
         let bridge = self.ensure_dataplane(&net)?;
+        tracing::debug!("dataplane ready");
+        let inside = Netlink::open_in(&sandbox.netns)?;
+        if inside.index(&sandbox.ifname)?.is_some() {
+            return Err(Error::IfaceExists(sandbox.ifname.clone()));
+        }
 
-        let netns = NetNs::create().map_err(io_ctx("creating network namespace"))?;
         let mut rec = Container {
             id: id.clone(),
             name,
@@ -274,19 +349,34 @@ impl Engine {
             ip: Ipv4Addr::UNSPECIFIED,
             prefix: net.subnet.prefix_len(),
             veth: format!("rv{}", &id[..8]),
-            owner_pid: std::process::id(),
-            owner_start: state::process_start_time(std::process::id()).unwrap_or(0),
-            pid: None,
-            netns_inode: netns.inode().map_err(io_ctx("reading namespace inode"))?,
+            ifname: sandbox.ifname.clone(),
+            owner: sandbox.owner.clone(),
+            netns_inode: sandbox
+                .netns
+                .inode()
+                .map_err(io_ctx("reading namespace inode"))?,
             ports: Vec::new(),
         };
-        rec.ip = self.allocate(&net, &id)?;
-        let setup = self.setup_locked(&mut rec, &net, bridge, &netns, &opts.ports);
-        match setup {
+        rec.ip = self.allocate(&net, &id, opts.ip)?;
+        let owner_lock = match &mut rec.owner {
+            Owner::Process { slot, .. } => match state::take_owner_lock(&self.dirs, {
+                *slot = free_slot(&live);
+                *slot
+            }) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    let _ = self.teardown_locked(&rec);
+                    return Err(e.into());
+                }
+            },
+            Owner::Cni { .. } => None,
+        };
+        match self.setup_locked(&mut rec, &net, bridge, &sandbox.netns, &inside, opts) {
             Ok(resolv) => Ok(Prepared {
                 record: rec,
-                netns,
+                netns: sandbox.netns,
                 resolv,
+                owner_lock,
             }),
             Err(e) => {
                 if let Err(t) = self.teardown_locked(&rec) {
@@ -297,46 +387,126 @@ impl Engine {
         }
     }
 
+    /// Records a caller-defined network, or checks it against the recorded one. A network whose
+    /// definition changed may be replaced only while no container uses it.
+    fn define_network(&mut self, want: &Network, live: &[Container]) -> Result<Network> {
+        let path = self.network_path(&want.name);
+        let existing = state::read_json::<Network>(&path)?;
+        if existing.as_ref() == Some(want) {
+            return Ok(want.clone());
+        }
+        if existing.is_some() {
+            let users: Vec<&str> = live
+                .iter()
+                .filter(|c| c.network == want.name)
+                .map(|c| c.name.as_str())
+                .collect();
+            if !users.is_empty() {
+                return Err(Error::NetworkInvalid(format!(
+                    "network {:?} is defined differently while {} use(s) it",
+                    want.name,
+                    users.join(", ")
+                )));
+            }
+        }
+        let others: Vec<Network> = self
+            .networks()?
+            .into_iter()
+            .filter(|n| n.name != want.name)
+            .collect();
+        let mut net = validate_network(
+            &want.name,
+            Some(&want.bridge),
+            want.subnet,
+            Some(want.gateway),
+            &others,
+        )?;
+        net.mtu = want.mtu;
+        net.masquerade = want.masquerade;
+        net.hairpin = want.hairpin;
+        state::write_json(&path, &net)?;
+        // The masquerade rules depend on every network's definition.
+        self.fw.ensure_table()?;
+        self.fw.set_networks(&masq_nets(&self.networks()?))?;
+        Ok(net)
+    }
+
     fn setup_locked(
         &mut self,
         rec: &mut Container,
         net: &Network,
         bridge: u32,
         netns: &NetNs,
-        ports: &[PortMapping],
-    ) -> Result<PathBuf> {
-        state::write_json(&self.record_path(&rec.id), rec)?;
-        self.nl
-            .create_veth(&rec.veth, CONTAINER_IF, netns, bridge, None)?;
-        let inside = Netlink::open_in(netns)?;
-        inside.configure_container(
-            CONTAINER_IF,
-            Ipv4Net::new(rec.ip, rec.prefix).map_err(|e| Error::NetworkInvalid(e.to_string()))?,
-            net.gateway,
-        )?;
-        let dnats = dnats_for(ports, rec.ip)?;
+        inside: &Netlink,
+        opts: &CreateOpts,
+    ) -> Result<Option<PathBuf>> {
+        // One record write, before any kernel object, listing the ports too: they were checked
+        // against every live record under this lock, so a rollback can only remove map elements
+        // that no live container owns.
+        rec.ports = opts.ports.clone();
+        self.put_record(rec)?;
+        let veth = VethSpec {
+            host: &rec.veth,
+            peer: &rec.ifname,
+            mtu: net.mtu,
+            hairpin: net.hairpin,
+            peer_mac: opts.mac,
+        };
+        self.nl.create_veth(&veth, netns, bridge)?;
+        tracing::debug!("veth created");
+        let ifname = rec.ifname.clone();
+        netns
+            .run_in(move || crate::link::disable_ipv6(&ifname))
+            .map_err(io_ctx("entering the container's namespace"))??;
+        let addr =
+            Ipv4Net::new(rec.ip, rec.prefix).map_err(|e| Error::NetworkInvalid(e.to_string()))?;
+        inside.configure_container(&rec.ifname, addr, net.gateway)?;
+        tracing::debug!("container side configured");
+        let dnats = dnats_for(&opts.ports, rec.ip)?;
         self.fw.add_dnats(&dnats)?;
-        rec.ports = ports.to_vec();
-        state::write_json(&self.record_path(&rec.id), rec)?;
-
+        tracing::debug!("ports published");
+        if !opts.resolv {
+            return Ok(None);
+        }
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         let plan = dns::plan(&host_resolv, net.gateway);
         if let Some(stub) = plan.forward_to {
             self.fw.set_dns_forward(net.gateway, stub, Op::Create)?;
         }
-        let dir = self.dirs.container_dir(&rec.id);
-        let resolv = dir.join("resolv.conf");
-        state::write_atomic(&resolv, plan.contents.as_bytes())?;
-        Ok(resolv)
+        let resolv = self.dirs.container_dir(&rec.id).join("resolv.conf");
+        state::write_runtime(&resolv, plan.contents.as_bytes())?;
+        Ok(Some(resolv))
     }
 
-    fn allocate(&self, net: &Network, id: &str) -> Result<Ipv4Addr> {
+    fn allocate(&self, net: &Network, id: &str, want: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
         let path = self.ipam_path(&net.name);
         let mut alloc: Allocations = state::read_json(&path)?.unwrap_or_default();
-        let ip = ipam::pick(net.subnet, net.gateway, &alloc).ok_or_else(|| Error::Exhausted {
-            network: net.name.clone(),
-            subnet: net.subnet,
-        })?;
+        // An allocation whose container has no record was left by a crash between allocating and
+        // recording: it is free again. (`self.records` holds every live container here.)
+        alloc
+            .addrs
+            .retain(|_, owner| self.records.contains_key(owner));
+        let ip = match want {
+            Some(ip) => {
+                let usable = net.subnet.contains(&ip)
+                    && ip != net.subnet.network()
+                    && ip != net.subnet.broadcast()
+                    && ip != net.gateway;
+                if !usable || alloc.addrs.contains_key(&ip) {
+                    return Err(Error::AddressUnavailable {
+                        ip,
+                        network: net.name.clone(),
+                    });
+                }
+                ip
+            }
+            None => {
+                ipam::pick(net.subnet, net.gateway, &alloc).ok_or_else(|| Error::Exhausted {
+                    network: net.name.clone(),
+                    subnet: net.subnet,
+                })?
+            }
+        };
         alloc.addrs.insert(ip, id.to_string());
         alloc.last = Some(ip);
         state::write_json(&path, &alloc)?;
@@ -355,17 +525,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Records the container's main process.
-    pub fn started(&mut self, rec: &mut Container, pid: u32) -> Result<()> {
-        let _lock = self.dirs.lock()?;
-        rec.pid = Some(pid);
-        state::write_json(&self.record_path(&rec.id), rec)?;
-        Ok(())
-    }
-
     /// Removes everything of a container, reporting every step that failed.
     pub fn destroy(&mut self, rec: &Container) -> Result<()> {
         let _lock = self.dirs.lock()?;
+        self.load_records()?;
         self.teardown_locked(rec)
     }
 
@@ -373,14 +536,15 @@ impl Engine {
         let mut errors: Vec<String> = Vec::new();
         // Processes the command left behind. Only while the veth exists is the namespace
         // certainly still the container's (the pair dies with the namespace).
+        let owns_processes = matches!(rec.owner, Owner::Process { .. });
         match self.nl.index(&rec.veth) {
-            Ok(Some(_)) => {
+            Ok(Some(_)) if owns_processes => {
                 let n = process::kill_netns_processes(rec.netns_inode);
                 if n > 0 {
                     tracing::info!(container = %rec.name, "killed {n} leftover process(es)");
                 }
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(e) => errors.push(format!("looking up {}: {e}", rec.veth)),
         }
         match dnats_for(&rec.ports, rec.ip) {
@@ -397,7 +561,7 @@ impl Engine {
         if let Err(e) = self.release(rec) {
             errors.push(format!("releasing {}: {e}", rec.ip));
         }
-        if let Err(e) = state::remove_file(&self.record_path(&rec.id)) {
+        if let Err(e) = self.drop_record(&rec.id) {
             errors.push(e.to_string());
         }
         let dir = self.dirs.container_dir(&rec.id);
@@ -417,8 +581,8 @@ impl Engine {
         }
     }
 
-    fn find(&self, name: Option<&str>) -> Result<Container> {
-        let live = self.containers()?;
+    fn find(live: &[Container], name: Option<&str>) -> Result<Container> {
+        let live = live.to_vec();
         match name {
             Some(n) => live
                 .into_iter()
@@ -432,13 +596,13 @@ impl Engine {
     /// Adds published ports to a running container, in one transaction.
     pub fn publish(&mut self, name: Option<&str>, ports: &[PortMapping]) -> Result<Container> {
         let lock = self.dirs.lock()?;
-        self.reap(&lock)?;
-        let mut rec = self.find(name)?;
-        self.check_ports(ports, &self.containers()?)?;
+        let live = self.live(&lock)?;
+        let mut rec = Self::find(&live, name)?;
+        self.check_ports(ports, &live)?;
         let dnats = dnats_for(ports, rec.ip)?;
         self.fw.add_dnats(&dnats)?;
         rec.ports.extend_from_slice(ports);
-        if let Err(e) = state::write_json(&self.record_path(&rec.id), &rec) {
+        if let Err(e) = self.put_record(&rec) {
             if let Err(r) = self.fw.remove_dnats(&dnats) {
                 tracing::error!("rollback of published ports: {r}");
             }
@@ -450,8 +614,8 @@ impl Engine {
     /// Removes published ports from a running container, in one transaction.
     pub fn unpublish(&mut self, name: Option<&str>, ports: &[PortMapping]) -> Result<Container> {
         let lock = self.dirs.lock()?;
-        self.reap(&lock)?;
-        let mut rec = self.find(name)?;
+        let live = self.live(&lock)?;
+        let mut rec = Self::find(&live, name)?;
         for m in ports {
             if !rec.ports.contains(m) {
                 return Err(Error::NotPublished {
@@ -463,7 +627,7 @@ impl Engine {
         let dnats = dnats_for(ports, rec.ip)?;
         self.fw.remove_dnats(&dnats)?;
         rec.ports.retain(|p| !ports.contains(p));
-        state::write_json(&self.record_path(&rec.id), &rec)?;
+        self.put_record(&rec)?;
         Ok(rec)
     }
 
@@ -485,12 +649,11 @@ impl Engine {
     /// Removes a network: its bridge, DNS forwarding, masquerade rules and records.
     pub fn network_rm(&mut self, name: &str) -> Result<()> {
         let lock = self.dirs.lock()?;
-        self.reap(&lock)?;
+        let live = self.live(&lock)?;
         let Some(net) = state::read_json::<Network>(&self.network_path(name))? else {
             return Err(Error::NoNetwork(name.to_string()));
         };
-        let users: Vec<String> = self
-            .containers()?
+        let users: Vec<String> = live
             .into_iter()
             .filter(|c| c.network == name)
             .map(|c| c.name)
@@ -516,8 +679,7 @@ impl Engine {
                 errors.push(e.to_string());
             }
         }
-        let nets: Vec<Ipv4Net> = self.networks()?.iter().map(|n| n.subnet).collect();
-        match self.fw.set_networks(&nets) {
+        match self.fw.set_networks(&masq_nets(&self.networks()?)) {
             Err(e) if e.errno() == Some(libc::ENOENT) => {}
             Err(e) => errors.push(format!("updating masquerade rules: {e}")),
             Ok(()) => {}
@@ -531,6 +693,163 @@ impl Engine {
             )))
         }
     }
+}
+
+/// Operations on attachments by id (the CNI plugin's view).
+impl Engine {
+    /// The record of attachment `id`, if there is one.
+    pub fn attachment(&mut self, id: &str) -> Result<Option<Container>> {
+        self.load_records()?;
+        Ok(self.records.get(id).cloned())
+    }
+
+    /// Removes attachment `id`. Idempotent: a missing record is fine, and the host veth the id
+    /// names is removed even without one (a crash between veth and record, or lost state).
+    pub fn remove_attachment(&mut self, id: &str) -> Result<()> {
+        let _lock = self.dirs.lock()?;
+        match self.attachment(id)? {
+            Some(rec) => self.teardown_locked(&rec),
+            None => {
+                self.nl.delete(&format!("rv{}", &id[..8.min(id.len())]))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The MAC address of a host link.
+    pub fn host_mac(&self, name: &str) -> Result<Option<[u8; 6]>> {
+        Ok(self.nl.mac(name)?)
+    }
+
+    /// What differs between an attachment's record and the kernel: host veth on its bridge,
+    /// the container interface with its address and default route, the published ports' elements.
+    pub fn verify(&self, rec: &Container, netns: &NetNs) -> Result<Vec<String>> {
+        let mut drift = Vec::new();
+        let net = state::read_json::<Network>(&self.network_path(&rec.network))?;
+        match (self.nl.master_of(&rec.veth)?, &net) {
+            (None, _) => drift.push(format!("host interface {} is missing", rec.veth)),
+            (Some(master), Some(net)) => {
+                if self.nl.index(&net.bridge)? != Some(master) {
+                    drift.push(format!(
+                        "{} is not a port of bridge {}",
+                        rec.veth, net.bridge
+                    ));
+                }
+            }
+            (Some(_), None) => drift.push(format!("network {} is not defined", rec.network)),
+        }
+        let inside = Netlink::open_in(netns)?;
+        if inside.index(&rec.ifname)?.is_none() {
+            drift.push(format!(
+                "interface {} is missing from the container",
+                rec.ifname
+            ));
+        } else {
+            if !inside
+                .addresses(&rec.ifname)?
+                .contains(&(rec.ip, rec.prefix))
+            {
+                drift.push(format!("{} lacks {}/{}", rec.ifname, rec.ip, rec.prefix));
+            }
+            if let Some(net) = &net {
+                if inside.default_gateway()? != Some(net.gateway) {
+                    drift.push(format!("the default route is not via {}", net.gateway));
+                }
+            }
+        }
+        let dnats = dnats_for(&rec.ports, rec.ip)?;
+        let mut fw = Firewall::open()?;
+        for (d, present) in dnats.iter().zip(fw.dnats_present(&dnats)?) {
+            if !present {
+                drift.push(format!(
+                    "published port {}/{} is missing from map {}",
+                    d.host_port,
+                    d.protocol,
+                    d.map()
+                ));
+            }
+        }
+        Ok(drift)
+    }
+
+    /// Removes every CNI attachment of `network` whose id is not in `keep`, and host veths on its
+    /// bridge that no record explains. Returns what it removed.
+    pub fn gc(
+        &mut self,
+        network: &str,
+        bridge: &str,
+        keep: &HashSet<String>,
+    ) -> Result<Vec<String>> {
+        let _lock = self.dirs.lock()?;
+        let mut removed = Vec::new();
+        let mut errors = Vec::new();
+        self.load_records()?;
+        let records: Vec<Container> = self.records.values().cloned().collect();
+        for rec in &records {
+            let stale =
+                rec.network == network && rec.cni_key().is_some() && !keep.contains(&rec.id);
+            if stale {
+                match self.teardown_locked(rec) {
+                    Ok(()) => removed.push(rec.name.clone()),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        let known: HashSet<&str> = records.iter().map(|r| r.veth.as_str()).collect();
+        if let Some(bridge_index) = self.nl.index(bridge)? {
+            for port in self.nl.ports_of(bridge_index)? {
+                let ours = port.starts_with("rv") && port.len() == 10;
+                if ours && !known.contains(port.as_str()) {
+                    match self.nl.delete(&port) {
+                        Ok(_) => removed.push(port),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(removed)
+        } else {
+            Err(Error::Teardown(format!(
+                "garbage collection incomplete: {}",
+                errors.join("; ")
+            )))
+        }
+    }
+
+    /// Whether nftables answers (an empty transaction).
+    pub fn probe_firewall(&mut self) -> Result<()> {
+        Ok(self.fw.probe()?)
+    }
+
+    /// Whether a network (by name, or a subnet not yet recorded) has an address to give.
+    pub fn has_free_address(&self, network: &str, subnet: Option<Ipv4Net>) -> Result<bool> {
+        let alloc: Allocations = state::read_json(&self.ipam_path(network))?.unwrap_or_default();
+        let net = state::read_json::<Network>(&self.network_path(network))?;
+        let (subnet, gateway) = match (&net, subnet) {
+            (Some(n), _) => (n.subnet, n.gateway),
+            (None, Some(s)) => (s, Ipv4Addr::from(u32::from(s.network()) + 1)),
+            (None, None) => return Ok(true),
+        };
+        Ok(ipam::pick(subnet, gateway, &alloc).is_some())
+    }
+}
+
+/// The smallest owner-lock slot no live container uses.
+fn free_slot(live: &[Container]) -> u32 {
+    let used: HashSet<u32> = live
+        .iter()
+        .filter_map(|c| match c.owner {
+            Owner::Process { slot, .. } => Some(slot),
+            Owner::Cni { .. } => None,
+        })
+        .collect();
+    (0..).find(|s| !used.contains(s)).unwrap_or(u32::MAX)
+}
+
+/// Each network's subnet and whether its outbound traffic is masqueraded.
+fn masq_nets(nets: &[Network]) -> Vec<(Ipv4Net, bool)> {
+    nets.iter().map(|n| (n.subnet, n.masquerade)).collect()
 }
 
 /// The DNATs for `ports` to `ip`; IPv6 host addresses are refused.
@@ -612,6 +931,9 @@ pub fn validate_network(
         bridge,
         subnet,
         gateway,
+        mtu: None,
+        masquerade: true,
+        hairpin: true,
     })
 }
 

@@ -14,7 +14,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::process;
-use crate::rootful::{CreateOpts, Engine, Error};
+use crate::rootful::{CreateOpts, Engine, Error, Sandbox};
 
 /// Exit status for a command that could not be run (as in Docker, Podman and shells).
 pub const EXIT_NOT_EXECUTABLE: i32 = 126;
@@ -77,7 +77,10 @@ fn run_inner(
     child_pid: &AtomicU32,
     pending: &AtomicI32,
 ) -> Result<i32, RunError> {
-    let mut prepared = engine.create(opts)?;
+    tracing::debug!("starting");
+    let sandbox = Sandbox::new_process()?;
+    tracing::debug!("namespace created");
+    let prepared = engine.create(opts, sandbox)?;
     tracing::info!(name = %prepared.record.name, ip = %prepared.record.ip, "container ready");
     let interrupted = pending.load(Ordering::SeqCst);
     if interrupted != 0 {
@@ -93,7 +96,7 @@ fn run_inner(
     })?;
     let mut cmd = Command::new(prog);
     cmd.args(args);
-    let mut child = match process::spawn_in(cmd, &prepared.netns, &prepared.resolv) {
+    let mut child = match process::spawn_in(cmd, &prepared.netns, prepared.resolv.as_deref()) {
         Ok(c) => c,
         Err(source) => {
             let status = if source.kind() == io::ErrorKind::NotFound {
@@ -119,9 +122,6 @@ fn run_inner(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::try_from(sig).ok(),
         );
-    }
-    if let Err(e) = engine.started(&mut prepared.record, child.id()) {
-        tracing::warn!("recording the container's pid: {e}");
     }
     let status = loop {
         match child.wait() {

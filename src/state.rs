@@ -5,7 +5,9 @@
 //! - `/var/lib/rnat/networks/NAME.json`  network definitions (persist across reboots)
 //! - `/var/lib/rnat/ipam/NAME.json`      allocations of that network: address -> container id
 //! - `/var/lib/rnat/lock`                the lock every state change is made under
-//! - `/run/rnat/containers/ID.json`      running containers (gone at reboot, as the containers are)
+//! - `/run/rnat/containers.json`         running containers, keyed by id (one file: read once per
+//!   command; gone at reboot, as the containers are)
+//! - `/run/rnat/owners.lock`             one byte-range lock per running `rnat run` (its liveness)
 //! - `/run/rnat/containers/ID/`          per-container files (resolv.conf)
 
 use std::collections::BTreeMap;
@@ -30,6 +32,8 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
+    #[error("the state lock {0} is held by another rnat for too long; try again")]
+    Busy(PathBuf),
     #[error("{path}: corrupt state file: {source}")]
     Corrupt {
         path: PathBuf,
@@ -44,6 +48,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
         source,
     }
 }
+
+/// How long a command waits for another to release the state lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where state lives.
 #[derive(Debug, Clone)]
@@ -79,6 +86,10 @@ impl StateDirs {
     pub fn containers(&self) -> PathBuf {
         self.run.join("containers")
     }
+    /// All container records, one JSON object keyed by id: read once per command.
+    pub fn container_index(&self) -> PathBuf {
+        self.run.join("containers.json")
+    }
     pub fn container_dir(&self, id: &str) -> PathBuf {
         self.containers().join(id)
     }
@@ -96,10 +107,27 @@ impl StateDirs {
             .mode(0o600)
             .open(&path)
             .map_err(io_err(&path))?;
-        let lock = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| StateError::Io {
-            path: path.clone(),
-            source: e.into(),
-        })?;
+        // Wait at most LOCK_WAIT: a runtime would rather hear "try again" than hang.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let mut f = f;
+        let lock = loop {
+            match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => break l,
+                Err((back, nix::errno::Errno::EWOULDBLOCK))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    f = back;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(StateError::Busy(path)),
+                Err((_, e)) => {
+                    return Err(StateError::Io {
+                        path,
+                        source: e.into(),
+                    })
+                }
+            }
+        };
         Ok(StateLock { _lock: lock })
     }
 }
@@ -109,8 +137,15 @@ pub struct StateLock {
     _lock: Flock<File>,
 }
 
-/// Writes `bytes` to `path` so that readers see either the old or the new file, never a mix.
+/// Writes `bytes` to `path` so that readers see either the old or the new file, never a mix, and
+/// the new one survives a power loss.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    write_replace(path, bytes, true)
+}
+
+/// Replaces `path` atomically for readers, with or without making it durable: runtime state (under
+/// /run, which a reboot empties along with the containers it describes) needs no fsync.
+fn write_replace(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -122,10 +157,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .open(&tmp)
         .map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
+    if durable {
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
     fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+    if durable {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(())
 }
@@ -139,17 +178,37 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError
     write_atomic(path, &bytes)
 }
 
+/// Runtime state (a file under /run): replaced atomically, not fsynced.
+pub fn write_runtime(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    write_replace(path, bytes, false)
+}
+
+/// Runtime state read on every command: compact JSON, replaced atomically, not fsynced.
+pub fn write_json_runtime<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
+    let mut bytes = serde_json::to_vec(value).map_err(|source| StateError::Corrupt {
+        path: path.into(),
+        source,
+    })?;
+    bytes.push(b'\n');
+    write_replace(path, &bytes, false)
+}
+
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
-    match fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|source| StateError::Corrupt {
-                path: path.into(),
-                source,
-            }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err(path)(e)),
-    }
+    use std::io::Read;
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    // One read usually takes all of it (no size query first).
+    let mut b = Vec::with_capacity(64 * 1024);
+    f.read_to_end(&mut b).map_err(io_err(path))?;
+    serde_json::from_slice(&b)
+        .map(Some)
+        .map_err(|source| StateError::Corrupt {
+            path: path.into(),
+            source,
+        })
 }
 
 pub fn remove_file(path: &Path) -> Result<(), StateError> {
@@ -187,6 +246,19 @@ pub struct Network {
     pub bridge: String,
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// MTU of the veths (the kernel's default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Masquerade traffic leaving the subnet.
+    #[serde(default = "yes")]
+    pub masquerade: bool,
+    /// Let a container reach itself through its own published port (bridge port hairpin).
+    #[serde(default = "yes")]
+    pub hairpin: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A network's allocations.
@@ -199,7 +271,21 @@ pub struct Allocations {
     pub last: Option<Ipv4Addr>,
 }
 
-/// A running container, as its `rnat run` process recorded it.
+/// What keeps a container alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Owner {
+    /// An `rnat run` process; alive while it holds the owner lock of `slot` (see `OwnerLock`).
+    Process { pid: u32, slot: u32 },
+    /// A CNI attachment: it lives until the runtime's DEL (or a GC that does not list it).
+    Cni {
+        container_id: String,
+        ifname: String,
+        netns: String,
+    },
+}
+
+/// A container's network attachment, as rnat recorded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Container {
     pub id: String,
@@ -207,29 +293,112 @@ pub struct Container {
     pub network: String,
     pub ip: Ipv4Addr,
     pub prefix: u8,
+    /// The host end of the veth pair.
     pub veth: String,
-    /// The `rnat run` process that owns the container, and its start time (clock ticks since boot):
-    /// together they tell whether the owner is still alive even when PIDs are reused.
-    pub owner_pid: u32,
-    pub owner_start: u64,
-    /// The container's main process, once started.
-    pub pid: Option<u32>,
+    /// The container end's name inside its namespace.
+    pub ifname: String,
+    pub owner: Owner,
     /// Inode of the container's network namespace.
     pub netns_inode: u64,
     pub ports: Vec<PortMapping>,
 }
 
-/// Start time of process `pid` (field 22 of `/proc/PID/stat`), if it exists.
-pub fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+/// The lock a container's owner process holds for its whole life: an open-file-description
+/// lock on one byte (the container's slot) of `run/owners.lock`. The kernel releases it when the
+/// process ends, however it ends, so liveness never depends on PIDs (which are reused); and a
+/// check is one `fcntl` on a file opened once per command.
+pub struct OwnerLock {
+    _file: File,
+}
+
+fn owners_path(dirs: &StateDirs) -> PathBuf {
+    dirs.run.join("owners.lock")
+}
+
+fn slot_lock(slot: u32, ty: libc::c_short) -> libc::flock {
+    libc::flock {
+        l_type: ty,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: libc::off_t::from(slot),
+        l_len: 1,
+        l_pid: 0,
+    }
+}
+
+/// Takes the owner lock of `slot`.
+pub fn take_owner_lock(dirs: &StateDirs, slot: u32) -> Result<OwnerLock, StateError> {
+    let path = owners_path(dirs);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    nix::fcntl::fcntl(
+        &file,
+        nix::fcntl::FcntlArg::F_OFD_SETLK(&slot_lock(slot, libc::F_WRLCK as libc::c_short)),
+    )
+    .map_err(|e| StateError::Io {
+        path: path.clone(),
+        source: e.into(),
+    })?;
+    Ok(OwnerLock { _file: file })
+}
+
+/// Answers "is slot N's owner alive?" for one command.
+pub struct OwnerProbe {
+    file: Option<File>,
+}
+
+impl OwnerProbe {
+    pub fn open(dirs: &StateDirs) -> OwnerProbe {
+        OwnerProbe {
+            file: File::open(owners_path(dirs)).ok(),
+        }
+    }
+
+    /// Whether some process holds `slot`'s lock.
+    pub fn held(&self, slot: u32) -> bool {
+        let Some(f) = &self.file else { return false };
+        let mut probe = slot_lock(slot, libc::F_WRLCK as libc::c_short);
+        match nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut probe)) {
+            Ok(_) => probe.l_type != libc::F_UNLCK as libc::c_short,
+            // Cannot tell: count it alive rather than tear down a running container.
+            Err(_) => true,
+        }
+    }
 }
 
 impl Container {
-    /// Whether the `rnat run` that owns this container is still running.
-    pub fn owner_alive(&self) -> bool {
-        process_start_time(self.owner_pid) == Some(self.owner_start)
+    /// Whether the owner still holds the container (a CNI attachment always does until DEL).
+    pub fn owner_alive(&self, probe: &OwnerProbe) -> bool {
+        match &self.owner {
+            Owner::Process { slot, .. } => probe.held(*slot),
+            Owner::Cni { .. } => true,
+        }
+    }
+
+    /// The container's main process: the owner's child, once started (`rnat run` only). Derived
+    /// rather than recorded, so starting the command costs no state write.
+    pub fn main_pid(&self) -> Option<u32> {
+        let Owner::Process { pid, .. } = self.owner else {
+            return None;
+        };
+        let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
+    /// The CNI attachment key, for CNI-owned records.
+    pub fn cni_key(&self) -> Option<(&str, &str)> {
+        match &self.owner {
+            Owner::Cni {
+                container_id,
+                ifname,
+                ..
+            } => Some((container_id, ifname)),
+            Owner::Process { .. } => None,
+        }
     }
 }

@@ -341,6 +341,35 @@ impl BatchBuf {
     }
 }
 
+/// A single `GETTABLE` request (not a batch) for table `name`, asking for an ACK.
+pub fn get_table_request(family: u16, name: &str, seq: u32) -> Result<Vec<u8>, NftError> {
+    let name = cstr(name)?;
+    let mut buf = vec![0u8; 1024];
+    let ty = (NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_GETTABLE as u16;
+    // SAFETY: the buffer holds 1024 bytes, more than a header and a table name attribute need;
+    // the table object is freed by `Owned`.
+    unsafe {
+        let t = Owned::new(sys::nftnl_table_alloc(), sys_free_table)?;
+        sys::nftnl_table_set_u32(
+            t.as_ptr(),
+            sys::NFTNL_TABLE_FAMILY as u16,
+            u32::from(family),
+        );
+        sys::nftnl_table_set_str(t.as_ptr(), sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
+        let nlh = sys::nftnl_nlmsg_build_hdr(
+            buf.as_mut_ptr().cast(),
+            ty,
+            family,
+            NLM_F_REQUEST | 0x4,
+            seq,
+        );
+        sys::nftnl_table_nlmsg_build_payload(nlh, t.as_ptr());
+        let len = (*nlh).nlmsg_len as usize;
+        buf.truncate(len);
+    }
+    Ok(buf)
+}
+
 /// SAFETY (caller): `p` is a live set.
 unsafe fn set_common(p: *mut sys::nftnl_set, family: u16, table: &CString, name: &CString) {
     // SAFETY: per the caller's contract; strings are copied.

@@ -64,8 +64,22 @@ impl Firewall {
         self.sock.send(&batch.finish())
     }
 
+    /// Whether rnat's table exists (a GETTABLE: it changes nothing and costs one round trip, where
+    /// re-sending the creation batch would make the kernel process every rule before refusing).
+    pub fn table_exists(&mut self) -> Result<bool, NftError> {
+        let req = ffi::get_table_request(model::FAMILY, model::TABLE, 1)?;
+        match self.sock.request(&req) {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Creates rnat's table with its maps and chains unless it exists. Returns whether it did.
     pub fn ensure_table(&mut self) -> Result<bool, NftError> {
+        if self.table_exists()? {
+            return Ok(false);
+        }
         let mut b = BatchBuf::new();
         model::create_table(&mut b)?;
         match self.send(b) {
@@ -75,7 +89,7 @@ impl Firewall {
     }
 
     /// Replaces the per-network masquerade rules, in one transaction.
-    pub fn set_networks(&mut self, nets: &[Ipv4Net]) -> Result<(), NftError> {
+    pub fn set_networks(&mut self, nets: &[(Ipv4Net, bool)]) -> Result<(), NftError> {
         let mut b = BatchBuf::new();
         model::replace_postrouting(&mut b, nets)?;
         self.send(b)
@@ -107,6 +121,30 @@ impl Firewall {
             }
             other => other,
         }
+    }
+
+    /// Sends an empty transaction: does nftables answer here at all?
+    pub fn probe(&mut self) -> Result<(), NftError> {
+        self.sock.send(&BatchBuf::new().finish())
+    }
+
+    /// For each DNAT, whether its map element is present, without changing anything: each probe is
+    /// one transaction that adds the element exclusively and deletes it again. `EEXIST` means it
+    /// was there (and the aborted transaction changed nothing); success means it was not (and the
+    /// transaction's net effect is nil).
+    pub fn dnats_present(&mut self, dnats: &[Dnat]) -> Result<Vec<bool>, NftError> {
+        let mut out = Vec::with_capacity(dnats.len());
+        for d in dnats {
+            let mut b = BatchBuf::new();
+            model::dnat_elems(&mut b, Op::CreateExcl, std::slice::from_ref(d))?;
+            model::dnat_elems(&mut b, Op::Delete, std::slice::from_ref(d))?;
+            match self.send(b) {
+                Ok(()) => out.push(false),
+                Err(e) if e.errno() == Some(libc::EEXIST) => out.push(true),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Points `gateway:53` (UDP and TCP) at a resolver on the host's loopback, or removes that.

@@ -228,20 +228,24 @@ pub fn rule_dnat_any() -> Vec<Expr> {
     r
 }
 
-/// The postrouting rules for a set of container subnets.
-pub fn postrouting_rules(nets: &[Ipv4Net]) -> Vec<Vec<Expr>> {
+/// The postrouting rules for a set of container subnets; the flag says whether traffic leaving
+/// the subnet is masqueraded (hairpin traffic always is).
+pub fn postrouting_rules(nets: &[(Ipv4Net, bool)]) -> Vec<Vec<Expr>> {
     let mut rules = Vec::new();
     let mut localhost: Vec<Expr> =
         Expr::ipv4_in_prefix(12, Ipv4Addr::new(127, 0, 0, 0), 8, CmpOp::Eq).into();
     localhost.extend(Expr::ct_status_dnat());
     localhost.push(Expr::Masquerade);
     rules.push(localhost);
-    for net in nets {
+    for (net, masquerade) in nets {
         let src = Expr::ipv4_in_prefix(12, net.network(), net.prefix_len(), CmpOp::Eq);
         let mut hairpin: Vec<Expr> = src.clone().into();
         hairpin.extend(Expr::ct_status_dnat());
         hairpin.push(Expr::Masquerade);
         rules.push(hairpin);
+        if !masquerade {
+            continue;
+        }
         let mut outbound: Vec<Expr> = src.into();
         outbound.extend(Expr::ipv4_in_prefix(
             16,
@@ -277,7 +281,7 @@ pub fn create_table(batch: &mut BatchBuf) -> Result<(), NftError> {
 }
 
 /// The batch that replaces the postrouting rules with those for `nets`.
-pub fn replace_postrouting(batch: &mut BatchBuf, nets: &[Ipv4Net]) -> Result<(), NftError> {
+pub fn replace_postrouting(batch: &mut BatchBuf, nets: &[(Ipv4Net, bool)]) -> Result<(), NftError> {
     batch.flush_chain(FAMILY, TABLE, POSTROUTING.name)?;
     for rule in postrouting_rules(nets) {
         batch.rule(FAMILY, TABLE, POSTROUTING.name, &rule)?;
@@ -375,13 +379,14 @@ mod tests {
     }
 
     #[test]
-    fn postrouting_has_two_rules_per_network_plus_localhost() {
-        let nets: Vec<Ipv4Net> = vec![
-            "192.0.2.0/26".parse().expect("net"),
-            "192.0.2.64/26".parse().expect("net"),
+    fn postrouting_has_hairpin_per_network_and_outbound_where_masqueraded() {
+        let nets: Vec<(Ipv4Net, bool)> = vec![
+            ("192.0.2.0/26".parse().expect("net"), true),
+            ("192.0.2.64/26".parse().expect("net"), false),
         ];
         let rules = postrouting_rules(&nets);
-        assert_eq!(rules.len(), 5);
+        // localhost; hairpin + outbound for the first; hairpin only for the second.
+        assert_eq!(rules.len(), 4);
         assert!(rules.iter().all(|r| r.last() == Some(&Expr::Masquerade)));
     }
 

@@ -82,6 +82,55 @@ impl NftSocket {
     }
 }
 
+impl NftSocket {
+    /// Sends one request with NLM_F_ACK and returns the types of the messages that came back
+    /// before the ACK, or the kernel's error.
+    pub fn request(&mut self, msg: &[u8]) -> Result<Vec<u16>, NftError> {
+        self.sock
+            .set_non_blocking(false)
+            .map_err(NftError::Socket)?;
+        self.sock.send(msg, 0).map_err(NftError::Socket)?;
+        let mut types = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        // Bounded: a GET for one object yields the object and an ACK.
+        for _ in 0..64 {
+            let n = match self.sock.recv(&mut &mut buf[..], 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(NftError::Socket(e)),
+            };
+            let mut off = 0;
+            while off + NLMSG_HDRLEN <= n {
+                let len =
+                    u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
+                let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+                let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or([0; 4]));
+                if len < NLMSG_HDRLEN || off + len > n {
+                    break;
+                }
+                if ty == NLMSG_ERROR && len >= NLMSG_HDRLEN + 4 {
+                    let code = i32::from_ne_bytes(
+                        buf[off + NLMSG_HDRLEN..off + NLMSG_HDRLEN + 4]
+                            .try_into()
+                            .unwrap_or([0; 4]),
+                    );
+                    if code == 0 {
+                        return Ok(types);
+                    }
+                    return Err(NftError::Kernel {
+                        errno: -code,
+                        seq,
+                        source: io::Error::from_raw_os_error(-code),
+                    });
+                }
+                types.push(ty);
+                off += (len + 3) & !3;
+            }
+        }
+        Err(NftError::Socket(io::Error::other("no ACK from nftables")))
+    }
+}
+
 /// Makes room for the whole batch in one send (the kernel refuses a netlink message larger than the
 /// send buffer). `SO_SNDBUFFORCE` needs CAP_NET_ADMIN, which anything programming nftables has.
 fn grow_sndbuf(sock: &Socket, len: usize) {

@@ -25,9 +25,11 @@
 //! - `smoke`    — tests of the harness itself (no rnat needed)
 //! - `rootful`  — the rnat tests (`traffic`, `resolv`, `lifecycle`, `errors`)
 
+mod cni;
 mod dns;
 mod fixtures;
 mod harness;
+mod podman;
 mod procs;
 mod readback;
 mod rnat;

@@ -417,12 +417,14 @@ impl Netlink {
         }
     }
 
-    /// Inside a container: `lo` up, `ifname` with `addr` up, default route via `gateway`.
+    /// Inside a container: `lo` up, `ifname` with `addr` up, and (if asked) the default route via
+    /// `gateway`.
     pub fn configure_container(
         &self,
         ifname: &str,
         addr: Ipv4Net,
         gateway: Ipv4Addr,
+        default_route: bool,
     ) -> Result<(), LinkError> {
         let lo = self
             .index("lo")?
@@ -433,6 +435,9 @@ impl Netlink {
             .ok_or_else(|| LinkError::Missing(ifname.to_string()))?;
         self.add_address(eth, addr.addr(), addr.prefix_len())?;
         self.set_up(eth, ifname)?;
+        if !default_route {
+            return Ok(());
+        }
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .gateway(gateway)
             .output_interface(eth)

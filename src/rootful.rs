@@ -350,6 +350,7 @@ impl Engine {
             prefix: net.subnet.prefix_len(),
             veth: format!("rv{}", &id[..8]),
             ifname: sandbox.ifname.clone(),
+            default_route: inside.default_gateway()?.is_none(),
             owner: sandbox.owner.clone(),
             netns_inode: sandbox
                 .netns
@@ -460,7 +461,7 @@ impl Engine {
             .map_err(io_ctx("entering the container's namespace"))??;
         let addr =
             Ipv4Net::new(rec.ip, rec.prefix).map_err(|e| Error::NetworkInvalid(e.to_string()))?;
-        inside.configure_container(&rec.ifname, addr, net.gateway)?;
+        inside.configure_container(&rec.ifname, addr, net.gateway, rec.default_route)?;
         tracing::debug!("container side configured");
         let dnats = dnats_for(&opts.ports, rec.ip)?;
         self.fw.add_dnats(&dnats)?;
@@ -751,7 +752,7 @@ impl Engine {
             {
                 drift.push(format!("{} lacks {}/{}", rec.ifname, rec.ip, rec.prefix));
             }
-            if let Some(net) = &net {
+            if let (Some(net), true) = (&net, rec.default_route) {
                 if inside.default_gateway()? != Some(net.gateway) {
                     drift.push(format!("the default route is not via {}", net.gateway));
                 }

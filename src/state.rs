@@ -297,6 +297,10 @@ pub struct Container {
     pub veth: String,
     /// The container end's name inside its namespace.
     pub ifname: String,
+    /// Whether rnat installed the container's default route (not when the namespace already had
+    /// one: a second network attached to the same container).
+    #[serde(default = "yes")]
+    pub default_route: bool,
     pub owner: Owner,
     /// Inode of the container's network namespace.
     pub netns_inode: u64,

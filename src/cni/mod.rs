@@ -163,9 +163,9 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         masquerade: conf.ip_masq,
         hairpin: conf.hairpin,
     };
-    let short: String = cid.chars().take(12).collect();
     let opts = CreateOpts {
-        name: Some(format!("cni-{short}-{ifname}")),
+        // Unique by construction, as the attachment is: (container id, interface).
+        name: Some(format!("{cid}/{ifname}")),
         network: NetworkChoice::Defined(network),
         ports: conf.port_mappings.clone(),
         resolv: false,
@@ -201,6 +201,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         ip: rec.ip,
         prefix: rec.prefix,
         gateway,
+        default_route: rec.default_route,
     };
     Ok(result::add_result(
         &conf.cni_version,

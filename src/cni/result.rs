@@ -17,6 +17,8 @@ pub struct Attached {
     pub ip: Ipv4Addr,
     pub prefix: u8,
     pub gateway: Ipv4Addr,
+    /// Whether the attachment installed the default route (a second network does not).
+    pub default_route: bool,
 }
 
 /// The ADD result. 0.4.0 marks each IP with `"version": "4"`; 1.x does not. `interface` is the
@@ -34,8 +36,12 @@ pub fn add_result(version: &str, a: &Attached, dns: Option<&Value>) -> Value {
             { "name": a.ifname, "mac": mac(&a.mac), "sandbox": a.sandbox },
         ],
         "ips": [ip],
-        "routes": [{ "dst": "0.0.0.0/0", "gw": a.gateway.to_string() }],
     });
+    r["routes"] = if a.default_route {
+        json!([{ "dst": "0.0.0.0/0", "gw": a.gateway.to_string() }])
+    } else {
+        json!([])
+    };
     r["dns"] = dns.cloned().unwrap_or_else(|| json!({}));
     r
 }
@@ -67,6 +73,7 @@ mod tests {
             ip: Ipv4Addr::new(192, 0, 2, 2),
             prefix: 24,
             gateway: Ipv4Addr::new(192, 0, 2, 1),
+            default_route: true,
         }
     }
 

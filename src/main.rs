@@ -101,8 +101,10 @@ enum NetCmd {
     #[command(after_help = "Example:\n  rnat network create lab --subnet 192.0.2.0/24")]
     Create {
         name: String,
-        #[arg(long)]
-        subnet: Ipv4Net,
+        /// The network's IPv4 subnet; give it again for more (a container gets an address from
+        /// the first with room)
+        #[arg(long, required = true)]
+        subnet: Vec<Ipv4Net>,
         /// Gateway (the bridge's address; default: the subnet's first address)
         #[arg(long)]
         gateway: Option<Ipv4Addr>,
@@ -243,7 +245,7 @@ fn network(dirs: StateDirs, cmd: NetCmd) -> anyhow::Result<u8> {
             bridge,
         } => {
             let mut engine = Engine::open(dirs)?;
-            let net = engine.network_create(&name, subnet, gateway, bridge.as_deref())?;
+            let net = engine.network_create(&name, &subnet, gateway, bridge.as_deref())?;
             println!(
                 "{} {} gateway {} bridge {}",
                 net.name, net.subnet, net.gateway, net.bridge
@@ -271,7 +273,11 @@ fn network(dirs: StateDirs, cmd: NetCmd) -> anyhow::Result<u8> {
                         out,
                         "{:<16} {:<18} {:<15} {}",
                         n.name,
-                        n.subnet.to_string(),
+                        n.pools()
+                            .iter()
+                            .map(|p| p.subnet.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
                         n.gateway.to_string(),
                         n.bridge
                     )?;

@@ -259,6 +259,7 @@ impl Engine {
             DEFAULT_NETWORK,
             Some(DEFAULT_BRIDGE),
             subnet,
+            &[],
             None,
             &self.networks()?,
         )?;
@@ -274,6 +275,10 @@ impl Engine {
         let (bridge, created_bridge) =
             self.nl
                 .ensure_bridge(&net.bridge, net.gateway, net.subnet.prefix_len())?;
+        for pool in &net.extra {
+            self.nl
+                .add_address(bridge, pool.gateway, pool.subnet.prefix_len())?;
+        }
         // Packets to or from 127.0.0.0/8 may cross the bridge: published on 127.0.0.1 (DNAT in
         // output) and DNS forwarded to a loopback stub (DNAT in prerouting).
         set_sysctl(&format!("net/ipv4/conf/{}/route_localnet", net.bridge), "1")?;
@@ -348,6 +353,7 @@ impl Engine {
             network: net.name.clone(),
             ip: Ipv4Addr::UNSPECIFIED,
             prefix: net.subnet.prefix_len(),
+            gateway: net.gateway,
             veth: format!("rv{}", &id[..8]),
             ifname: sandbox.ifname.clone(),
             default_route: inside.default_gateway()?.is_none(),
@@ -358,7 +364,8 @@ impl Engine {
                 .map_err(io_ctx("reading namespace inode"))?,
             ports: Vec::new(),
         };
-        rec.ip = self.allocate(&net, &id, opts.ip)?;
+        let (ip, pool) = self.allocate(&net, &id, opts.ip)?;
+        (rec.ip, rec.prefix, rec.gateway) = (ip, pool.subnet.prefix_len(), pool.gateway);
         let owner_lock = match &mut rec.owner {
             Owner::Process { slot, .. } => match state::take_owner_lock(&self.dirs, {
                 *slot = free_slot(&live);
@@ -415,10 +422,12 @@ impl Engine {
             .into_iter()
             .filter(|n| n.name != want.name)
             .collect();
+        let extra: Vec<Ipv4Net> = want.extra.iter().map(|p| p.subnet).collect();
         let mut net = validate_network(
             &want.name,
             Some(&want.bridge),
             want.subnet,
+            &extra,
             Some(want.gateway),
             &others,
         )?;
@@ -461,7 +470,7 @@ impl Engine {
             .map_err(io_ctx("entering the container's namespace"))??;
         let addr =
             Ipv4Net::new(rec.ip, rec.prefix).map_err(|e| Error::NetworkInvalid(e.to_string()))?;
-        inside.configure_container(&rec.ifname, addr, net.gateway, rec.default_route)?;
+        inside.configure_container(&rec.ifname, addr, rec.gateway, rec.default_route)?;
         tracing::debug!("container side configured");
         let dnats = dnats_for(&opts.ports, rec.ip)?;
         self.fw.add_dnats(&dnats)?;
@@ -470,16 +479,22 @@ impl Engine {
             return Ok(None);
         }
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        let plan = dns::plan(&host_resolv, net.gateway);
+        let plan = dns::plan(&host_resolv, rec.gateway);
         if let Some(stub) = plan.forward_to {
-            self.fw.set_dns_forward(net.gateway, stub, Op::Create)?;
+            self.fw.set_dns_forward(rec.gateway, stub, Op::Create)?;
         }
         let resolv = self.dirs.container_dir(&rec.id).join("resolv.conf");
         state::write_runtime(&resolv, plan.contents.as_bytes())?;
         Ok(Some(resolv))
     }
 
-    fn allocate(&self, net: &Network, id: &str, want: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+    /// Picks an address: the requested one, or the next free one of the first subnet with room.
+    fn allocate(
+        &self,
+        net: &Network,
+        id: &str,
+        want: Option<Ipv4Addr>,
+    ) -> Result<(Ipv4Addr, state::Pool)> {
         let path = self.ipam_path(&net.name);
         let mut alloc: Allocations = state::read_json(&path)?.unwrap_or_default();
         // An allocation whose container has no record was left by a crash between allocating and
@@ -487,31 +502,37 @@ impl Engine {
         alloc
             .addrs
             .retain(|_, owner| self.records.contains_key(owner));
-        let ip = match want {
+        let pools = net.pools();
+        let (ip, pool) = match want {
             Some(ip) => {
-                let usable = net.subnet.contains(&ip)
-                    && ip != net.subnet.network()
-                    && ip != net.subnet.broadcast()
-                    && ip != net.gateway;
-                if !usable || alloc.addrs.contains_key(&ip) {
-                    return Err(Error::AddressUnavailable {
-                        ip,
-                        network: net.name.clone(),
-                    });
+                let pool = pools.iter().find(|p| {
+                    p.subnet.contains(&ip)
+                        && ip != p.subnet.network()
+                        && ip != p.subnet.broadcast()
+                        && ip != p.gateway
+                });
+                match pool {
+                    Some(p) if !alloc.addrs.contains_key(&ip) => (ip, *p),
+                    _ => {
+                        return Err(Error::AddressUnavailable {
+                            ip,
+                            network: net.name.clone(),
+                        })
+                    }
                 }
-                ip
             }
-            None => {
-                ipam::pick(net.subnet, net.gateway, &alloc).ok_or_else(|| Error::Exhausted {
+            None => pools
+                .iter()
+                .find_map(|p| ipam::pick(p.subnet, p.gateway, &alloc).map(|ip| (ip, *p)))
+                .ok_or_else(|| Error::Exhausted {
                     network: net.name.clone(),
                     subnet: net.subnet,
-                })?
-            }
+                })?,
         };
         alloc.addrs.insert(ip, id.to_string());
         alloc.last = Some(ip);
         state::write_json(&path, &alloc)?;
-        Ok(ip)
+        Ok((ip, pool))
     }
 
     fn release(&self, rec: &Container) -> Result<(), StateError> {
@@ -636,13 +657,17 @@ impl Engine {
     pub fn network_create(
         &mut self,
         name: &str,
-        subnet: Ipv4Net,
+        subnets: &[Ipv4Net],
         gateway: Option<Ipv4Addr>,
         bridge: Option<&str>,
     ) -> Result<Network> {
         let _lock = self.dirs.lock()?;
         let existing = self.networks()?;
-        let net = validate_network(name, bridge, subnet, gateway, &existing)?;
+        let Some((subnet, extra)) = subnets.split_first() else {
+            return Err(Error::NetworkInvalid("a network needs a subnet".into()));
+        };
+        let subnet = *subnet;
+        let net = validate_network(name, bridge, subnet, extra, gateway, &existing)?;
         state::write_json(&self.network_path(name), &net)?;
         Ok(net)
     }
@@ -668,7 +693,7 @@ impl Engine {
         }
         if let Err(e) = self
             .fw
-            .set_dns_forward(net.gateway, Ipv4Addr::UNSPECIFIED, Op::Delete)
+            .set_dns_forwards_removed(&net.pools().iter().map(|p| p.gateway).collect::<Vec<_>>())
         {
             // A namespace where rnat never made its table has nothing to remove.
             if e.errno() != Some(libc::ENOENT) {
@@ -753,8 +778,9 @@ impl Engine {
                 drift.push(format!("{} lacks {}/{}", rec.ifname, rec.ip, rec.prefix));
             }
             if let (Some(net), true) = (&net, rec.default_route) {
-                if inside.default_gateway()? != Some(net.gateway) {
-                    drift.push(format!("the default route is not via {}", net.gateway));
+                let _ = net;
+                if inside.default_gateway()? != Some(rec.gateway) {
+                    drift.push(format!("the default route is not via {}", rec.gateway));
                 }
             }
         }
@@ -824,15 +850,20 @@ impl Engine {
     }
 
     /// Whether a network (by name, or a subnet not yet recorded) has an address to give.
-    pub fn has_free_address(&self, network: &str, subnet: Option<Ipv4Net>) -> Result<bool> {
+    pub fn has_free_address(&self, network: &str, subnets: &[Ipv4Net]) -> Result<bool> {
         let alloc: Allocations = state::read_json(&self.ipam_path(network))?.unwrap_or_default();
-        let net = state::read_json::<Network>(&self.network_path(network))?;
-        let (subnet, gateway) = match (&net, subnet) {
-            (Some(n), _) => (n.subnet, n.gateway),
-            (None, Some(s)) => (s, Ipv4Addr::from(u32::from(s.network()) + 1)),
-            (None, None) => return Ok(true),
-        };
-        Ok(ipam::pick(subnet, gateway, &alloc).is_some())
+        let pools: Vec<(Ipv4Net, Ipv4Addr)> =
+            match state::read_json::<Network>(&self.network_path(network))? {
+                Some(n) => n.pools().iter().map(|p| (p.subnet, p.gateway)).collect(),
+                None if subnets.is_empty() => return Ok(true),
+                None => subnets
+                    .iter()
+                    .map(|s| (*s, Ipv4Addr::from(u32::from(s.network()) + 1)))
+                    .collect(),
+            };
+        Ok(pools
+            .iter()
+            .any(|(s, g)| ipam::pick(*s, *g, &alloc).is_some()))
     }
 }
 
@@ -848,9 +879,11 @@ fn free_slot(live: &[Container]) -> u32 {
     (0..).find(|s| !used.contains(s)).unwrap_or(u32::MAX)
 }
 
-/// Each network's subnet and whether its outbound traffic is masqueraded.
+/// Each network's subnets and whether its outbound traffic is masqueraded.
 fn masq_nets(nets: &[Network]) -> Vec<(Ipv4Net, bool)> {
-    nets.iter().map(|n| (n.subnet, n.masquerade)).collect()
+    nets.iter()
+        .flat_map(|n| n.pools().into_iter().map(move |p| (p.subnet, n.masquerade)))
+        .collect()
 }
 
 /// The DNATs for `ports` to `ip`; IPv6 host addresses are refused.
@@ -880,6 +913,7 @@ pub fn validate_network(
     name: &str,
     bridge: Option<&str>,
     subnet: Ipv4Net,
+    extra_subnets: &[Ipv4Net],
     gateway: Option<Ipv4Addr>,
     existing: &[Network],
 ) -> Result<Network> {
@@ -900,10 +934,27 @@ pub fn validate_network(
     if bridge.is_empty() || bridge.len() > 15 || bridge.contains(['/', ' ', ':']) {
         return bad(format!("bridge name {bridge:?} must be 1-15 characters without '/', ':' or spaces (use --bridge)"));
     }
-    if subnet.prefix_len() > 30 {
-        return bad(format!("subnet {subnet} is too small (at most /30)"));
+    for s in std::iter::once(&subnet).chain(extra_subnets) {
+        if s.prefix_len() > 30 {
+            return bad(format!("subnet {s} is too small (at most /30)"));
+        }
     }
     let subnet = subnet.trunc();
+    let extra: Vec<state::Pool> = extra_subnets
+        .iter()
+        .map(|s| state::Pool {
+            subnet: s.trunc(),
+            gateway: Ipv4Addr::from(u32::from(s.trunc().network()) + 1),
+        })
+        .collect();
+    let mine: Vec<Ipv4Net> = std::iter::once(subnet)
+        .chain(extra.iter().map(|p| p.subnet))
+        .collect();
+    for (i, a) in mine.iter().enumerate() {
+        if let Some(b) = mine[i + 1..].iter().find(|b| overlap(a, b)) {
+            return bad(format!("subnets {a} and {b} overlap"));
+        }
+    }
     let gateway = gateway.unwrap_or_else(|| Ipv4Addr::from(u32::from(subnet.network()) + 1));
     if !subnet.contains(&gateway) || gateway == subnet.network() || gateway == subnet.broadcast() {
         return bad(format!(
@@ -914,11 +965,13 @@ pub fn validate_network(
         if n.name == name {
             return Err(Error::NetworkExists(name.to_string()));
         }
-        if n.subnet.contains(&subnet.network()) || subnet.contains(&n.subnet.network()) {
-            return bad(format!(
-                "subnet {subnet} overlaps network {:?} ({})",
-                n.name, n.subnet
-            ));
+        for theirs in n.pools() {
+            if let Some(a) = mine.iter().find(|a| overlap(a, &theirs.subnet)) {
+                return bad(format!(
+                    "subnet {a} overlaps network {:?} ({})",
+                    n.name, theirs.subnet
+                ));
+            }
         }
         if n.bridge == bridge {
             return bad(format!(
@@ -935,7 +988,12 @@ pub fn validate_network(
         mtu: None,
         masquerade: true,
         hairpin: true,
+        extra,
     })
+}
+
+fn overlap(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// A fresh random container id (12 hex digits).
@@ -953,34 +1011,75 @@ mod tests {
 
     #[test]
     fn network_defaults_and_validation() {
-        let n = validate_network("t", None, net("192.0.2.0/24"), None, &[]).expect("valid");
+        let n = validate_network("t", None, net("192.0.2.0/24"), &[], None, &[]).expect("valid");
         assert_eq!(
             (n.bridge.as_str(), n.gateway),
             ("rn-t", Ipv4Addr::new(192, 0, 2, 1))
         );
-        assert!(validate_network("t", None, net("192.0.2.0/31"), None, &[]).is_err());
-        assert!(validate_network("bad name", None, net("192.0.2.0/24"), None, &[]).is_err());
-        assert!(
-            validate_network("averylongnetworkname", None, net("192.0.2.0/24"), None, &[]).is_err()
-        );
+        assert!(validate_network("t", None, net("192.0.2.0/31"), &[], None, &[]).is_err());
+        assert!(validate_network("bad name", None, net("192.0.2.0/24"), &[], None, &[]).is_err());
+        assert!(validate_network(
+            "averylongnetworkname",
+            None,
+            net("192.0.2.0/24"),
+            &[],
+            None,
+            &[]
+        )
+        .is_err());
         assert!(validate_network(
             "t",
             None,
             net("192.0.2.0/24"),
+            &[],
             Some(Ipv4Addr::new(198, 51, 100, 1)),
             &[]
         )
         .is_err());
         let other = [n.clone()];
         assert!(matches!(
-            validate_network("t", Some("x"), net("198.51.100.0/24"), None, &other),
+            validate_network("t", Some("x"), net("198.51.100.0/24"), &[], None, &other),
             Err(Error::NetworkExists(_))
         ));
         assert!(
-            validate_network("u", None, net("192.0.2.128/25"), None, &other).is_err(),
+            validate_network("u", None, net("192.0.2.128/25"), &[], None, &other).is_err(),
             "overlap"
         );
-        assert!(validate_network("u", None, net("198.51.100.0/24"), None, &other).is_ok());
+        assert!(validate_network("u", None, net("198.51.100.0/24"), &[], None, &other).is_ok());
+    }
+
+    #[test]
+    fn several_subnets_make_pools_that_must_not_overlap() {
+        let n = validate_network(
+            "p",
+            None,
+            net("192.0.2.0/26"),
+            &[net("192.0.2.64/26")],
+            None,
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(n.pools().len(), 2);
+        assert_eq!(n.pools()[1].gateway, Ipv4Addr::new(192, 0, 2, 65));
+        assert!(validate_network(
+            "p",
+            None,
+            net("192.0.2.0/25"),
+            &[net("192.0.2.64/26")],
+            None,
+            &[]
+        )
+        .is_err());
+        let other = [n];
+        assert!(validate_network(
+            "q",
+            None,
+            net("198.51.100.0/24"),
+            &[net("192.0.2.96/27")],
+            None,
+            &other
+        )
+        .is_err());
     }
 
     #[test]

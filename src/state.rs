@@ -255,6 +255,29 @@ pub struct Network {
     /// Let a container reach itself through its own published port (bridge port hairpin).
     #[serde(default = "yes")]
     pub hairpin: bool,
+    /// More subnets, each with its gateway on the bridge: a container gets its address from the
+    /// first subnet (`subnet`, then these) that has room.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra: Vec<Pool>,
+}
+
+/// One subnet of a network and its gateway (an address of the bridge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+}
+
+impl Network {
+    /// Every subnet of the network, the main one first.
+    pub fn pools(&self) -> Vec<Pool> {
+        std::iter::once(Pool {
+            subnet: self.subnet,
+            gateway: self.gateway,
+        })
+        .chain(self.extra.iter().copied())
+        .collect()
+    }
 }
 
 fn yes() -> bool {
@@ -293,6 +316,8 @@ pub struct Container {
     pub network: String,
     pub ip: Ipv4Addr,
     pub prefix: u8,
+    /// The gateway of the subnet the address came from.
+    pub gateway: Ipv4Addr,
     /// The host end of the veth pair.
     pub veth: String,
     /// The container end's name inside its namespace.

@@ -319,3 +319,48 @@ fn second_network_keeps_the_first_default_route() {
         ct.rv_links()
     );
 }
+
+/// `subnet` as a list: addresses come from the first subnet with room, each container routes
+/// through the gateway of its own subnet (both on the bridge), and both answer on published ports.
+#[test]
+fn subnet_list_fills_the_first_subnet_then_the_next() {
+    let ct = cni_topology!("cni_subnet_list");
+    let conf = |port: u32| {
+        ct.conf(
+            "1.0.0",
+            merge(
+                json!({"subnet": ["192.0.2.0/30", "192.0.2.64/26"]}),
+                ports(&[pm(port, 80, "tcp", None)]),
+            ),
+        )
+    };
+    let (a, b) = (ct.netns_add(), ct.netns_add());
+    let (ca, cb) = (conf(8080), conf(8081));
+    let ra = parse_success(&ct.cni("ADD", &Call::new("pool-a", &a), &ca), "ADD a");
+    let rb = parse_success(&ct.cni("ADD", &Call::new("pool-b", &b), &cb), "ADD b");
+    assert_eq!(ra["ips"][0]["address"], "192.0.2.2/30", "{ra}");
+    assert_eq!(rb["ips"][0]["address"], "192.0.2.66/26", "{rb}");
+    assert_eq!(rb["ips"][0]["gateway"], "192.0.2.65");
+    assert_eq!(ct.default_gateway(&b).as_deref(), Some("192.0.2.65"));
+    let bridge = ct.ip(&ct.h, &["-4", "-o", "addr", "show", "dev", BRIDGE]);
+    assert!(
+        bridge.contains("192.0.2.1/30") && bridge.contains("192.0.2.65/26"),
+        "bridge: {bridge}"
+    );
+    let _sa = ct.server(&a, &tcp_echo_server(80), "tcp", 80);
+    let _sb = ct.server(&b, &tcp_echo_server(80), "tcp", 80);
+    ct.assert_published_echo(8080, 1, "pool a");
+    ct.assert_published_echo(8081, 2, "pool b");
+    let _peer = ct.server(&ct.u, &peer_addr_server("tcp", 7300), "tcp", 7300);
+    ct.assert_reaches_upstream(&b, 7300, "pool b reaches upstream masqueraded");
+    let with_prev = merge(cb.clone(), json!({ "prevResult": rb }));
+    ct.cni_ok(
+        "CHECK",
+        &Call::new("pool-b", &b),
+        &with_prev,
+        "CHECK of the second pool's attachment",
+    );
+    ct.cni_ok("DEL", &Call::new("pool-a", &a), &ca, "DEL a");
+    ct.cni_ok("DEL", &Call::new("pool-b", &b), &cb, "DEL b");
+    ct.assert_clean("after both DELs");
+}

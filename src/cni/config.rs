@@ -135,8 +135,9 @@ pub struct NetConf {
     pub cni_version: String,
     pub name: String,
     pub bridge: String,
-    /// `None` when an `ipam` plugin hands out the addresses.
-    pub subnet: Option<Ipv4Net>,
+    /// The network's subnets, in the order addresses are taken from them; empty when an `ipam`
+    /// plugin hands out the addresses.
+    pub subnets: Vec<Ipv4Net>,
     pub gateway: Option<Ipv4Addr>,
     pub ip_masq: bool,
     pub mtu: Option<u32>,
@@ -213,7 +214,7 @@ impl NetConf {
             .map_err(err)?
             .unwrap_or(DEFAULT_BRIDGE)
             .to_string();
-        let subnet = parse_subnet(v.get("subnet")).map_err(err)?;
+        let subnets = parse_subnets(v.get("subnet")).map_err(err)?;
         let gateway = opt_str(&v, "gateway")
             .map_err(err)?
             .map(|g| {
@@ -240,7 +241,7 @@ impl NetConf {
                 .map(str::to_string),
             Some(_) => return Err(err(invalid("ipam must be an object"))),
         };
-        if subnet.is_none() && ipam_type.is_none() {
+        if subnets.is_empty() && ipam_type.is_none() {
             return Err(err(invalid(
                 "either subnet or an ipam plugin (ipam.type) is required",
             )));
@@ -256,7 +257,7 @@ impl NetConf {
             cni_version,
             name,
             bridge,
-            subnet,
+            subnets,
             gateway,
             mtu,
             ipam_type,
@@ -270,35 +271,28 @@ impl NetConf {
     }
 }
 
-/// `subnet`: one IPv4 CIDR, or a list holding one (IPv6 entries are refused: networks are IPv4).
-fn parse_subnet(v: Option<&Value>) -> Result<Option<Ipv4Net>, CniError> {
+/// `subnet`: one IPv4 CIDR or a list of them (IPv6 entries are refused: networks are IPv4).
+fn parse_subnets(v: Option<&Value>) -> Result<Vec<Ipv4Net>, CniError> {
     let list: Vec<&Value> = match v {
-        None | Some(Value::Null) => return Ok(None),
+        None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(a)) => a.iter().collect(),
         Some(one) => vec![one],
     };
-    let mut v4 = Vec::new();
-    for item in list {
-        let s = item
-            .as_str()
-            .ok_or_else(|| invalid("subnet must be a CIDR string or a list of them"))?;
-        match s.parse::<IpNet>() {
-            Ok(IpNet::V4(n)) => v4.push(n.trunc()),
-            Ok(IpNet::V6(_)) => {
-                return Err(invalid(format!(
+    list.iter()
+        .map(|item| {
+            let s = item
+                .as_str()
+                .ok_or_else(|| invalid("subnet must be a CIDR string or a list of them"))?;
+            match s.parse::<IpNet>() {
+                Ok(IpNet::V4(n)) if n.prefix_len() <= 30 => Ok(n.trunc()),
+                Ok(IpNet::V4(_)) => Err(invalid(format!("subnet {s} is too small (at most /30)"))),
+                Ok(IpNet::V6(_)) => Err(invalid(format!(
                     "subnet {s}: rnat networks are IPv4-only for now"
-                )))
+                ))),
+                Err(_) => Err(invalid(format!("subnet {s:?} is not a CIDR"))),
             }
-            Err(_) => return Err(invalid(format!("subnet {s:?} is not a CIDR"))),
-        }
-    }
-    match v4.as_slice() {
-        [] => Ok(None),
-        [one] => Ok(Some(*one)),
-        _ => Err(invalid(
-            "a network has one IPv4 subnet; give several networks for several subnets",
-        )),
-    }
+        })
+        .collect()
 }
 
 fn parse_port_mappings(v: Option<&Value>) -> Result<Vec<PortMapping>, CniError> {
@@ -394,7 +388,10 @@ mod tests {
             (c.bridge.as_str(), c.ip_masq, c.hairpin),
             (DEFAULT_BRIDGE, true, true)
         );
-        assert_eq!(c.subnet, Some("192.0.2.0/24".parse().expect("net")));
+        assert_eq!(
+            c.subnets,
+            vec!["192.0.2.0/24".parse::<Ipv4Net>().expect("net")]
+        );
         assert!(c.port_mappings.is_empty());
     }
 
@@ -421,6 +418,18 @@ mod tests {
             let e = parse(bad).expect_err(bad);
             assert_eq!(e.code, Code::InvalidConfig, "{bad}: {e:?}");
         }
+    }
+
+    #[test]
+    fn subnet_lists_become_pools_in_order() {
+        let c =
+            parse(r#"{"cniVersion":"1.0.0","name":"n","subnet":["192.0.2.0/26","192.0.2.64/26"]}"#)
+                .expect("ok");
+        assert_eq!(c.subnets.len(), 2);
+        assert_eq!(
+            c.subnets[1],
+            "192.0.2.64/26".parse::<Ipv4Net>().expect("net")
+        );
     }
 
     #[test]

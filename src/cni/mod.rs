@@ -131,7 +131,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             }
         }
     };
-    let (ip, subnet, gateway) = match &delegated {
+    let (ip, subnet, extra, gateway) = match &delegated {
         Some(r) => {
             let Some((ip, prefix, gw)) = result::first_ipv4(r) else {
                 undo_ipam();
@@ -143,14 +143,22 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             let net = ipnet::Ipv4Net::new(ip, prefix)
                 .map(|n| n.trunc())
                 .map_err(|e| v(CniError::new(Code::Delegate, e.to_string())))?;
-            (Some(ip), net, conf.gateway.or(gw))
+            (Some(ip), net, Vec::new(), conf.gateway.or(gw))
         }
-        None => (
-            requested_ip,
-            conf.subnet
-                .ok_or_else(|| v(CniError::new(Code::InvalidConfig, "subnet is required")))?,
-            conf.gateway,
-        ),
+        None => {
+            let (first, rest) = conf
+                .subnets
+                .split_first()
+                .ok_or_else(|| v(CniError::new(Code::InvalidConfig, "subnet is required")))?;
+            let extra: Vec<crate::state::Pool> = rest
+                .iter()
+                .map(|s| crate::state::Pool {
+                    subnet: *s,
+                    gateway: std::net::Ipv4Addr::from(u32::from(s.network()) + 1),
+                })
+                .collect();
+            (requested_ip, *first, extra, conf.gateway)
+        }
     };
     let gateway =
         gateway.unwrap_or_else(|| std::net::Ipv4Addr::from(u32::from(subnet.network()) + 1));
@@ -162,6 +170,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         mtu: conf.mtu,
         masquerade: conf.ip_masq,
         hairpin: conf.hairpin,
+        extra,
     };
     let opts = CreateOpts {
         // Unique by construction, as the attachment is: (container id, interface).
@@ -200,7 +209,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         sandbox: netns_path.to_string(),
         ip: rec.ip,
         prefix: rec.prefix,
-        gateway,
+        gateway: rec.gateway,
         default_route: rec.default_route,
     };
     Ok(result::add_result(
@@ -281,7 +290,7 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
         ));
     }
     let free = engine
-        .has_free_address(&conf.name, conf.subnet)
+        .has_free_address(&conf.name, &conf.subnets)
         .map_err(|e| v(Code::NotAvailable, e.to_string()))?;
     if conf.ipam_type.is_none() && !free {
         return Err(v(

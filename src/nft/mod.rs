@@ -123,6 +123,17 @@ impl Firewall {
         }
     }
 
+    /// Removes the DNS forwarding of each gateway (absent ones are fine).
+    pub fn set_dns_forwards_removed(
+        &mut self,
+        gateways: &[std::net::Ipv4Addr],
+    ) -> Result<(), NftError> {
+        for gw in gateways {
+            self.set_dns_forward(*gw, std::net::Ipv4Addr::UNSPECIFIED, Op::Delete)?;
+        }
+        Ok(())
+    }
+
     /// Sends an empty transaction: does nftables answer here at all?
     pub fn probe(&mut self) -> Result<(), NftError> {
         self.sock.send(&BatchBuf::new().finish())

@@ -49,6 +49,11 @@ impl LinkError {
     }
 }
 
+/// Whether an rtnetlink error is the kernel refusing with `errno`.
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.map(|c| -c.get()) == Some(errno))
+}
+
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
     let what = what.into();
     move |source| LinkError::Netlink { what, source }
@@ -107,77 +112,47 @@ impl Netlink {
         Ok(Netlink { rt, handle })
     }
 
-    /// The index of link `name`, if it exists.
-    pub fn index(&self, name: &str) -> Result<Option<u32>, LinkError> {
+    /// Link `name`, if it exists (one request, not a dump).
+    fn link(&self, name: &str) -> Result<Option<LinkMessage>, LinkError> {
         let h = self.handle.clone();
         let name = name.to_string();
         self.rt.block_on(async move {
             let mut links = h.link().get().match_name(name.clone()).execute();
             match links.try_next().await {
-                Ok(Some(msg)) => Ok(Some(msg.header.index)),
-                Ok(None) => Ok(None),
-                Err(rtnetlink::Error::NetlinkError(e))
-                    if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
-                {
-                    Ok(None)
-                }
+                Ok(found) => Ok(found),
+                Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
                 Err(e) => Err(nl(format!("looking up link {name}"))(e)),
             }
         })
     }
 
+    /// The index of link `name`, if it exists.
+    pub fn index(&self, name: &str) -> Result<Option<u32>, LinkError> {
+        Ok(self.link(name)?.map(|m| m.header.index))
+    }
+
     /// The MAC address of link `name`, if it exists.
     pub fn mac(&self, name: &str) -> Result<Option<[u8; 6]>, LinkError> {
-        let h = self.handle.clone();
-        let name = name.to_string();
-        self.rt.block_on(async move {
-            let mut links = h.link().get().match_name(name.clone()).execute();
-            match links.try_next().await {
-                Ok(Some(msg)) => Ok(msg.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::Address(m) if m.len() == 6 => {
-                        let mut mac = [0u8; 6];
-                        mac.copy_from_slice(m);
-                        Some(mac)
-                    }
-                    _ => None,
-                })),
-                Ok(None) => Ok(None),
-                Err(rtnetlink::Error::NetlinkError(e))
-                    if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
-                {
-                    Ok(None)
-                }
-                Err(e) => Err(nl(format!("looking up link {name}"))(e)),
-            }
-        })
+        Ok(self.link(name)?.and_then(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
+                _ => None,
+            })
+        }))
     }
 
     /// The index of the bridge (or other controller) link `name` is attached to; `Some(0)` when it
     /// exists without one, `None` when it does not exist.
     pub fn master_of(&self, name: &str) -> Result<Option<u32>, LinkError> {
-        let h = self.handle.clone();
-        let name = name.to_string();
-        self.rt.block_on(async move {
-            let mut links = h.link().get().match_name(name.clone()).execute();
-            match links.try_next().await {
-                Ok(Some(msg)) => Ok(Some(
-                    msg.attributes
-                        .iter()
-                        .find_map(|a| match a {
-                            LinkAttribute::Controller(i) => Some(*i),
-                            _ => None,
-                        })
-                        .unwrap_or(0),
-                )),
-                Ok(None) => Ok(None),
-                Err(rtnetlink::Error::NetlinkError(e))
-                    if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
-                {
-                    Ok(None)
-                }
-                Err(e) => Err(nl(format!("looking up link {name}"))(e)),
-            }
-        })
+        Ok(self.link(name)?.map(|m| {
+            m.attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Controller(i) => Some(*i),
+                    _ => None,
+                })
+                .unwrap_or(0)
+        }))
     }
 
     /// Names of the links attached to bridge `index`.
@@ -319,11 +294,7 @@ impl Netlink {
             .rt
             .block_on(h.address().add(index, IpAddr::V4(addr), prefix).execute())
         {
-            Err(rtnetlink::Error::NetlinkError(e))
-                if e.code.map(|c| -c.get()) == Some(libc::EEXIST) =>
-            {
-                Ok(())
-            }
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
             other => other.map_err(nl(format!("adding {addr}/{prefix}"))),
         }
     }
@@ -406,11 +377,7 @@ impl Netlink {
         };
         let h = self.handle.clone();
         match self.rt.block_on(h.link().del(index).execute()) {
-            Err(rtnetlink::Error::NetlinkError(e))
-                if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
-            {
-                Ok(false)
-            }
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(false),
             other => other
                 .map(|_| true)
                 .map_err(nl(format!("deleting link {name}"))),

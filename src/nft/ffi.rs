@@ -151,16 +151,9 @@ impl BatchBuf {
     }
 
     pub fn table(&mut self, op: Op, family: u16, name: &str) -> Result<(), NftError> {
-        let name = cstr(name)?;
-        // SAFETY: alloc/free pair managed by `Owned`; string attributes are copied by libnftnl.
+        let t = table_object(family, name)?;
+        // SAFETY: `t` is a live table (freed by `Owned`); `nlh` points into scratch.
         unsafe {
-            let t = Owned::new(sys::nftnl_table_alloc(), sys_free_table)?;
-            sys::nftnl_table_set_u32(
-                t.as_ptr(),
-                sys::NFTNL_TABLE_FAMILY as u16,
-                u32::from(family),
-            );
-            sys::nftnl_table_set_str(t.as_ptr(), sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
             let msg = if op == Op::Delete {
                 libc::NFT_MSG_DELTABLE
             } else {
@@ -343,19 +336,12 @@ impl BatchBuf {
 
 /// A single `GETTABLE` request (not a batch) for table `name`, asking for an ACK.
 pub fn get_table_request(family: u16, name: &str, seq: u32) -> Result<Vec<u8>, NftError> {
-    let name = cstr(name)?;
+    let t = table_object(family, name)?;
     let mut buf = vec![0u8; 1024];
     let ty = (NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_GETTABLE as u16;
     // SAFETY: the buffer holds 1024 bytes, more than a header and a table name attribute need;
-    // the table object is freed by `Owned`.
+    // `t` is a live table freed by `Owned`.
     unsafe {
-        let t = Owned::new(sys::nftnl_table_alloc(), sys_free_table)?;
-        sys::nftnl_table_set_u32(
-            t.as_ptr(),
-            sys::NFTNL_TABLE_FAMILY as u16,
-            u32::from(family),
-        );
-        sys::nftnl_table_set_str(t.as_ptr(), sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
         let nlh = sys::nftnl_nlmsg_build_hdr(
             buf.as_mut_ptr().cast(),
             ty,
@@ -368,6 +354,22 @@ pub fn get_table_request(family: u16, name: &str, seq: u32) -> Result<Vec<u8>, N
         buf.truncate(len);
     }
     Ok(buf)
+}
+
+/// A table object naming `family`/`name`, freed when dropped.
+fn table_object(family: u16, name: &str) -> Result<Owned<sys::nftnl_table>, NftError> {
+    let name = cstr(name)?;
+    // SAFETY: a fresh table from `nftnl_table_alloc`, owned by `Owned`; the name is copied.
+    unsafe {
+        let t = Owned::new(sys::nftnl_table_alloc(), sys_free_table)?;
+        sys::nftnl_table_set_u32(
+            t.as_ptr(),
+            sys::NFTNL_TABLE_FAMILY as u16,
+            u32::from(family),
+        );
+        sys::nftnl_table_set_str(t.as_ptr(), sys::NFTNL_TABLE_NAME as u16, name.as_ptr());
+        Ok(t)
+    }
 }
 
 /// SAFETY (caller): `p` is a live set.

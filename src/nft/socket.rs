@@ -15,6 +15,37 @@ use super::NftError;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_HDRLEN: usize = 16;
 
+/// One message of a netlink reply: its type, sequence number, and for `NLMSG_ERROR` the errno
+/// (0 for an ACK).
+struct Reply {
+    ty: u16,
+    seq: u32,
+    error: Option<i32>,
+}
+
+/// The messages in `buf` (a datagram of `n` bytes), stopping at a truncated one.
+fn replies(buf: &[u8]) -> Vec<Reply> {
+    let word = |at: usize| {
+        buf.get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+    };
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + NLMSG_HDRLEN <= buf.len() {
+        let len = word(off).map_or(0, u32::from_ne_bytes) as usize;
+        if len < NLMSG_HDRLEN || off + len > buf.len() {
+            break;
+        }
+        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        let seq = word(off + 8).map_or(0, u32::from_ne_bytes);
+        let error = (ty == NLMSG_ERROR && len >= NLMSG_HDRLEN + 4)
+            .then(|| word(off + NLMSG_HDRLEN).map_or(0, |w| -i32::from_ne_bytes(w)));
+        out.push(Reply { ty, seq, error });
+        off += (len + 3) & !3;
+    }
+    out
+}
+
 pub struct NftSocket {
     sock: Socket,
 }
@@ -49,26 +80,10 @@ impl NftSocket {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(NftError::Socket(e)),
             };
-            let mut off = 0;
-            while off + NLMSG_HDRLEN <= n {
-                let len =
-                    u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
-                let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-                let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or([0; 4]));
-                if len < NLMSG_HDRLEN || off + len > n {
-                    break;
+            for r in replies(&buf[..n]) {
+                if let (Some(errno), None) = (r.error.filter(|e| *e != 0), first_err) {
+                    first_err = Some((errno, r.seq));
                 }
-                if ty == NLMSG_ERROR && len >= NLMSG_HDRLEN + 4 {
-                    let code = i32::from_ne_bytes(
-                        buf[off + NLMSG_HDRLEN..off + NLMSG_HDRLEN + 4]
-                            .try_into()
-                            .unwrap_or([0; 4]),
-                    );
-                    if code != 0 && first_err.is_none() {
-                        first_err = Some((-code, seq));
-                    }
-                }
-                off += (len + 3) & !3;
             }
         }
         match first_err {
@@ -99,32 +114,18 @@ impl NftSocket {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(NftError::Socket(e)),
             };
-            let mut off = 0;
-            while off + NLMSG_HDRLEN <= n {
-                let len =
-                    u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
-                let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-                let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or([0; 4]));
-                if len < NLMSG_HDRLEN || off + len > n {
-                    break;
-                }
-                if ty == NLMSG_ERROR && len >= NLMSG_HDRLEN + 4 {
-                    let code = i32::from_ne_bytes(
-                        buf[off + NLMSG_HDRLEN..off + NLMSG_HDRLEN + 4]
-                            .try_into()
-                            .unwrap_or([0; 4]),
-                    );
-                    if code == 0 {
-                        return Ok(types);
+            for r in replies(&buf[..n]) {
+                match r.error {
+                    Some(0) => return Ok(types),
+                    Some(errno) => {
+                        return Err(NftError::Kernel {
+                            errno,
+                            seq: r.seq,
+                            source: io::Error::from_raw_os_error(errno),
+                        })
                     }
-                    return Err(NftError::Kernel {
-                        errno: -code,
-                        seq,
-                        source: io::Error::from_raw_os_error(-code),
-                    });
+                    None => types.push(r.ty),
                 }
-                types.push(ty);
-                off += (len + 3) & !3;
             }
         }
         Err(NftError::Socket(io::Error::other("no ACK from nftables")))

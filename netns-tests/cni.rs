@@ -1,17 +1,18 @@
 //! rnat as a CNI plugin (docs/cni.md), driven the way a runtime drives it:
 //! `CNI_*` variables in the environment, the network configuration on
 //! stdin, the result or error JSON on stdout, run inside the host namespace
-//! H of a throw-away topology (`rig`: H, U, C wired like the harness's
-//! `Topology`, plus container namespaces, all named `rnc<pid>-<n>…` and
-//! torn down by one guard, also on panic).
+//! H of a throw-away topology (`rig`: the harness's `Topology` under the
+//! `rnc` prefix, plus container namespaces, all named `rnc<pid>-<n>…` and
+//! torn down by the topology's guard, also on panic).
 //!
 //! Every test asserts on bytes that crossed the kernel and on kernel state
 //! read back (`ip -n`, `nft -j list ruleset` in H), plus rnat's own state
 //! files under the configuration's `stateDir` (the topology's state dir).
 //!
 //! This module holds the CNI-specific machinery (plugin calls, configs,
-//! result and error checks, snapshots), `rig` the namespaces and traffic
-//! helpers; the tests live in `add`
+//! result and error checks, snapshots), `rig` the container namespaces on
+//! top of the harness (traffic helpers are the `fixtures` ones); the tests
+//! live in `add`
 //! (results and traffic), `errors` (failing ADDs), `lifecycle` (DEL, CHECK,
 //! STATUS, GC), `chain` (IPAM delegation and a conflist with reference
 //! plugins) and `scale` (parallel ADD/DEL).
@@ -168,8 +169,7 @@ impl Rig {
     /// The `peer=` address a TCP `peer_addr_server` at ADDR:PORT reports
     /// when container namespace NS connects to it.
     pub fn container_peer_seen(&self, ns: &str, addr: &str, port: u16) -> Vec<String> {
-        let target = format!("TCP:{addr}:{port},connect-timeout=2");
-        let out = self.exec_input(ns, &["socat", "-t", "5", "-T", "10", "-", &target], b"");
+        let out = tcp_exchange(self, ns, addr, port, b"");
         assert!(
             out.success(),
             "[{}] connection from container {ns} to {addr}:{port} failed\n{}",
@@ -198,7 +198,7 @@ impl Rig {
     /// runtime does: a clean environment with only PATH and CNI_*, the
     /// configuration on stdin.
     pub fn run_plugin(&self, program: &str, command: &str, call: &Call, stdin: &[u8]) -> Finished {
-        let mut cmd = self.command(&self.h, &[program]);
+        let mut cmd = self.ns_command(&self.h, &[program]);
         cmd.env_clear().env("PATH", PLUGIN_PATH_ENV);
         for (k, v) in call.env(command) {
             cmd.env(k, v);
@@ -385,19 +385,6 @@ impl Rig {
         v.as_array().and_then(|a| a.first()).cloned()
     }
 
-    /// IPv4 addresses (with prefix) of DEV in container namespace NS.
-    pub fn addrs(&self, ns: &str, dev: &str) -> Vec<String> {
-        let v: Value =
-            serde_json::from_str(&self.ip(ns, &["-j", "-4", "addr", "show", "dev", dev]))
-                .expect("`ip -j addr` is JSON");
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
-            .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"])))
-            .collect()
-    }
-
     /// The gateway of the default IPv4 route in NS.
     pub fn default_gateway(&self, ns: &str) -> Option<String> {
         let v: Value = serde_json::from_str(&self.ip(ns, &["-j", "-4", "route", "show"]))
@@ -472,7 +459,7 @@ impl Rig {
     /// C through H's client-side address with exact bytes.
     pub fn assert_published_echo(&self, host_port: u16, seed: u64, what: &str) {
         let data = payload(16 * 1024, seed);
-        self.assert_tcp_echo(&self.c, H_CLIENT_SIDE_IP, host_port, &data, what);
+        assert_tcp_echo(self, &self.c, H_CLIENT_SIDE_IP, host_port, &data, what);
     }
 
     /// Asserts that container namespace NS reaches a `peer_addr_server` in U

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::harness::Topology;
-use crate::procs::{BgProc, Finished};
+use crate::procs::Finished;
 
 /// Wall-clock bound for one client exchange.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -77,13 +77,6 @@ pub fn sock_port_server(port: u16) -> Vec<String> {
 
 pub fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
-}
-
-/// Starts ARGV in NS and waits until it listens on PROTO/PORT.
-pub fn start_server(t: &Topology, ns: &str, argv: &[String], proto: &str, port: u16) -> BgProc {
-    let bg = t.spawn(ns, &as_strs(argv));
-    t.wait_listening(ns, proto, port);
-    bg
 }
 
 /// Sends PAYLOAD over TCP from NS to ADDR:PORT, half-closes, and returns

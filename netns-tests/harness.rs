@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::fixtures::as_strs;
 use crate::procs::{self, BgProc, Finished, Tracked, FG_TIMEOUT};
 
 pub const H_UPLINK_IP: &str = "198.51.100.1";
@@ -59,6 +60,26 @@ pub fn euid() -> u32 {
 /// Set this (to anything) to make a non-root run fail instead of skip.
 pub const REQUIRE_ROOT_ENV: &str = "RNAT_NETNS_REQUIRE_ROOT";
 
+/// The only name prefixes a topology may use: `rnt` (rnat CLI tests),
+/// `rnc` (CNI tests), `rnp` (Podman test). Other prefixes on this machine
+/// belong to somebody else.
+pub const PREFIXES: [&str; 3] = ["rnt", "rnc", "rnp"];
+
+/// Why this process cannot run the suite (not root), if it cannot.
+pub fn not_root() -> Option<String> {
+    let uid = euid();
+    (uid != 0).then(|| format!("the netns suite needs root (euid is {uid})"))
+}
+
+/// Reports that test LABEL cannot run because of WHY: prints SKIP, or
+/// panics when `RNAT_NETNS_REQUIRE_ROOT` is set.
+pub fn skip_or_fail(label: &str, why: &str) {
+    if std::env::var_os(REQUIRE_ROOT_ENV).is_some() {
+        panic!("{label}: {why} and {REQUIRE_ROOT_ENV} is set");
+    }
+    eprintln!("SKIP {label}: {why}");
+}
+
 /// Creates a topology or returns from the test (skips) when not root.
 #[macro_export]
 macro_rules! topology {
@@ -78,6 +99,10 @@ pub fn netns_identity(path: &Path) -> Option<(u64, u64)> {
 
 pub struct Topology {
     pub label: String,
+    /// One of `PREFIXES`; every name this topology creates starts with it.
+    prefix: &'static str,
+    /// `<prefix><pid>-<n>`: the stem of all its names.
+    base: String,
     /// Host namespace: rnat runs here.
     pub h: String,
     /// Upstream server namespace.
@@ -132,29 +157,37 @@ fn assert_not_test_netns(id: (u64, u64), path: &Path) {
 }
 
 impl Topology {
-    /// Builds H, U, C and their links. Returns `None` (after printing why)
-    /// when not running as root, so the calling test can skip.
+    /// Builds H, U, C and their links under the `rnt` prefix. Returns
+    /// `None` (after printing why) when not root, so the test can skip.
     pub fn new(label: &str) -> Option<Topology> {
-        let uid = euid();
-        if uid != 0 {
-            if std::env::var_os(REQUIRE_ROOT_ENV).is_some() {
-                panic!("{label}: the netns suite needs root (euid is {uid}) and {REQUIRE_ROOT_ENV} is set");
-            }
-            eprintln!("SKIP {label}: the netns suite needs root (euid is {uid})");
+        Topology::with_prefix("rnt", label)
+    }
+
+    /// Like `new`, with every name (namespaces, scratch directories)
+    /// starting with PREFIX, one of `PREFIXES`.
+    pub fn with_prefix(prefix: &'static str, label: &str) -> Option<Topology> {
+        assert!(
+            PREFIXES.contains(&prefix),
+            "topology prefix {prefix:?} is not one of {PREFIXES:?}"
+        );
+        if let Some(why) = not_root() {
+            skip_or_fail(label, &why);
             return None;
         }
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         // The '-' keeps (pid, n) pairs from colliding, e.g. 12|34 vs 123|4.
-        let base = format!("rnt{}-{n}", std::process::id());
+        let base = format!("{prefix}{}-{n}", std::process::id());
         let tmp = std::env::temp_dir();
         let topo = Topology {
             label: label.to_string(),
+            prefix,
             h: format!("{base}h"),
             u: format!("{base}u"),
             c: format!("{base}c"),
             created: Mutex::new(Vec::new()),
             state_dir: tmp.join(format!("{base}-state")),
             work_dir: tmp.join(format!("{base}-work")),
+            base,
             etc_dirs: Mutex::new(Vec::new()),
             tracked: Mutex::new(Vec::new()),
             container_netns: Mutex::new(Vec::new()),
@@ -173,68 +206,110 @@ impl Topology {
             std::fs::create_dir(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         }
         for ns in [&self.h, &self.u, &self.c] {
-            assert!(
-                ns.starts_with("rnt"),
-                "namespace names must start with rnt: {ns}"
-            );
-            assert!(
-                !Path::new("/run/netns").join(ns).exists(),
-                "namespace {ns} already exists; refusing to reuse it"
-            );
-            host_ip(&["netns", "add", ns]);
-            self.created
-                .lock()
-                .expect("created list poisoned")
-                .push(ns.clone());
-            registry()
-                .lock()
-                .expect("namespace registry poisoned")
-                .insert(ns.clone());
-            self.ip(ns, &["link", "set", "lo", "up"]);
+            self.create_ns(ns);
         }
         let (h, u, c) = (&self.h, &self.u, &self.c);
-        // Link names are short and never start with "rv" (rnat's prefix).
-        self.ip(
-            h,
-            &[
-                "link", "add", "up0", "type", "veth", "peer", "name", "h0", "netns", u,
-            ],
-        );
-        self.ip(
-            h,
-            &[
-                "link", "add", "cl0", "type", "veth", "peer", "name", "h0", "netns", c,
-            ],
-        );
-        self.ip(
-            h,
-            &["addr", "add", &format!("{H_UPLINK_IP}/24"), "dev", "up0"],
-        );
-        self.ip(u, &["addr", "add", &format!("{U_IP}/24"), "dev", "h0"]);
-        self.ip(
-            h,
-            &[
-                "addr",
-                "add",
-                &format!("{H_CLIENT_SIDE_IP}/24"),
-                "dev",
-                "cl0",
-            ],
-        );
-        self.ip(c, &["addr", "add", &format!("{C_IP}/24"), "dev", "h0"]);
-        self.ip(h, &["link", "set", "up0", "up"]);
-        self.ip(h, &["link", "set", "cl0", "up"]);
-        self.ip(u, &["link", "set", "h0", "up"]);
-        self.ip(c, &["link", "set", "h0", "up"]);
+        // Link names are short and never start with "rv" (rnat's prefix);
+        // the veth peers are born inside our namespaces.
+        for (dev, peer_ns) in [("up0", u), ("cl0", c)] {
+            self.ip(
+                h,
+                &[
+                    "link", "add", dev, "type", "veth", "peer", "name", "h0", "netns", peer_ns,
+                ],
+            );
+        }
+        for (ns, ip, dev) in [
+            (h, H_UPLINK_IP, "up0"),
+            (u, U_IP, "h0"),
+            (h, H_CLIENT_SIDE_IP, "cl0"),
+            (c, C_IP, "h0"),
+        ] {
+            self.ip(ns, &["addr", "add", &format!("{ip}/24"), "dev", dev]);
+            self.ip(ns, &["link", "set", dev, "up"]);
+        }
         self.ip(h, &["route", "add", "default", "via", U_IP]);
+    }
+
+    /// `ip netns add NS` (refusing an existing or foreign name), registered
+    /// at once, loopback up.
+    fn create_ns(&self, ns: &str) {
+        assert!(
+            ns.starts_with(&self.base),
+            "namespace names must start with {}: {ns}",
+            self.base
+        );
+        assert!(
+            !Path::new("/run/netns").join(ns).exists(),
+            "namespace {ns} already exists; refusing to reuse it"
+        );
+        host_ip(&["netns", "add", ns]);
+        self.created
+            .lock()
+            .expect("created list poisoned")
+            .push(ns.to_string());
+        registry()
+            .lock()
+            .expect("namespace registry poisoned")
+            .insert(ns.to_string());
+        self.ip(ns, &["link", "set", "lo", "up"]);
+    }
+
+    /// Creates one more namespace, named `<base>SUFFIX` (e.g. a container
+    /// namespace of the CNI tests), owned and torn down like H, U and C.
+    pub fn add_ns(&self, suffix: &str) -> String {
+        let ns = format!("{}{suffix}", self.base);
+        self.create_ns(&ns);
+        ns
+    }
+
+    /// Deletes namespace NS now, after killing what runs in it. Refuses
+    /// H, U, C and anything this topology did not create.
+    pub fn del_ns(&self, ns: &str) {
+        self.assert_ours(ns);
+        assert!(
+            ![&self.h, &self.u, &self.c].contains(&&ns.to_string()),
+            "del_ns is for extra namespaces, not {ns}"
+        );
+        for _ in 0..2 {
+            let pids = ns_pids(ns);
+            if pids.is_empty() {
+                break;
+            }
+            procs::send_signal("KILL", &pids);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        host_ip(&["netns", "del", ns]);
+        self.created
+            .lock()
+            .expect("created list poisoned")
+            .retain(|n| n != ns);
+        registry()
+            .lock()
+            .expect("namespace registry poisoned")
+            .remove(ns);
+    }
+
+    /// `ip -n NS ARGS...`, whatever its status. NS must be ours.
+    pub fn ip_try(&self, ns: &str, args: &[&str]) -> Finished {
+        self.assert_ours(ns);
+        let mut full = vec!["-n", ns];
+        full.extend_from_slice(args);
+        let mut cmd = Command::new("ip");
+        cmd.args(&full);
+        procs::run_bounded(cmd, None, FG_TIMEOUT)
     }
 
     /// `ip -n NS ARGS...`, asserting success. NS must be ours.
     pub fn ip(&self, ns: &str, args: &[&str]) -> String {
-        self.assert_ours(ns);
-        let mut full = vec!["-n", ns];
-        full.extend_from_slice(args);
-        host_ip(&full)
+        let out = self.ip_try(ns, args);
+        assert!(
+            out.success(),
+            "[{}] ip command failed\n{}",
+            self.label,
+            out.describe()
+        );
+        out.stdout_str()
     }
 
     /// Ok if NS is a namespace this topology created (and still owns).
@@ -245,7 +320,7 @@ impl Topology {
             .expect("created list poisoned")
             .iter()
             .any(|n| n == ns);
-        if is_registered(ns) && mine {
+        if ns.starts_with(self.prefix) && is_registered(ns) && mine {
             Ok(())
         } else {
             Err(format!(
@@ -308,10 +383,29 @@ impl Topology {
         bg
     }
 
+    /// Starts ARGV in NS (tracked) and waits until it listens on
+    /// PROTO/PORT; fails early, with its output, if it exits first.
+    pub fn server(&self, ns: &str, argv: &[String], proto: &str, port: u16) -> BgProc {
+        let mut bg = self.spawn(ns, &as_strs(argv));
+        self.wait_listening_inner(ns, proto, port, Some(&mut bg));
+        bg
+    }
+
     /// Adds processes to the kill list of the guard (e.g. orphans left by
     /// a SIGKILLed `rnat run`).
     pub fn track(&self, t: Tracked) {
         self.tracked.lock().expect("tracked list poisoned").push(t);
+    }
+
+    /// Tracks PID (e.g. a process a runtime started for the test) if it
+    /// still exists, by PID and start time.
+    pub fn track_pid(&self, pid: u32) {
+        if let Some(st) = procs::proc_stat(pid) {
+            self.track(Tracked {
+                pid,
+                start_time: st.start_time,
+            });
+        }
     }
 
     /// Remembers the network namespace PATH of a container whose process
@@ -406,9 +500,28 @@ impl Topology {
     /// Waits (bounded) until something in NS listens on PORT.
     /// `proto` is "tcp" or "udp".
     pub fn wait_listening(&self, ns: &str, proto: &str, port: u16) {
+        self.wait_listening_inner(ns, proto, port, None);
+    }
+
+    /// `wait_listening`, failing early if SERVER (when given) exits.
+    fn wait_listening_inner(
+        &self,
+        ns: &str,
+        proto: &str,
+        port: u16,
+        mut server: Option<&mut BgProc>,
+    ) {
         let flag = ss_flag(proto);
         let filter = format!("sport = :{port}");
         let ok = procs::poll(|| {
+            if let Some(bg) = server.as_deref_mut() {
+                assert!(
+                    bg.exited().is_none(),
+                    "[{}] server in {ns} exited\n{}",
+                    self.label,
+                    bg.describe_now()
+                );
+            }
             let out = self.exec(ns, &["ss", "-Hn", flag, &filter]);
             (out.success() && !out.stdout.is_empty()).then_some(())
         });
@@ -483,32 +596,25 @@ impl Topology {
         self.exec_ok(&self.h, &["nft", "list", "ruleset"])
     }
 
-    /// Every PID that should die at teardown.
-    fn doomed_pids(&self) -> Vec<u32> {
-        let mut pids = Vec::new();
-        for t in self.tracked.lock().map(|t| t.clone()).unwrap_or_default() {
-            if t.still_same_process() {
-                pids.push(t.pid);
-                pids.extend(procs::descendants(t.pid));
-            }
-        }
+    /// Every PID that should die at teardown: tracked processes, members
+    /// of our namespaces and of the container namespaces we saw, the
+    /// EXTRA roots a wrapping rig proves are its own, and all their
+    /// descendants.
+    fn doomed_pids(&self, extra: &[u32]) -> Vec<u32> {
+        let mut roots: Vec<u32> = self
+            .tracked
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(Tracked::still_same_process)
+            .map(|t| t.pid)
+            .collect();
+        roots.extend_from_slice(extra);
         // Anything living inside our own namespaces.
         let created = self.created.lock().map(|c| c.clone()).unwrap_or_default();
         for ns in &created {
-            let out = procs::run_bounded(
-                {
-                    let mut c = Command::new("ip");
-                    c.args(["netns", "pids", ns]);
-                    c
-                },
-                None,
-                Duration::from_secs(10),
-            );
-            pids.extend(
-                out.stdout_str()
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
+            roots.extend(ns_pids(ns));
         }
         // Anything living inside a container namespace we saw, if that
         // namespace provably still exists (see `ContainerNs`).
@@ -525,10 +631,14 @@ impl Topology {
             for pid in procs::all_pids() {
                 if let Some(id) = netns_identity(Path::new(&format!("/proc/{pid}/ns/net"))) {
                     if netns.contains(&id) {
-                        pids.push(pid);
+                        roots.push(pid);
                     }
                 }
             }
+        }
+        let mut pids = roots.clone();
+        for r in roots {
+            pids.extend(procs::descendants(r));
         }
         let me = std::process::id();
         pids.retain(|&p| p != me && p > 1);
@@ -536,27 +646,34 @@ impl Topology {
         pids.dedup();
         pids
     }
-}
 
-impl Drop for Topology {
-    fn drop(&mut self) {
-        // 1. Kill processes (twice: the first round may have exposed orphans).
+    /// SIGKILLs every doomed PID (see `doomed_pids`; EXTRA is re-evaluated
+    /// each round), twice: the first round may expose orphans. Must not
+    /// panic (it runs during unwinding).
+    pub fn kill_doomed(&self, extra: &dyn Fn() -> Vec<u32>) {
         for _ in 0..2 {
-            let pids = self.doomed_pids();
+            let pids = self.doomed_pids(&extra());
             if pids.is_empty() {
                 break;
             }
             procs::send_signal("KILL", &pids);
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // 1. Kill processes (twice: the first round may have exposed orphans).
+        self.kill_doomed(&Vec::new);
         // 2. Delete our namespaces.
         let created = std::mem::take(&mut *self.created.lock().unwrap_or_else(|p| p.into_inner()));
         for ns in &created {
-            if !ns.starts_with("rnt") {
-                // Never happens with names built by `Topology::new`.
+            if !ns.starts_with(&self.base) || !PREFIXES.contains(&self.prefix) {
+                // Never happens with names built by `with_prefix`.
                 eprintln!(
-                    "[{}] teardown: not deleting {ns}: not an rnt* name",
-                    self.label
+                    "[{}] teardown: not deleting {ns}: not a {}* name",
+                    self.label, self.base
                 );
                 continue;
             }
@@ -596,7 +713,21 @@ impl Drop for Topology {
     }
 }
 
-fn ss_flag(proto: &str) -> &'static str {
+/// PIDs inside namespace NS (`ip netns pids`), never our own or init.
+fn ns_pids(ns: &str) -> Vec<u32> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "pids", ns]);
+    let out = procs::run_bounded(cmd, None, Duration::from_secs(10));
+    let me = std::process::id();
+    out.stdout_str()
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter(|&p| p != me && p > 1)
+        .collect()
+}
+
+/// The `ss` flag listing listeners of PROTO ("tcp" or "udp").
+pub fn ss_flag(proto: &str) -> &'static str {
     match proto {
         "tcp" => "-lt",
         "udp" => "-lu",

@@ -58,12 +58,10 @@ fn podman_runs_rnat_as_its_cni_plugin() {
     install_plugin(&rig);
     write_configs(&rig);
     rig.start_shell(&prelude(&rig));
-    rig.spawn_tcp_server(
-        &rig.u.clone(),
-        &peer_addr_server("tcp", UPSTREAM_PORT)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+    let _upstream = rig.server(
+        &rig.u,
+        &peer_addr_server("tcp", UPSTREAM_PORT),
+        "tcp",
         UPSTREAM_PORT,
     );
 
@@ -305,7 +303,7 @@ fn podman_runs_rnat_as_its_cni_plugin() {
 
 /// A busybox root filesystem with a page holding TOKEN; returns its path.
 fn write_rootfs(rig: &Rig, token: &str) -> std::path::PathBuf {
-    let root = rig.path("rootfs");
+    let root = rig.work_path("rootfs");
     for d in ["bin", "www", "etc", "tmp", "proc", "sys", "dev"] {
         std::fs::create_dir_all(root.join(d)).expect("create rootfs dirs");
     }
@@ -331,9 +329,9 @@ fn write_rootfs(rig: &Rig, token: &str) -> std::path::PathBuf {
 fn install_plugin(rig: &Rig) {
     let trace = std::env::var_os(TRACE_ENV).is_some();
     let dir = if trace {
-        rig.path("plugins/real")
+        rig.work_path("plugins/real")
     } else {
-        rig.path("plugins")
+        rig.work_path("plugins")
     };
     let mut cmd = Command::new(RNAT);
     cmd.arg("install-cni").arg(&dir).env_remove("CNI_COMMAND");
@@ -345,7 +343,7 @@ fn install_plugin(rig: &Rig) {
         dir.display()
     );
     if trace {
-        let log = sh_quote(&rig.path("cni-trace.log").to_string_lossy());
+        let log = sh_quote(&rig.work_path("cni-trace.log").to_string_lossy());
         let real = sh_quote(&dir.join("rnat").to_string_lossy());
         let wrapper = format!(
             "#!/bin/sh\n\
@@ -356,7 +354,7 @@ fn install_plugin(rig: &Rig) {
              printf '%s\\n' \"$out\"\n\
              exit $rc\n"
         );
-        let path = rig.path("plugins/rnat");
+        let path = rig.work_path("plugins/rnat");
         std::fs::write(&path, wrapper).expect("write trace wrapper");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
@@ -366,7 +364,7 @@ fn install_plugin(rig: &Rig) {
 
 /// The conflist, containers.conf and storage.conf, all private.
 fn write_configs(rig: &Rig) {
-    let d = |rel: &str| rig.path(rel).to_string_lossy().into_owned();
+    let d = |rel: &str| rig.work_path(rel).to_string_lossy().into_owned();
     for sub in [
         "net.d",
         "cni-cache",
@@ -377,7 +375,7 @@ fn write_configs(rig: &Rig) {
         "volumes",
         "state",
     ] {
-        std::fs::create_dir_all(rig.path(sub)).expect("create podman dirs");
+        std::fs::create_dir_all(rig.work_path(sub)).expect("create podman dirs");
     }
     let conflist = json!({
         "cniVersion": "1.0.0",
@@ -393,7 +391,7 @@ fn write_configs(rig: &Rig) {
         }]
     });
     std::fs::write(
-        rig.path(&format!("net.d/{NET}.conflist")),
+        rig.work_path(&format!("net.d/{NET}.conflist")),
         format!("{conflist:#}\n"),
     )
     .expect("write conflist");
@@ -424,18 +422,19 @@ fn write_configs(rig: &Rig) {
         stat = q("static"),
         vol = q("volumes"),
     );
-    std::fs::write(rig.path("containers.conf"), containers_conf).expect("write containers.conf");
+    std::fs::write(rig.work_path("containers.conf"), containers_conf)
+        .expect("write containers.conf");
     let storage_conf = format!(
         "[storage]\ndriver = \"vfs\"\nrunroot = {}\ngraphroot = {}\n",
         q("run"),
         q("graph")
     );
-    std::fs::write(rig.path("storage.conf"), storage_conf).expect("write storage.conf");
+    std::fs::write(rig.work_path("storage.conf"), storage_conf).expect("write storage.conf");
 }
 
 /// What the Podman shell does first (in its private mount namespace).
 fn prelude(rig: &Rig) -> String {
-    let p = |rel: &str| sh_quote(&rig.path(rel).to_string_lossy());
+    let p = |rel: &str| sh_quote(&rig.work_path(rel).to_string_lossy());
     format!(
         "set -e\n\
          if mountpoint -q /sys/fs/cgroup/unified; then umount /sys/fs/cgroup/unified; fi\n\
@@ -490,10 +489,10 @@ fn wait_listening(netns: &str, port: u16) {
 fn http_get(rig: &Rig, ns: &str, addr: &str, port: u16) -> Finished {
     let target = format!("TCP:{addr}:{port},connect-timeout=2");
     let req = format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    rig.exec(
+    rig.exec_input(
         ns,
         &["socat", "-t", "5", "-T", "10", "-", &target],
-        Some(req.as_bytes()),
+        req.as_bytes(),
         Duration::from_secs(20),
     )
 }
@@ -554,7 +553,7 @@ fn snapshot(rig: &Rig, cid: &str, ip: &str) -> Snapshot {
         .filter(|r| r["dst"].as_str() == Some(ip))
         .map(Value::to_string)
         .collect();
-    let ruleset = rig.nft_json();
+    let ruleset = rig.nft_ruleset_json();
     let maps = parse_pub_maps(&ruleset);
     let rnat_items_mentioning_ip = ruleset["nftables"]
         .as_array()
@@ -569,7 +568,7 @@ fn snapshot(rig: &Rig, cid: &str, ip: &str) -> Snapshot {
         .filter(|o| json_contains_string(o, ip))
         .count();
     let mut ipam = BTreeSet::new();
-    for file in read_dir_files(&rig.path("state/lib/ipam")) {
+    for file in read_dir_files(&rig.work_path("state/lib/ipam")) {
         if file.extension().is_some_and(|e| e == "json") {
             let text = std::fs::read_to_string(&file).unwrap_or_default();
             let v: Value = serde_json::from_str(&text)
@@ -577,13 +576,13 @@ fn snapshot(rig: &Rig, cid: &str, ip: &str) -> Snapshot {
             collect_allocations(&v, &mut ipam);
         }
     }
-    let mentions_cid_in_records = read_dir_files(&rig.path("state/run"))
+    let mentions_cid_in_records = read_dir_files(&rig.work_path("state/run"))
         .iter()
-        .chain(read_dir_files(&rig.path("state/run/containers")).iter())
+        .chain(read_dir_files(&rig.work_path("state/run/containers")).iter())
         .any(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains(cid)));
     let mut cni_cache = Vec::new();
     let mut host_veth = None;
-    for file in read_dir_files(&rig.path("cni-cache/results")) {
+    for file in read_dir_files(&rig.work_path("cni-cache/results")) {
         let name = file
             .file_name()
             .unwrap_or_default()

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::Topology;
+use crate::harness::{ss_flag, Topology};
 use crate::procs::{self, BgProc, Finished, FG_TIMEOUT};
 use crate::readback::{
     collect_allocations, json_contains_string, parse_pub_maps, Container, MapElem, PubMaps,
@@ -175,11 +175,7 @@ impl Topology {
 
     /// Waits (bounded) until CMD listens on PORT inside the container.
     pub fn wait_container_listening(&self, c: &Container, proto: &str, port: u16) {
-        let flag = match proto {
-            "tcp" => "-lt",
-            "udp" => "-lu",
-            other => panic!("unknown protocol {other:?}"),
-        };
+        let flag = ss_flag(proto);
         let filter = format!("sport = :{port}");
         let ok = procs::poll(|| {
             let out = self.exec_in_container_netns(c.netns(), &["ss", "-Hn", flag, &filter]);

@@ -71,12 +71,12 @@ fn topology_smoke() {
 
         // C -> H, bytes compared.
         let data = payload(32 * 1024, 7);
-        let _h_echo = start_server(&t, &t.h, &tcp_echo_server(7100), "tcp", 7100);
+        let _h_echo = t.server(&t.h, &tcp_echo_server(7100), "tcp", 7100);
         t.wait_tcp_accepts(&t.c, H_CLIENT_SIDE_IP, 7100);
         assert_tcp_echo(&t, &t.c, H_CLIENT_SIDE_IP, 7100, &data, "C to H");
 
         // H -> U, bytes compared.
-        let _u_echo = start_server(&t, &t.u, &tcp_echo_server(7101), "tcp", 7101);
+        let _u_echo = t.server(&t.u, &tcp_echo_server(7101), "tcp", 7101);
         assert_tcp_echo(&t, &t.h, U_IP, 7101, &data, "H to U");
 
         // U and C are isolated from each other without rnat: so the rnat
@@ -148,8 +148,8 @@ fn fixtures_smoke() {
         etc_dir = PathBuf::from("/etc/netns").join(&t.h);
 
         // Peer-address server sees the client's address (TCP and UDP).
-        let _pt = start_server(&t, &t.u, &peer_addr_server("tcp", 7000), "tcp", 7000);
-        let _pu = start_server(&t, &t.u, &peer_addr_server("udp", 7001), "udp", 7001);
+        let _pt = t.server(&t.u, &peer_addr_server("tcp", 7000), "tcp", 7000);
+        let _pu = t.server(&t.u, &peer_addr_server("udp", 7001), "udp", 7001);
         let out = tcp_exchange(&t, &t.h, U_IP, 7000, b"");
         assert!(out.success(), "{}", out.describe());
         assert_eq!(
@@ -167,20 +167,20 @@ fn fixtures_smoke() {
         );
 
         // UDP echo, byte-exact, twice (the fork server must keep serving).
-        let _ue = start_server(&t, &t.h, &udp_echo_server(5353), "udp", 5353);
+        let _ue = t.server(&t.h, &udp_echo_server(5353), "udp", 5353);
         let dgram = payload(1200, 3);
         assert_udp_echo(&t, &t.c, H_CLIENT_SIDE_IP, 5353, &dgram, "first datagram");
         assert_udp_echo(&t, &t.c, H_CLIENT_SIDE_IP, 5353, &dgram, "second datagram");
 
         // Local-port server reports the port it listens on.
-        let _sp = start_server(&t, &t.h, &sock_port_server(7002), "tcp", 7002);
+        let _sp = t.server(&t.h, &sock_port_server(7002), "tcp", 7002);
         let out = tcp_exchange(&t, &t.c, H_CLIENT_SIDE_IP, 7002, b"");
         assert_eq!(out.stdout_str(), "port=7002\n", "{}", out.describe());
 
         // A container-style client script writing to a scratch file.
         let input = t.work_file("in", &payload(5000, 9));
         let output = t.work_path("out");
-        let _e = start_server(&t, &t.h, &tcp_echo_server(7003), "tcp", 7003);
+        let _e = t.server(&t.h, &tcp_echo_server(7003), "tcp", 7003);
         let script = format!(
             "socat -t 5 -T 10 - TCP:{H_CLIENT_SIDE_IP}:7003,connect-timeout=3 < {} > {}",
             sh_quote(&input.to_string_lossy()),

@@ -547,11 +547,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Removes everything of a container, reporting every step that failed.
+    /// Removes everything of a container, reporting every step that failed. What is removed is
+    /// the stored record (`rec` as `publish` and `unpublish` left it), not the caller's copy.
     pub fn destroy(&mut self, rec: &Container) -> Result<()> {
         let _lock = self.dirs.lock()?;
         self.load_records()?;
-        self.teardown_locked(rec)
+        let current = self
+            .records
+            .get(&rec.id)
+            .cloned()
+            .unwrap_or_else(|| rec.clone());
+        self.teardown_locked(&current)
     }
 
     fn teardown_locked(&mut self, rec: &Container) -> Result<()> {

@@ -96,16 +96,25 @@ fn add_result_and_traffic(label: &str, version: &str) {
     let _peer = ct.server(&ct.u, &peer_addr_server("tcp", 7000), "tcp", 7000);
     ct.wait_tcp_accepts(&ct.c, H_CLIENT_SIDE_IP, 8080);
     let data = payload(64 * 1024, 11);
-    ct.assert_tcp_echo(&ct.c, H_CLIENT_SIDE_IP, 8080, &data, "C → published 8080");
-    ct.assert_tcp_echo(&ct.h, "127.0.0.1", 8081, &data, "H's 127.0.0.1 → 8081");
-    ct.assert_tcp_no_answer(
+    assert_tcp_echo(
+        &ct,
+        &ct.c,
+        H_CLIENT_SIDE_IP,
+        8080,
+        &data,
+        "C → published 8080",
+    );
+    assert_tcp_echo(&ct, &ct.h, "127.0.0.1", 8081, &data, "H's 127.0.0.1 → 8081");
+    assert_tcp_no_answer(
+        &ct,
         &ct.c,
         H_CLIENT_SIDE_IP,
         8081,
         "8081 is published on 127.0.0.1 only",
     );
     let dgram = payload(1200, 12);
-    ct.assert_udp_echo(
+    assert_udp_echo(
+        &ct,
         &ct.c,
         H_CLIENT_SIDE_IP,
         5353,
@@ -121,7 +130,7 @@ fn add_result_and_traffic(label: &str, version: &str) {
         ct.link_json(&ns, IFNAME).is_none(),
         "[{label}] eth0 survived DEL"
     );
-    ct.assert_tcp_no_answer(&ct.c, H_CLIENT_SIDE_IP, 8080, "8080 after DEL");
+    assert_tcp_no_answer(&ct, &ct.c, H_CLIENT_SIDE_IP, 8080, "8080 after DEL");
 }
 
 #[test]
@@ -240,7 +249,8 @@ fn network_options_take_effect() {
     );
     let _web = ct.server(&a_ns, &tcp_echo_server(80), "tcp", 80);
     let data = payload(8192, 71);
-    ct.assert_tcp_echo(
+    assert_tcp_echo(
+        &ct,
         &a_ns,
         H_CLIENT_SIDE_IP,
         8080,

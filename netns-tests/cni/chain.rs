@@ -302,11 +302,7 @@ fn conflist_chain_with_reference_plugins() {
     let att = ct.assert_add_result(&result, "1.0.0", &call, "chain ADD final result");
 
     // tuning: the sysctl and the MAC, in the namespace and in the result.
-    let accept_local = ct.exec_input(
-        &ns,
-        &["cat", "/proc/sys/net/ipv4/conf/eth0/accept_local"],
-        b"",
-    );
+    let accept_local = ct.exec(&ns, &["cat", "/proc/sys/net/ipv4/conf/eth0/accept_local"]);
     assert_eq!(
         accept_local.stdout_str().trim(),
         "1",
@@ -354,14 +350,16 @@ fn conflist_chain_with_reference_plugins() {
     let _udp = ct.server(&ns, &udp_echo_server(53), "udp", 53);
     let _peer = ct.server(&ct.u, &peer_addr_server("tcp", 7000), "tcp", 7000);
     let data = payload(256 * 1024, 61);
-    ct.assert_tcp_echo(
+    assert_tcp_echo(
+        &ct,
         &ct.c,
         H_CLIENT_SIDE_IP,
         8080,
         &data,
         "C → published port through the chain",
     );
-    ct.assert_udp_echo(
+    assert_udp_echo(
+        &ct,
         &ct.c,
         H_CLIENT_SIDE_IP,
         5353,

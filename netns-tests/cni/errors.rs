@@ -285,7 +285,8 @@ fn add_refusals_and_cni_args() {
     );
     let _udp = ct.server(&ns3, &udp_echo_server(80), "udp", 80);
     let dgram = payload(700, 32);
-    ct.assert_udp_echo(
+    assert_udp_echo(
+        &ct,
         &ct.c,
         H_CLIENT_SIDE_IP,
         8080,

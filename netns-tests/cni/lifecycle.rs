@@ -62,7 +62,7 @@ fn del_is_complete_and_idempotent() {
     // 2. The namespace is deleted before DEL (the veth pair dies with it).
     let ns2 = ct.netns_add();
     let a2 = ct.add_ok(&Call::new("del2", &ns2), &conf, "ADD 2");
-    ct.netns_del(&ns2);
+    ct.del_ns(&ns2);
     ct.cni_ok("DEL", &a2.call, &conf, "DEL after the netns is gone");
     ct.assert_clean("after DEL of an attachment whose netns is gone");
     ct.cni_ok("DEL", &a2.call, &conf, "DEL again after the netns is gone");

@@ -85,7 +85,7 @@ fn parallel_adds_and_dels() {
         let data = payload(4096, 100 + i as u64);
         let mut want = format!("tag={i}\n").into_bytes();
         want.extend_from_slice(&data);
-        let out = ct.tcp_exchange(&ct.c, H_CLIENT_SIDE_IP, port, &data);
+        let out = tcp_exchange(&ct, &ct.c, H_CLIENT_SIDE_IP, port, &data);
         assert!(
             out.success(),
             "[{}] exchange via {port} failed\n{}",

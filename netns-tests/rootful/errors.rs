@@ -1,7 +1,10 @@
 //! Bad input and refused setups: each fails with one `Error:` line, does
 //! not run CMD, and leaves nothing behind.
 
+use std::path::Path;
+
 use super::*;
+use crate::procs::Finished;
 
 /// Runs `rnat run` that must fail with an `Error:` line and exit CODE,
 /// without running its CMD and without changing rnat's residue.
@@ -15,10 +18,26 @@ fn assert_run_rejected(t: &Topology, net: &str, specs: &[&str], code: i32, what:
     }
     args.extend(["--", "touch", &marker_s]);
     let out = t.rnat(&args);
-    assert_rnat_error(&out, code, what);
-    assert!(!marker.exists(), "{what}: CMD ran although setup failed");
+    assert_failed_cleanly(t, &out, code, Some(&marker), &before, what);
+}
+
+/// Asserts that a run failed with an `Error:` line and exit CODE, did not
+/// run its CMD (which would have created MARKER), and left rnat's residue
+/// as it was BEFORE.
+fn assert_failed_cleanly(
+    t: &Topology,
+    out: &Finished,
+    code: i32,
+    marker: Option<&Path>,
+    before: &Residue,
+    what: &str,
+) {
+    assert_rnat_error(out, code, what);
+    if let Some(marker) = marker {
+        assert!(!marker.exists(), "{what}: CMD ran although setup failed");
+    }
     assert_eq!(
-        t.residue(),
+        &t.residue(),
         before,
         "{what}: the failed run left something behind"
     );
@@ -63,7 +82,7 @@ fn host_port_taken_by_another_container_is_rejected() {
 fn host_port_bound_by_a_process_is_rejected() {
     let t = topology!("conflict_socket");
     t.network_create(NET, SUBNET, &[]);
-    let _squatter = start_server(&t, &t.h, &tcp_echo_server(8082), "tcp", 8082);
+    let _squatter = t.server(&t.h, &tcp_echo_server(8082), "tcp", 8082);
     assert_run_rejected(&t, NET, &["8082:80"], RNAT_ERROR, "port bound in H");
     // The process in H still owns the port (no DNAT was installed).
     let data = payload(4096, 8);
@@ -129,12 +148,13 @@ fn unprivileged_run_fails_cleanly() {
             out.describe()
         );
     }
-    assert_rnat_error(&out, RNAT_ERROR, "unprivileged run");
-    assert!(!marker.exists(), "CMD ran although setup failed");
-    assert_eq!(
-        t.residue(),
-        before,
-        "the unprivileged run left something behind"
+    assert_failed_cleanly(
+        &t,
+        &out,
+        RNAT_ERROR,
+        Some(&marker),
+        &before,
+        "unprivileged run",
     );
 }
 
@@ -152,11 +172,6 @@ fn missing_cmd_exits_127() {
         "--",
         "/nonexistent/rnt-no-such-command",
     ]);
-    assert_rnat_error(&out, 127, "missing CMD");
-    assert_eq!(
-        t.residue(),
-        before,
-        "the run with a missing CMD left something behind"
-    );
+    assert_failed_cleanly(&t, &out, 127, None, &before, "missing CMD");
     t.assert_all_gone(&[]);
 }

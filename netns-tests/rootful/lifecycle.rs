@@ -303,3 +303,29 @@ fn network_lifecycle_with_custom_gateway_and_bridge() {
         "masquerade rules for {subnet}/{br} survived network rm:\n{rules}"
     );
 }
+
+/// Ports published on a running container go away with it: teardown removes what the container
+/// has at the end (after `rnat publish`), not only what `rnat run` started with.
+#[test]
+fn teardown_removes_ports_published_later() {
+    let t = topology!("teardown_published_later");
+    t.network_create(NET, ONE_SLOT, &[]);
+    let mut bg = run_bg(&t, "grown", NET, &["8080:80"], &strs(&["sleep", "120"]));
+    let c = t.wait_container(&mut bg, "grown");
+    t.rnat_ok(&["publish", "--name", "grown", "9090:80", "127.0.0.1:9091:80"]);
+    let maps = t.pub_maps();
+    assert_eq!(
+        maps.any_elems().len(),
+        2,
+        "8080 and 9090 in pub_any: {maps:#?}"
+    );
+    assert_eq!(
+        maps.addr_elems().len(),
+        1,
+        "127.0.0.1:9091 in pub_addr: {maps:#?}"
+    );
+    bg.signal("TERM");
+    let out = wait_rnat_exit(&mut bg, EXIT_TIMEOUT, "grown");
+    assert_eq!(out.code(), Some(128 + 15), "{}", out.describe());
+    t.assert_all_gone(&[&c]);
+}

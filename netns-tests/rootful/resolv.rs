@@ -11,6 +11,26 @@ fn nameservers(resolv_conf: &str) -> Vec<String> {
         .collect()
 }
 
+/// Asserts that `busybox nslookup example.test` in a container answers
+/// 192.0.2.77 (the test DNS server's record), resolving through VIA.
+fn assert_container_resolves(t: &Topology, via: &str) {
+    let out = t.rnat(&[
+        "run",
+        "--network",
+        NET,
+        "--",
+        "busybox",
+        "nslookup",
+        "example.test",
+    ]);
+    assert_eq!(
+        nslookup_addresses(&out.stdout_str()),
+        vec!["192.0.2.77".to_string()],
+        "container must resolve through {via}\n{}",
+        out.describe()
+    );
+}
+
 #[test]
 fn dns_via_loopback_host_resolver() {
     let t = topology!("dns_loopback");
@@ -27,21 +47,7 @@ fn dns_via_loopback_host_resolver() {
         out.describe()
     );
 
-    let out = t.rnat(&[
-        "run",
-        "--network",
-        NET,
-        "--",
-        "busybox",
-        "nslookup",
-        "example.test",
-    ]);
-    assert_eq!(
-        nslookup_addresses(&out.stdout_str()),
-        vec!["192.0.2.77".to_string()],
-        "container must resolve through the gateway to the host's loopback resolver\n{}",
-        out.describe()
-    );
+    assert_container_resolves(&t, "the gateway to the host's loopback resolver");
 }
 
 #[test]
@@ -68,19 +74,5 @@ fn dns_copies_routable_host_resolver() {
         );
     }
 
-    let out = t.rnat(&[
-        "run",
-        "--network",
-        NET,
-        "--",
-        "busybox",
-        "nslookup",
-        "example.test",
-    ]);
-    assert_eq!(
-        nslookup_addresses(&out.stdout_str()),
-        vec!["192.0.2.77".to_string()],
-        "container must resolve through the upstream resolver\n{}",
-        out.describe()
-    );
+    assert_container_resolves(&t, "the upstream resolver");
 }

@@ -8,8 +8,8 @@ use super::*;
 fn outbound_tcp_and_udp_are_masqueraded() {
     let t = topology!("outbound");
     t.network_create(NET, SUBNET, &[]);
-    let _tcp = start_server(&t, &t.u, &peer_addr_server("tcp", 7000), "tcp", 7000);
-    let _udp = start_server(&t, &t.u, &peer_addr_server("udp", 7001), "udp", 7001);
+    let _tcp = t.server(&t.u, &peer_addr_server("tcp", 7000), "tcp", 7000);
+    let _udp = t.server(&t.u, &peer_addr_server("udp", 7001), "udp", 7001);
 
     let target = format!("TCP:{U_IP}:7000,connect-timeout=3");
     let out = t.rnat(&[

@@ -4,6 +4,8 @@
 # container (no registry is needed). Idempotent: packages already present are left alone.
 # Run as root; called from scripts/setup.sh.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 PACKAGES=(
   # the client under test and its OCI runtime (the test configures runtime = "crun")
@@ -18,13 +20,5 @@ PACKAGES=(
   util-linux nftables iproute2 socat
 )
 
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "podman-deps: installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+install_missing podman-deps "${PACKAGES[@]}"
 echo "podman-deps: $(podman --version), $(crun --version | head -n1)"

@@ -2,6 +2,8 @@
 # Installs what rnat needs to build, test and benchmark on Debian 12, then builds it.
 # Idempotent: packages already present are left alone. Run as root.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 PACKAGES=(
@@ -14,15 +16,7 @@ PACKAGES=(
   containernetworking-plugins netavark iperf3 wrk jq
 )
 
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+install_missing setup "${PACKAGES[@]}"
 
 # The real-client test drives Podman 4.3 with rnat as its CNI plugin.
 bash "$(dirname "$0")/podman-deps.sh"

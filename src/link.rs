@@ -237,29 +237,6 @@ impl Netlink {
         })
     }
 
-    /// Names of all links.
-    pub fn names(&self) -> Result<Vec<String>, LinkError> {
-        let h = self.handle.clone();
-        self.rt.block_on(async move {
-            let msgs: Vec<LinkMessage> = h
-                .link()
-                .get()
-                .execute()
-                .try_collect()
-                .await
-                .map_err(nl("listing links"))?;
-            Ok(msgs
-                .iter()
-                .filter_map(|m| {
-                    m.attributes.iter().find_map(|a| match a {
-                        LinkAttribute::IfName(n) => Some(n.clone()),
-                        _ => None,
-                    })
-                })
-                .collect())
-        })
-    }
-
     /// Makes sure bridge `name` exists, holds `gateway/prefix` and is up. Returns its index and
     /// whether this call created it.
     pub fn ensure_bridge(

@@ -24,13 +24,22 @@ ROUNDS=${ROUNDS:-20} COUNT=${COUNT:-500} PORTS=${PORTS:-1000} PEERS=${PEERS:-0}
 OUT=${OUT:-benches/results/cni-$(date +%Y%m%d-%H%M).md}
 ((COUNT <= 500)) || { echo "COUNT at most 500 (two /24 networks)" >&2; exit 1; }
 
-TAG=rnb$$
-H=${TAG}h
+# The measurement runs inside the host namespace H, entered once: a runtime calls plugins from its
+# own namespace, and an `ip netns exec` per call would copy the mount table each time (one more
+# mount per container namespace), a cost that grows with the count for every tool measured.
+if [[ -z ${RNB_INSIDE:-} ]]; then
+	TAG=rnb$$
+	ip netns add "${TAG}h"
+	trap 'ip netns del "${TAG}h" 2>/dev/null || true' EXIT INT TERM
+	rc=0
+	ip netns exec "${TAG}h" env RNB_INSIDE=1 RNB_TAG="$TAG" RNAT="$RNAT" bash "$0" "$@" || rc=$?
+	exit "$rc"
+fi
+TAG=$RNB_TAG
 WORK=$(mktemp -d "/tmp/${TAG}.XXXX")
 NSLIST=()
 cleanup() {
 	for ns in "${NSLIST[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-	ip netns del "$H" 2>/dev/null || true
 	rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -40,16 +49,15 @@ median() { sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else p
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b > 0) printf "%.3f", a / b; else print "-" }'; }
 ms() { if [[ $1 == - ]]; then echo -; else awk -v x="$1" 'BEGIN{ printf "%.2f", x / 1000 }'; fi; }
 
-ip netns add "$H"
-ip -n "$H" link set lo up
-inh() { ip netns exec "$H" "$@"; }
+ip link set lo up
+inh() { "$@"; }
 
 # plugin CMD ID CONF [extra env...]: runs one plugin in the host namespace.
 plugin() {
 	local bin=$1 cmd=$2 id=$3 conf=$4
 	shift 4
 	CNI_COMMAND=$cmd CNI_CONTAINERID="c$id" CNI_NETNS="/run/netns/${TAG}c$id" CNI_IFNAME=eth0 \
-		CNI_PATH=$CNI_DIR "$@" ip netns exec "$H" "$bin" <<<"$conf"
+		CNI_PATH=$CNI_DIR "$@" "$bin" <<<"$conf"
 }
 newns() { ip netns add "${TAG}c$1"; NSLIST+=("${TAG}c$1"); }
 delns() { ip netns del "${TAG}c$1" 2>/dev/null || true; }

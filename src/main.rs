@@ -221,7 +221,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Ps { json } => {
             let mut engine = Engine::open(dirs)?;
             let lock = engine.dirs().lock()?;
-            let live = engine.live(&lock)?;
+            let live = engine.live_records(&lock)?;
             drop(lock);
             print_ps(&live, json)?;
             Ok(0)

@@ -10,7 +10,7 @@
 //! - a record lists only the ports whose map elements were added, so a rollback never removes
 //!   elements that belong to someone else.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
@@ -172,8 +172,8 @@ pub struct Engine {
     dirs: StateDirs,
     nl: Netlink,
     fw: Firewall,
-    /// The container records, as last loaded under the lock (see `load_records`).
-    records: BTreeMap<String, Container>,
+    /// Ids of the running containers, as `live` last found them (under the lock).
+    live_ids: HashSet<String>,
 }
 
 impl Engine {
@@ -185,7 +185,7 @@ impl Engine {
             dirs,
             nl: Netlink::open()?,
             fw: Firewall::open()?,
-            records: BTreeMap::new(),
+            live_ids: HashSet::new(),
         })
     }
 
@@ -193,23 +193,9 @@ impl Engine {
         &self.dirs
     }
 
-    /// Loads the container records (one index file, read once per command).
-    fn load_records(&mut self) -> Result<()> {
-        self.records = state::read_json(&self.dirs.container_index())?.unwrap_or_default();
-        Ok(())
-    }
-
-    /// Records (or updates) a container, atomically.
+    /// Writes a container's record (one file, O(1) whatever else runs).
     fn put_record(&mut self, rec: &Container) -> Result<(), StateError> {
-        self.records.insert(rec.id.clone(), rec.clone());
-        state::write_json_runtime(&self.dirs.container_index(), &self.records)
-    }
-
-    fn drop_record(&mut self, id: &str) -> Result<(), StateError> {
-        if self.records.remove(id).is_some() {
-            state::write_json_runtime(&self.dirs.container_index(), &self.records)?;
-        }
-        Ok(())
+        self.dirs.write_record(rec)
     }
 
     fn ipam_path(&self, network: &str) -> PathBuf {
@@ -221,22 +207,30 @@ impl Engine {
     }
 
     /// The running containers, after tearing down every one whose owner died without doing it.
-    /// One pass over the records: each is read once and its owner checked once.
-    pub fn live(&mut self, _lock: &StateLock) -> Result<Vec<Container>> {
-        self.load_records()?;
-        tracing::debug!("index loaded");
+    /// Reads no record of a live container: the listing names each record's owner slot, and a
+    /// slot is checked with one `fcntl`.
+    pub fn live(&mut self, _lock: &StateLock) -> Result<Vec<state::Entry>> {
         let probe = state::OwnerProbe::open(&self.dirs);
         let mut live = Vec::new();
-        let records: Vec<Container> = self.records.values().cloned().collect();
-        for rec in records {
-            if rec.owner_alive(&probe) {
-                live.push(rec);
-            } else {
+        for e in self.dirs.list_records()? {
+            if e.slot.is_none_or(|s| probe.held(s)) {
+                live.push(e);
+            } else if let Some(rec) = self.dirs.read_record(&e)? {
                 tracing::info!(container = %rec.name, "owner process is gone; cleaning up");
                 self.teardown_locked(&rec)?;
             }
         }
+        self.live_ids = live.iter().map(|e| e.id.clone()).collect();
         Ok(live)
+    }
+
+    /// The records of the running containers (after `live`'s clean-up).
+    pub fn live_records(&mut self, lock: &StateLock) -> Result<Vec<Container>> {
+        let mut out = Vec::new();
+        for e in self.live(lock)? {
+            out.extend(self.dirs.read_record(&e)?);
+        }
+        Ok(out)
     }
 
     pub fn networks(&self) -> Result<Vec<Network>> {
@@ -288,29 +282,27 @@ impl Engine {
         Ok(bridge)
     }
 
-    /// Rejects ports already taken, by a container or by a socket on this host. Linear in the
-    /// number of ports involved: published ports are indexed by protocol and port first.
-    fn check_ports(&self, ports: &[PortMapping], live: &[Container]) -> Result<()> {
-        let mut taken: HashMap<(Protocol, u16), Vec<(&PortMapping, &str)>> = HashMap::new();
-        for c in live {
-            for p in &c.ports {
-                taken
-                    .entry((p.protocol, p.host_port))
-                    .or_default()
-                    .push((p, c.name.as_str()));
-            }
-        }
+    /// Rejects ports already taken, by a container or by a socket on this host. Reads only the
+    /// port index buckets the new ports fall in, each once.
+    fn check_ports(&self, ports: &[PortMapping]) -> Result<()> {
+        let mut buckets: HashMap<(Protocol, u16), Vec<state::PortOwner>> = HashMap::new();
         for m in ports {
             if matches!(m.host_ip, Some(IpAddr::V6(_))) {
                 return Err(Error::Ipv6(m.to_string()));
             }
-            let clash = taken
-                .get(&(m.protocol, m.host_port))
-                .and_then(|v| v.iter().find(|(p, _)| p.conflicts_with(m)));
-            if let Some((_, owner)) = clash {
+            let owners = match buckets.entry((m.protocol, m.host_port / 64)) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(self.dirs.ports_in_bucket(m.protocol, m.host_port)?)
+                }
+            };
+            let clash = owners
+                .iter()
+                .find(|o| self.live_ids.contains(&o.id) && o.mapping.conflicts_with(m));
+            if let Some(o) = clash {
                 return Err(Error::PortPublished {
                     mapping: m.to_string(),
-                    owner: owner.to_string(),
+                    owner: o.name.clone(),
                 });
             }
             probe_bind(m)?;
@@ -323,19 +315,23 @@ impl Engine {
         let lock = self.dirs.lock()?;
         tracing::debug!("locked");
         let live = self.live(&lock)?;
-        tracing::debug!(containers = live.len(), "records read");
+        tracing::debug!(containers = live.len(), "records listed");
         let id = sandbox.id.clone().unwrap_or_else(new_id);
-        if let Some(c) = live.iter().find(|c| c.id == id) {
-            return Err(Error::AttachmentExists(c.name.clone()));
+        if live.iter().any(|e| e.id == id) {
+            return Err(Error::AttachmentExists(id));
         }
         let name = opts
             .name
             .clone()
             .unwrap_or_else(|| format!("rnat-{}", &id[..6]));
-        if live.iter().any(|c| c.name == name) {
+        if self
+            .dirs
+            .name_owner(&name)
+            .is_some_and(|holder| self.live_ids.contains(&holder))
+        {
             return Err(Error::NameTaken(name));
         }
-        self.check_ports(&opts.ports, &live)?;
+        self.check_ports(&opts.ports)?;
         let net = match &opts.network {
             NetworkChoice::Named(n) => self.network(n.as_deref())?,
             NetworkChoice::Defined(n) => self.define_network(n, &live)?,
@@ -397,18 +393,23 @@ impl Engine {
 
     /// Records a caller-defined network, or checks it against the recorded one. A network whose
     /// definition changed may be replaced only while no container uses it.
-    fn define_network(&mut self, want: &Network, live: &[Container]) -> Result<Network> {
+    fn define_network(&mut self, want: &Network, live: &[state::Entry]) -> Result<Network> {
         let path = self.network_path(&want.name);
         let existing = state::read_json::<Network>(&path)?;
         if existing.as_ref() == Some(want) {
             return Ok(want.clone());
         }
         if existing.is_some() {
-            let users: Vec<&str> = live
-                .iter()
-                .filter(|c| c.network == want.name)
-                .map(|c| c.name.as_str())
-                .collect();
+            // Only when a definition changes are the running containers' records read.
+            let mut users: Vec<String> = Vec::new();
+            for e in live {
+                users.extend(
+                    self.dirs
+                        .read_record(e)?
+                        .filter(|c| c.network == want.name)
+                        .map(|c| c.name),
+                );
+            }
             if !users.is_empty() {
                 return Err(Error::NetworkInvalid(format!(
                     "network {:?} is defined differently while {} use(s) it",
@@ -455,6 +456,9 @@ impl Engine {
         // that no live container owns.
         rec.ports = opts.ports.clone();
         self.put_record(rec)?;
+        self.dirs
+            .index_ports(&rec.id, &rec.name, &rec.ports, true)?;
+        self.dirs.claim_name(&rec.name, &rec.id)?;
         let veth = VethSpec {
             host: &rec.veth,
             peer: &rec.ifname,
@@ -498,10 +502,8 @@ impl Engine {
         let path = self.ipam_path(&net.name);
         let mut alloc: Allocations = state::read_json(&path)?.unwrap_or_default();
         // An allocation whose container has no record was left by a crash between allocating and
-        // recording: it is free again. (`self.records` holds every live container here.)
-        alloc
-            .addrs
-            .retain(|_, owner| self.records.contains_key(owner));
+        // recording: it is free again. (`self.live_ids` holds every running container here.)
+        alloc.addrs.retain(|_, owner| self.live_ids.contains(owner));
         let pools = net.pools();
         let (ip, pool) = match want {
             Some(ip) => {
@@ -551,12 +553,7 @@ impl Engine {
     /// the stored record (`rec` as `publish` and `unpublish` left it), not the caller's copy.
     pub fn destroy(&mut self, rec: &Container) -> Result<()> {
         let _lock = self.dirs.lock()?;
-        self.load_records()?;
-        let current = self
-            .records
-            .get(&rec.id)
-            .cloned()
-            .unwrap_or_else(|| rec.clone());
+        let current = self.attachment(&rec.id)?.unwrap_or_else(|| rec.clone());
         self.teardown_locked(&current)
     }
 
@@ -589,7 +586,13 @@ impl Engine {
         if let Err(e) = self.release(rec) {
             errors.push(format!("releasing {}: {e}", rec.ip));
         }
-        if let Err(e) = self.drop_record(&rec.id) {
+        if let Err(e) = self.dirs.index_ports(&rec.id, &rec.name, &rec.ports, false) {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = self.dirs.release_name(&rec.name, &rec.id) {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = self.dirs.remove_record(rec) {
             errors.push(e.to_string());
         }
         let dir = self.dirs.container_dir(&rec.id);
@@ -609,24 +612,32 @@ impl Engine {
         }
     }
 
-    fn find(live: &[Container], name: Option<&str>) -> Result<Container> {
-        let live = live.to_vec();
-        match name {
-            Some(n) => live
-                .into_iter()
-                .find(|c| c.name == n)
-                .ok_or_else(|| Error::NoContainer(n.to_string())),
-            None if live.len() == 1 => live.into_iter().next().ok_or(Error::Ambiguous(0)),
-            None => Err(Error::Ambiguous(live.len())),
-        }
+    /// The running container named `name` (or the only one when no name is given).
+    fn find(&self, live: &[state::Entry], name: Option<&str>) -> Result<Container> {
+        let entry = match name {
+            Some(n) => {
+                let id = self
+                    .dirs
+                    .name_owner(n)
+                    .filter(|id| self.live_ids.contains(id));
+                live.iter()
+                    .find(|e| Some(&e.id) == id.as_ref())
+                    .ok_or_else(|| Error::NoContainer(n.to_string()))?
+            }
+            None if live.len() == 1 => &live[0],
+            None => return Err(Error::Ambiguous(live.len())),
+        };
+        self.dirs
+            .read_record(entry)?
+            .ok_or_else(|| Error::NoContainer(name.unwrap_or_default().to_string()))
     }
 
     /// Adds published ports to a running container, in one transaction.
     pub fn publish(&mut self, name: Option<&str>, ports: &[PortMapping]) -> Result<Container> {
         let lock = self.dirs.lock()?;
         let live = self.live(&lock)?;
-        let mut rec = Self::find(&live, name)?;
-        self.check_ports(ports, &live)?;
+        let mut rec = self.find(&live, name)?;
+        self.check_ports(ports)?;
         let dnats = dnats_for(ports, rec.ip)?;
         self.fw.add_dnats(&dnats)?;
         rec.ports.extend_from_slice(ports);
@@ -636,6 +647,7 @@ impl Engine {
             }
             return Err(e.into());
         }
+        self.dirs.index_ports(&rec.id, &rec.name, ports, true)?;
         Ok(rec)
     }
 
@@ -643,7 +655,7 @@ impl Engine {
     pub fn unpublish(&mut self, name: Option<&str>, ports: &[PortMapping]) -> Result<Container> {
         let lock = self.dirs.lock()?;
         let live = self.live(&lock)?;
-        let mut rec = Self::find(&live, name)?;
+        let mut rec = self.find(&live, name)?;
         for m in ports {
             if !rec.ports.contains(m) {
                 return Err(Error::NotPublished {
@@ -656,6 +668,7 @@ impl Engine {
         self.fw.remove_dnats(&dnats)?;
         rec.ports.retain(|p| !ports.contains(p));
         self.put_record(&rec)?;
+        self.dirs.index_ports(&rec.id, &rec.name, ports, false)?;
         Ok(rec)
     }
 
@@ -681,7 +694,7 @@ impl Engine {
     /// Removes a network: its bridge, DNS forwarding, masquerade rules and records.
     pub fn network_rm(&mut self, name: &str) -> Result<()> {
         let lock = self.dirs.lock()?;
-        let live = self.live(&lock)?;
+        let live = self.live_records(&lock)?;
         let Some(net) = state::read_json::<Network>(&self.network_path(name))? else {
             return Err(Error::NoNetwork(name.to_string()));
         };
@@ -731,8 +744,10 @@ impl Engine {
 impl Engine {
     /// The record of attachment `id`, if there is one.
     pub fn attachment(&mut self, id: &str) -> Result<Option<Container>> {
-        self.load_records()?;
-        Ok(self.records.get(id).cloned())
+        match self.dirs.list_records()?.into_iter().find(|e| e.id == id) {
+            Some(e) => Ok(self.dirs.read_record(&e)?),
+            None => Ok(None),
+        }
     }
 
     /// Removes attachment `id`. Idempotent: a missing record is fine, and the host veth the id
@@ -816,8 +831,10 @@ impl Engine {
         let _lock = self.dirs.lock()?;
         let mut removed = Vec::new();
         let mut errors = Vec::new();
-        self.load_records()?;
-        let records: Vec<Container> = self.records.values().cloned().collect();
+        let mut records: Vec<Container> = Vec::new();
+        for e in self.dirs.list_records()? {
+            records.extend(self.dirs.read_record(&e)?);
+        }
         for rec in &records {
             let stale =
                 rec.network == network && rec.cni_key().is_some() && !keep.contains(&rec.id);
@@ -874,14 +891,8 @@ impl Engine {
 }
 
 /// The smallest owner-lock slot no live container uses.
-fn free_slot(live: &[Container]) -> u32 {
-    let used: HashSet<u32> = live
-        .iter()
-        .filter_map(|c| match c.owner {
-            Owner::Process { slot, .. } => Some(slot),
-            Owner::Cni { .. } => None,
-        })
-        .collect();
+fn free_slot(live: &[state::Entry]) -> u32 {
+    let used: HashSet<u32> = live.iter().filter_map(|e| e.slot).collect();
     (0..).find(|s| !used.contains(s)).unwrap_or(u32::MAX)
 }
 

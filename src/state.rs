@@ -5,10 +5,13 @@
 //! - `/var/lib/rnat/networks/NAME.json`  network definitions (persist across reboots)
 //! - `/var/lib/rnat/ipam/NAME.json`      allocations of that network: address -> container id
 //! - `/var/lib/rnat/lock`                the lock every state change is made under
-//! - `/run/rnat/containers.json`         running containers, keyed by id (one file: read once per
-//!   command; gone at reboot, as the containers are)
-//! - `/run/rnat/owners.lock`             one byte-range lock per running `rnat run` (its liveness)
+//! - `/run/rnat/containers/ID.pN.json`   a running container owned by an `rnat run` holding slot N
+//!   of `owners.lock`; `ID.cni.json` for a CNI attachment. One file each (writes are O(1)), named
+//!   so that listing them reads none (gone at reboot, as the containers are)
 //! - `/run/rnat/containers/ID/`          per-container files (resolv.conf)
+//! - `/run/rnat/owners.lock`             one byte-range lock per running `rnat run` (its liveness)
+//! - `/run/rnat/names/HEX(NAME)`         the id holding a container name
+//! - `/run/rnat/ports/PROTO-B.json`      published host ports B*64..B*64+63 and their owners
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -85,10 +88,6 @@ impl StateDirs {
     }
     pub fn containers(&self) -> PathBuf {
         self.run.join("containers")
-    }
-    /// All container records, one JSON object keyed by id: read once per command.
-    pub fn container_index(&self) -> PathBuf {
-        self.run.join("containers.json")
     }
     pub fn container_dir(&self, id: &str) -> PathBuf {
         self.containers().join(id)
@@ -429,5 +428,190 @@ impl Container {
             } => Some((container_id, ifname)),
             Owner::Process { .. } => None,
         }
+    }
+}
+
+/// A running container as its record's file name tells it: the id and, for an `rnat run` owner,
+/// the owner-lock slot. Listing these is a readdir; no record is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: String,
+    /// `None` for a CNI attachment.
+    pub slot: Option<u32>,
+}
+
+impl Entry {
+    fn of(rec: &Container) -> Entry {
+        let slot = match rec.owner {
+            Owner::Process { slot, .. } => Some(slot),
+            Owner::Cni { .. } => None,
+        };
+        Entry {
+            id: rec.id.clone(),
+            slot,
+        }
+    }
+
+    fn file_name(&self) -> String {
+        match self.slot {
+            Some(s) => format!("{}.p{s}.json", self.id),
+            None => format!("{}.cni.json", self.id),
+        }
+    }
+
+    fn parse(name: &str) -> Option<Entry> {
+        let stem = name.strip_suffix(".json")?;
+        let (id, tag) = stem.split_once('.')?;
+        let slot = match tag {
+            "cni" => None,
+            t => Some(t.strip_prefix('p')?.parse().ok()?),
+        };
+        Some(Entry {
+            id: id.to_string(),
+            slot,
+        })
+    }
+}
+
+/// The container records: one file each under `run/containers/`, so writing one is O(1) and
+/// listing them reads no file.
+impl StateDirs {
+    pub fn list_records(&self) -> Result<Vec<Entry>, StateError> {
+        let dir = self.containers();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut out: Vec<Entry> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(Entry::parse))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    pub fn read_record(&self, e: &Entry) -> Result<Option<Container>, StateError> {
+        read_json(&self.containers().join(e.file_name()))
+    }
+
+    pub fn write_record(&self, rec: &Container) -> Result<(), StateError> {
+        write_json_runtime(&self.containers().join(Entry::of(rec).file_name()), rec)
+    }
+
+    pub fn remove_record(&self, rec: &Container) -> Result<(), StateError> {
+        remove_file(&self.containers().join(Entry::of(rec).file_name()))
+    }
+
+    fn name_path(&self, name: &str) -> PathBuf {
+        let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+        self.run.join("names").join(hex)
+    }
+
+    /// The id holding container name `name`, if any.
+    pub fn name_owner(&self, name: &str) -> Option<String> {
+        fs::read_to_string(self.name_path(name))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// Records that `id` holds `name` (replacing a holder that is no longer running, which the
+    /// caller has checked).
+    pub fn claim_name(&self, name: &str, id: &str) -> Result<(), StateError> {
+        write_runtime(&self.name_path(name), id.as_bytes())
+    }
+
+    pub fn release_name(&self, name: &str, id: &str) -> Result<(), StateError> {
+        if self.name_owner(name).as_deref() == Some(id) {
+            remove_file(&self.name_path(name))?;
+        }
+        Ok(())
+    }
+
+    fn port_bucket(&self, proto: crate::spec::Protocol, port: u16) -> PathBuf {
+        self.run
+            .join("ports")
+            .join(format!("{proto}-{}.json", port / 64))
+    }
+
+    /// Published ports of `proto` in the bucket (64 ports) holding `port`, with their owners.
+    pub fn ports_in_bucket(
+        &self,
+        proto: crate::spec::Protocol,
+        port: u16,
+    ) -> Result<Vec<PortOwner>, StateError> {
+        Ok(read_json(&self.port_bucket(proto, port))?.unwrap_or_default())
+    }
+
+    /// Adds (or, with `add` false, removes) `id`'s mappings in the port index, one bucket file
+    /// (64 ports) at a time.
+    pub fn index_ports(
+        &self,
+        id: &str,
+        name: &str,
+        ports: &[PortMapping],
+        add: bool,
+    ) -> Result<(), StateError> {
+        let mut by_bucket: BTreeMap<PathBuf, Vec<PortMapping>> = BTreeMap::new();
+        for m in ports {
+            by_bucket
+                .entry(self.port_bucket(m.protocol, m.host_port))
+                .or_default()
+                .push(*m);
+        }
+        for (path, ms) in by_bucket {
+            let mut all: Vec<PortOwner> = read_json(&path)?.unwrap_or_default();
+            if add {
+                all.extend(ms.iter().map(|m| PortOwner {
+                    mapping: *m,
+                    id: id.to_string(),
+                    name: name.to_string(),
+                }));
+            } else {
+                all.retain(|p| !(p.id == id && ms.contains(&p.mapping)));
+            }
+            if all.is_empty() {
+                remove_file(&path)?;
+            } else {
+                write_json_runtime(&path, &all)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One published port in the port index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortOwner {
+    pub mapping: PortMapping,
+    pub id: String,
+    pub name: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_through_file_names() {
+        for e in [
+            Entry {
+                id: "0123456789ab".into(),
+                slot: Some(17),
+            },
+            Entry {
+                id: "ba9876543210".into(),
+                slot: None,
+            },
+        ] {
+            assert_eq!(Entry::parse(&e.file_name()), Some(e));
+        }
+        assert_eq!(Entry::parse("x.tmp123"), None);
+        assert_eq!(
+            Entry::parse("0123456789ab"),
+            None,
+            "a container's directory is not a record"
+        );
+        assert_eq!(Entry::parse("id.q3.json"), None);
     }
 }

@@ -11,3 +11,4 @@ pub mod rootful;
 pub mod run;
 pub mod spec;
 pub mod state;
+pub mod timing;

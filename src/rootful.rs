@@ -313,9 +313,9 @@ impl Engine {
     /// Sets up a container's network in `sandbox`. On failure nothing of it is left.
     pub fn create(&mut self, opts: &CreateOpts, sandbox: Sandbox) -> Result<Prepared> {
         let lock = self.dirs.lock()?;
-        tracing::debug!("locked");
+        crate::timing::mark("lock");
         let live = self.live(&lock)?;
-        tracing::debug!(containers = live.len(), "records listed");
+        crate::timing::mark("list");
         let id = sandbox.id.clone().unwrap_or_else(new_id);
         if live.iter().any(|e| e.id == id) {
             return Err(Error::AttachmentExists(id));
@@ -332,12 +332,13 @@ impl Engine {
             return Err(Error::NameTaken(name));
         }
         self.check_ports(&opts.ports)?;
+        crate::timing::mark("ports");
         let net = match &opts.network {
             NetworkChoice::Named(n) => self.network(n.as_deref())?,
             NetworkChoice::Defined(n) => self.define_network(n, &live)?,
         };
         let bridge = self.ensure_dataplane(&net)?;
-        tracing::debug!("dataplane ready");
+        crate::timing::mark("dataplane");
         let inside = Netlink::open_in(&sandbox.netns)?;
         if inside.index(&sandbox.ifname)?.is_some() {
             return Err(Error::IfaceExists(sandbox.ifname.clone()));
@@ -360,7 +361,9 @@ impl Engine {
                 .map_err(io_ctx("reading namespace inode"))?,
             ports: Vec::new(),
         };
+        crate::timing::mark("inside");
         let (ip, pool) = self.allocate(&net, &id, opts.ip)?;
+        crate::timing::mark("ipam");
         (rec.ip, rec.prefix, rec.gateway) = (ip, pool.subnet.prefix_len(), pool.gateway);
         let owner_lock = match &mut rec.owner {
             Owner::Process { slot, .. } => match state::take_owner_lock(&self.dirs, {
@@ -459,6 +462,7 @@ impl Engine {
         self.dirs
             .index_ports(&rec.id, &rec.name, &rec.ports, true)?;
         self.dirs.claim_name(&rec.name, &rec.id)?;
+        crate::timing::mark("record");
         let veth = VethSpec {
             host: &rec.veth,
             peer: &rec.ifname,
@@ -467,7 +471,7 @@ impl Engine {
             peer_mac: opts.mac,
         };
         self.nl.create_veth(&veth, netns, bridge)?;
-        tracing::debug!("veth created");
+        crate::timing::mark("veth");
         let ifname = rec.ifname.clone();
         netns
             .run_in(move || crate::link::disable_ipv6(&ifname))
@@ -475,10 +479,10 @@ impl Engine {
         let addr =
             Ipv4Net::new(rec.ip, rec.prefix).map_err(|e| Error::NetworkInvalid(e.to_string()))?;
         inside.configure_container(&rec.ifname, addr, rec.gateway, rec.default_route)?;
-        tracing::debug!("container side configured");
+        crate::timing::mark("configure");
         let dnats = dnats_for(&opts.ports, rec.ip)?;
         self.fw.add_dnats(&dnats)?;
-        tracing::debug!("ports published");
+        crate::timing::mark("dnat");
         if !opts.resolv {
             return Ok(None);
         }
@@ -489,6 +493,7 @@ impl Engine {
         }
         let resolv = self.dirs.container_dir(&rec.id).join("resolv.conf");
         state::write_runtime(&resolv, plan.contents.as_bytes())?;
+        crate::timing::mark("resolv");
         Ok(Some(resolv))
     }
 

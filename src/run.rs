@@ -77,9 +77,9 @@ fn run_inner(
     child_pid: &AtomicU32,
     pending: &AtomicI32,
 ) -> Result<i32, RunError> {
-    tracing::debug!("starting");
+    crate::timing::mark("start");
     let sandbox = Sandbox::new_process()?;
-    tracing::debug!("namespace created");
+    crate::timing::mark("netns");
     let prepared = engine.create(opts, sandbox)?;
     tracing::info!(name = %prepared.record.name, ip = %prepared.record.ip, "container ready");
     let interrupted = pending.load(Ordering::SeqCst);
@@ -115,6 +115,8 @@ fn run_inner(
         }
     };
     child_pid.store(child.id(), Ordering::SeqCst);
+    crate::timing::mark("spawn");
+    crate::timing::flush();
     // A signal that arrived between setup and the store above is delivered now.
     let sig = pending.load(Ordering::SeqCst);
     if sig != 0 {

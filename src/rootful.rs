@@ -57,6 +57,8 @@ pub enum Error {
     IfaceExists(String),
     #[error("address {ip} is not available in network {network:?}")]
     AddressUnavailable { ip: Ipv4Addr, network: String },
+    #[error("invalid container name {0:?}: use 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    InvalidName(String),
     #[error("a container named {0:?} is already running")]
     NameTaken(String),
     #[error("no running container named {0:?}")]
@@ -324,6 +326,9 @@ impl Engine {
             .name
             .clone()
             .unwrap_or_else(|| format!("rnat-{}", &id[..6]));
+        if matches!(sandbox.owner, Owner::Process { .. }) {
+            validate_name(&name)?;
+        }
         if self
             .dirs
             .name_owner(&name)
@@ -461,7 +466,10 @@ impl Engine {
         self.put_record(rec)?;
         self.dirs
             .index_ports(&rec.id, &rec.name, &rec.ports, true)?;
-        self.dirs.claim_name(&rec.name, &rec.id)?;
+        // CNI attachments are found by id; only `rnat run` containers are looked up by name.
+        if matches!(rec.owner, Owner::Process { .. }) {
+            self.dirs.claim_name(&rec.name, &rec.id)?;
+        }
         crate::timing::mark("record");
         let veth = VethSpec {
             host: &rec.veth,
@@ -930,6 +938,20 @@ fn probe_bind(m: &PortMapping) -> Result<()> {
     })
 }
 
+/// A container name: 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName(name.to_string()))
+    }
+}
+
 /// Checks a network definition against the others.
 pub fn validate_network(
     name: &str,
@@ -1102,6 +1124,25 @@ mod tests {
             &other
         )
         .is_err());
+    }
+
+    #[test]
+    fn container_names_are_checked() {
+        for good in ["web", "web-1", "a.b_c", "0x"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        let long = "x".repeat(65);
+        for bad in [
+            "",
+            "-web",
+            ".hidden",
+            "a b",
+            "a/b",
+            "new\nline",
+            long.as_str(),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

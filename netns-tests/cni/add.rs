@@ -374,3 +374,23 @@ fn subnet_list_fills_the_first_subnet_then_the_next() {
     ct.cni_ok("DEL", &Call::new("pool-b", &b), &cb, "DEL b");
     ct.assert_clean("after both DELs");
 }
+
+/// Runtimes may use long container ids (CNI sets no limit): a 200-character id attaches, serves
+/// and detaches like any other.
+#[test]
+fn long_container_ids_attach_and_detach() {
+    let ct = cni_topology!("cni_long_id");
+    let ns = ct.netns_add();
+    let cid = "k".repeat(200);
+    let call = Call::new(&cid, &ns);
+    let conf = ct.conf("1.0.0", ports(&[pm(8080, 80, "tcp", None)]));
+    let r = parse_success(
+        &ct.cni("ADD", &call, &conf),
+        "ADD with a 200-character container id",
+    );
+    assert_eq!(r["interfaces"][1]["name"], "eth0", "{r}");
+    let _web = ct.server(&ns, &tcp_echo_server(80), "tcp", 80);
+    ct.assert_published_echo(8080, 7, "long id");
+    ct.cni_ok("DEL", &call, &conf, "DEL with a 200-character container id");
+    ct.assert_clean("after DEL");
+}

@@ -85,9 +85,11 @@ impl From<crate::rootful::Error> for CniError {
             E::AttachmentExists(_) | E::IfaceExists(_) => Code::Exists,
             E::PortPublished { .. } | E::PortBound { .. } => Code::PortInUse,
             E::Exhausted { .. } | E::AddressUnavailable { .. } => Code::NoAddress,
-            E::Spec(_) | E::NetworkInvalid(_) | E::Ipv6(_) | E::NetworkExists(_) => {
-                Code::InvalidConfig
-            }
+            E::Spec(_)
+            | E::NetworkInvalid(_)
+            | E::Ipv6(_)
+            | E::NetworkExists(_)
+            | E::InvalidName(_) => Code::InvalidConfig,
             E::State(crate::state::StateError::Busy(_)) => Code::TryAgainLater,
             E::Link(_) | E::Nft(_) | E::State(_) | E::Io { .. } => Code::Io,
             _ => Code::Internal,

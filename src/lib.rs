@@ -8,6 +8,7 @@ pub mod netns;
 pub mod nft;
 pub mod process;
 pub mod rootful;
+pub mod rootless;
 pub mod run;
 pub mod spec;
 pub mod state;

@@ -55,9 +55,40 @@ Examples:
         /// Network to attach to (default: "default", bridge rnat0)
         #[arg(long)]
         network: Option<String>,
+        /// Rootless mode even as root: user-space NAT on a TAP device in a new user namespace
+        /// (the mode an ordinary user always gets)
+        #[arg(long)]
+        rootless: bool,
+        #[command(flatten)]
+        rootless_opts: RootlessArgs,
         /// The command and its arguments
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         cmd: Vec<String>,
+    },
+    /// Serve a network namespace someone else created (rootless mode), as slirp4netns does
+    #[command(after_help = "Examples:
+  rnat attach --pid 4242 --configure
+  rnat attach --netns /run/user/1000/netns/ctr --userns /proc/4242/ns/user --configure
+
+Serves until killed, until the process given by --pid exits, or until the namespace is gone.")]
+    Attach {
+        /// A process in the namespace (its user namespace is joined too)
+        #[arg(long, conflicts_with = "netns", required_unless_present = "netns")]
+        pid: Option<i32>,
+        /// The network namespace's path
+        #[arg(long)]
+        netns: Option<std::path::PathBuf>,
+        /// The user namespace to join first
+        #[arg(long)]
+        userns: Option<std::path::PathBuf>,
+        /// Give the TAP its address and default route, and bring up lo
+        #[arg(long)]
+        configure: bool,
+        /// Name of the TAP device
+        #[arg(long, default_value = "tap0")]
+        tap: String,
+        #[command(flatten)]
+        rootless_opts: RootlessArgs,
     },
     /// Publish more ports on a running container
     #[command(
@@ -93,6 +124,31 @@ Examples:
         #[arg(default_value = "/opt/cni/bin")]
         dir: std::path::PathBuf,
     },
+}
+
+/// Options of rootless mode.
+#[derive(clap::Args)]
+struct RootlessArgs {
+    /// Rootless mode: MTU of the TAP device
+    #[arg(long, default_value_t = 65520)]
+    mtu: u16,
+    /// Rootless mode: the container's network (guest .100, gateway .2, DNS .3)
+    #[arg(long, default_value = "10.0.2.0/24")]
+    cidr: Ipv4Net,
+    /// Rootless mode: let connections to the gateway address reach the host's 127.0.0.1
+    #[arg(long)]
+    allow_host_loopback: bool,
+}
+
+impl RootlessArgs {
+    fn options(&self) -> rnat::rootless::session::Options {
+        rnat::rootless::session::Options {
+            mtu: self.mtu,
+            cidr: self.cidr,
+            allow_host_loopback: self.allow_host_loopback,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -170,6 +226,9 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn status_of(e: &anyhow::Error) -> u8 {
+    if let Some(rnat::rootless::session::Error::Spawn { status, .. }) = e.downcast_ref() {
+        return *status as u8;
+    }
     match e.downcast_ref::<RunError>() {
         Some(RunError::Spawn(s)) => s.status as u8,
         _ => EXIT_ERROR,
@@ -187,9 +246,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             publish,
             name,
             network,
+            rootless,
+            rootless_opts,
             cmd,
         } => {
             let ports = parse_specs(&publish)?;
+            if rootless || !nix::unistd::geteuid().is_root() {
+                if !ports.is_empty() {
+                    anyhow::bail!("-p: published ports are not available in rootless mode yet");
+                }
+                if network.is_some() || name.is_some() {
+                    anyhow::bail!("--network and --name apply to rootful mode only");
+                }
+                let status = rnat::rootless::session::run(&rootless_opts.options(), &cmd)?;
+                return Ok(u8::try_from(status).unwrap_or(EXIT_ERROR));
+            }
             let mut engine = Engine::open(dirs)?;
             let opts = CreateOpts {
                 name,
@@ -200,6 +271,25 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 mac: None,
             };
             let status = rnat::run::run(&mut engine, &opts, &cmd)?;
+            Ok(u8::try_from(status).unwrap_or(EXIT_ERROR))
+        }
+        Cmd::Attach {
+            pid,
+            netns,
+            userns,
+            configure,
+            tap,
+            rootless_opts,
+        } => {
+            let mut opts = rootless_opts.options();
+            opts.tap_name = tap;
+            let target = match (pid, netns) {
+                (Some(pid), _) => rnat::rootless::session::Target::Pid(pid),
+                (None, Some(path)) => rnat::rootless::session::Target::Netns(path),
+                (None, None) => anyhow::bail!("give --pid or --netns"),
+            };
+            let status =
+                rnat::rootless::session::attach(&opts, &target, userns.as_deref(), configure)?;
             Ok(u8::try_from(status).unwrap_or(EXIT_ERROR))
         }
         Cmd::Publish { name, specs } => {

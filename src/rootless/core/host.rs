@@ -1,0 +1,88 @@
+//! The core's only way to the outside world: the host socket operations it asks for and the frames
+//! it hands out. The real implementation is `rootless::driver`; tests implement it in memory.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// Index of a flow; the driver uses it as the token of the flow's host socket.
+pub type FlowId = usize;
+
+/// How a frame handed to [`Host::emit`] may use the TAP device's offloads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxMeta {
+    /// The L4 checksum field holds only the pseudo-header sum; the checksum starts at `.0` and
+    /// its field is at `.0 + .1` (virtio `NEEDS_CSUM`). `None`: the frame is complete.
+    pub csum: Option<(u16, u16)>,
+    /// A TCP segment larger than the guest's MSS, to be cut at this size (virtio GSO TCPv4).
+    pub gso_mss: Option<u16>,
+}
+
+/// What the TAP device said about a frame it gave us.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RxMeta {
+    /// The guest's kernel vouches for the L4 checksum (virtio `NEEDS_CSUM` or `DATA_VALID`).
+    pub csum_trusted: bool,
+}
+
+/// Result of peeking at a host TCP socket's unread data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peek {
+    /// This many bytes were copied, starting at the peek offset, which moved past them.
+    Data(usize),
+    /// Nothing beyond the peek offset yet.
+    WouldBlock,
+    /// The peer closed its side and everything has been peeked.
+    Eof,
+}
+
+/// Which host readiness a flow's socket reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ready {
+    pub readable: bool,
+    pub writable: bool,
+    /// Error or hang-up.
+    pub error: bool,
+}
+
+/// Host socket operations, one socket per flow. Every call is non-blocking.
+pub trait Host {
+    /// Hands a frame to the guest.
+    fn emit(&mut self, frame: &[u8], meta: TxMeta);
+
+    /// Starts a non-blocking connect; completion is reported as writability.
+    fn tcp_connect(&mut self, flow: FlowId, dst: SocketAddrV4) -> io::Result<()>;
+    /// The outcome of a connect that has reported readiness: `Ok` once connected.
+    fn tcp_connect_result(&mut self, flow: FlowId) -> io::Result<()>;
+    /// Writes as much of `data` as the socket takes; `Ok(0)` when it takes nothing now.
+    fn tcp_send(&mut self, flow: FlowId, data: &[u8]) -> io::Result<usize>;
+    /// Copies unread data from the peek offset on, without consuming it.
+    fn tcp_peek(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Peek>;
+    /// Consumes (drops) `n` bytes from the front of the unread data; the peek offset moves back.
+    fn tcp_consume(&mut self, flow: FlowId, n: usize);
+    /// Moves the peek offset back to the front of the unread data.
+    fn tcp_rewind(&mut self, flow: FlowId);
+    /// Shuts down the sending side (FIN to the peer).
+    fn tcp_shutdown(&mut self, flow: FlowId);
+    /// Closes the socket; `reset` sends RST to the peer instead of FIN.
+    fn tcp_close(&mut self, flow: FlowId, reset: bool);
+
+    /// Opens an unconnected UDP socket for the flow.
+    fn udp_open(&mut self, flow: FlowId) -> io::Result<()>;
+    fn udp_send(&mut self, flow: FlowId, dst: SocketAddrV4, data: &[u8]) -> io::Result<()>;
+    /// Receives one datagram: its source and length, or `None` when there is none.
+    fn udp_recv(
+        &mut self,
+        flow: FlowId,
+        buf: &mut [u8],
+    ) -> io::Result<Option<(SocketAddrV4, usize)>>;
+
+    /// Opens an unprivileged ICMP echo socket for the flow.
+    fn ping_open(&mut self, flow: FlowId) -> io::Result<()>;
+    /// Sends an ICMP echo request (type, code, id, seq and data; the kernel sets id and checksum).
+    fn ping_send(&mut self, flow: FlowId, dst: Ipv4Addr, icmp: &[u8]) -> io::Result<()>;
+    /// Receives one ICMP echo reply (the ICMP message): its source and length.
+    fn ping_recv(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>>;
+
+    /// Closes a UDP or ICMP socket.
+    fn dgram_close(&mut self, flow: FlowId);
+}

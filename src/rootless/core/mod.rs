@@ -1,0 +1,789 @@
+//! The rootless NAT's protocol core: frames from the guest in, host socket operations and frames
+//! to the guest out, time passed in. It does no I/O of its own (see [`Host`]), so the same code is
+//! driven by the epoll loop in `rootless::driver` and by the simulated network in its tests.
+//!
+//! smoltcp's `wire` module parses and emits the packets; the flow tables are rnat's own (one hash
+//! lookup per frame), because a NAT must see every new flow first and decide what to do with it.
+
+pub mod csum;
+pub mod frame;
+pub mod host;
+mod tcp;
+mod udp;
+
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use slab::Slab;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, IpProtocol,
+    Ipv4Packet, TcpPacket, UdpPacket,
+};
+
+use frame::Macs;
+pub use host::{FlowId, Host, Peek, Ready, RxMeta, TxMeta};
+use tcp::{Out, Segment, TcpFlow, Verdict};
+use udp::{PingFlow, UdpFlow};
+
+/// The MAC address the gateway and DNS addresses answer with (slirp's convention).
+pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];
+
+/// What the core needs to know about the guest's network and its limits.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cidr: Ipv4Net,
+    pub guest: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub dns: Ipv4Addr,
+    pub mtu: u16,
+    /// Connections to the gateway address reach the host's 127.0.0.1.
+    pub allow_host_loopback: bool,
+    /// Where DNS sent to `dns` goes (the host's resolvers, in order).
+    pub resolvers: Vec<Ipv4Addr>,
+    /// Flows of every kind together.
+    pub max_flows: usize,
+    /// Bytes queued from the guest toward host sockets, all flows together.
+    pub max_buffered: usize,
+    /// The most a single flow queues (and so the window it offers the guest).
+    pub flow_window: u32,
+    /// Frames to the guest use checksum and segmentation offload (a TAP with a virtio header).
+    pub offload: bool,
+    pub udp_timeout: Duration,
+    pub dns_timeout: Duration,
+    pub ping_timeout: Duration,
+    /// Seeds initial sequence numbers.
+    pub seed: u64,
+}
+
+impl Config {
+    /// slirp4netns' layout in `cidr`: guest .100, gateway .2, DNS .3.
+    pub fn for_cidr(cidr: Ipv4Net) -> Result<Config, String> {
+        if cidr.prefix_len() > 25 {
+            return Err(format!(
+                "{cidr}: the network needs at least 128 addresses (/25 or larger)"
+            ));
+        }
+        let base = u32::from(cidr.network());
+        Ok(Config {
+            cidr: cidr.trunc(),
+            guest: Ipv4Addr::from(base + 100),
+            gateway: Ipv4Addr::from(base + 2),
+            dns: Ipv4Addr::from(base + 3),
+            mtu: 65520,
+            allow_host_loopback: false,
+            resolvers: Vec::new(),
+            max_flows: 32768,
+            max_buffered: 64 << 20,
+            flow_window: 1 << 20,
+            offload: false,
+            udp_timeout: Duration::from_secs(60),
+            dns_timeout: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(30),
+            seed: 0x9e37_79b9_7f4a_7c15,
+        })
+    }
+}
+
+/// Counters: every frame the core drops is counted under a reason.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Stats {
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub drop_malformed: u64,
+    pub drop_checksum: u64,
+    pub drop_fragment: u64,
+    pub drop_not_for_us: u64,
+    pub drop_unsupported: u64,
+    pub drop_too_big: u64,
+    pub tcp_opened: u64,
+    pub tcp_closed: u64,
+    pub tcp_reset: u64,
+    pub tcp_reset_by_guest: u64,
+    pub tcp_connect_failed: u64,
+    pub tcp_refused_policy: u64,
+    pub tcp_no_flow: u64,
+    pub tcp_out_of_order: u64,
+    pub tcp_beyond_window: u64,
+    pub tcp_bad_ack: u64,
+    pub tcp_fast_retransmit: u64,
+    pub tcp_timeout_retransmit: u64,
+    pub tcp_bytes_from_guest: u64,
+    pub tcp_bytes_to_guest: u64,
+    pub udp_opened: u64,
+    pub udp_expired: u64,
+    pub udp_refused_policy: u64,
+    pub udp_filtered: u64,
+    pub udp_send_failed: u64,
+    pub icmp_echo_local: u64,
+    pub icmp_echo_forwarded: u64,
+    pub icmp_unavailable: u64,
+    /// New flows refused because `max_flows` or `max_buffered` was reached.
+    pub refused_limit: u64,
+    pub flows: usize,
+    pub buffered: usize,
+}
+
+enum Flow {
+    Tcp(TcpFlow),
+    Udp(UdpFlow),
+    Ping(PingFlow),
+}
+
+/// Where a guest's packet to `dst` goes on the host, or why it goes nowhere.
+enum Route {
+    To(SocketAddrV4),
+    Refuse,
+}
+
+pub struct Core {
+    cfg: Config,
+    guest_mac: Option<EthernetAddress>,
+    flows: Slab<Flow>,
+    tcp: HashMap<(SocketAddrV4, SocketAddrV4), FlowId>,
+    udp: HashMap<SocketAddrV4, FlowId>,
+    ping: HashMap<(Ipv4Addr, u16), FlowId>,
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    new_timers: Vec<(FlowId, Instant)>,
+    acks: Vec<FlowId>,
+    tx: Box<[u8]>,
+    ip_id: u16,
+    rng: u64,
+    buffered: usize,
+    next_sweep: Option<Instant>,
+    stats: Stats,
+}
+
+impl Core {
+    pub fn new(cfg: Config) -> Core {
+        Core {
+            rng: cfg.seed | 1,
+            cfg,
+            guest_mac: None,
+            flows: Slab::new(),
+            tcp: HashMap::new(),
+            udp: HashMap::new(),
+            ping: HashMap::new(),
+            timers: BinaryHeap::new(),
+            new_timers: Vec::new(),
+            acks: Vec::new(),
+            tx: vec![0u8; frame::MAX_FRAME].into_boxed_slice(),
+            ip_id: 0,
+            buffered: 0,
+            next_sweep: None,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.flows = self.flows.len();
+        s.buffered = self.buffered;
+        s
+    }
+
+    fn next_iss(&mut self) -> u32 {
+        // xorshift64*: unpredictable enough for sequence numbers nobody off-host sees.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+    }
+
+    fn macs(&self) -> Option<Macs> {
+        Some(Macs {
+            ours: EthernetAddress(GATEWAY_MAC),
+            guest: self.guest_mac?,
+        })
+    }
+
+    /// Runs `f` on TCP flow `id` with everything it may touch, then applies its verdict.
+    fn with_tcp<H: Host>(
+        &mut self,
+        host: &mut H,
+        id: FlowId,
+        now: Instant,
+        f: impl FnOnce(&mut TcpFlow, &mut Out<H>) -> Verdict,
+    ) {
+        let Some(macs) = self.macs() else { return };
+        let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) else {
+            return;
+        };
+        let mut out = Out {
+            host,
+            tx: &mut self.tx,
+            macs,
+            ip_id: &mut self.ip_id,
+            cfg: &self.cfg,
+            stats: &mut self.stats,
+            buffered: &mut self.buffered,
+            timers: &mut self.new_timers,
+            acks: &mut self.acks,
+            now,
+        };
+        if f(flow, &mut out) == Verdict::Remove {
+            let key = (flow.guest, flow.remote);
+            self.tcp.remove(&key);
+            self.flows.remove(id);
+        }
+        for (id, at) in self.new_timers.drain(..) {
+            self.timers.push(Reverse((at, id)));
+        }
+    }
+
+    /// A frame from the guest.
+    pub fn on_frame<H: Host>(&mut self, host: &mut H, frame: &[u8], rx: RxMeta, now: Instant) {
+        self.stats.frames_in += 1;
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            self.stats.drop_malformed += 1;
+            return;
+        };
+        let dst = eth.dst_addr();
+        if dst != EthernetAddress(GATEWAY_MAC) && !dst.is_broadcast() && !dst.is_multicast() {
+            self.stats.drop_not_for_us += 1;
+            return;
+        }
+        let src_mac = eth.src_addr();
+        match eth.ethertype() {
+            EthernetProtocol::Arp => self.on_arp(host, src_mac, eth.payload()),
+            EthernetProtocol::Ipv4 if dst == EthernetAddress(GATEWAY_MAC) => {
+                if src_mac.is_unicast() && self.guest_mac != Some(src_mac) {
+                    self.guest_mac = Some(src_mac);
+                }
+                self.on_ipv4(host, eth.payload(), rx, now);
+            }
+            _ => self.stats.drop_unsupported += 1,
+        }
+    }
+
+    fn on_arp<H: Host>(&mut self, host: &mut H, src_mac: EthernetAddress, payload: &[u8]) {
+        let Ok(repr) = ArpPacket::new_checked(payload).and_then(|p| ArpRepr::parse(&p)) else {
+            self.stats.drop_malformed += 1;
+            return;
+        };
+        let ArpRepr::EthernetIpv4 {
+            operation,
+            source_hardware_addr,
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        } = repr
+        else {
+            self.stats.drop_unsupported += 1;
+            return;
+        };
+        if source_protocol_addr != self.cfg.guest || !source_hardware_addr.is_unicast() {
+            self.stats.drop_not_for_us += 1;
+            return;
+        }
+        self.guest_mac = Some(source_hardware_addr);
+        let _ = src_mac;
+        if operation != ArpOperation::Request
+            || (target_protocol_addr != self.cfg.gateway && target_protocol_addr != self.cfg.dns)
+        {
+            return; // gratuitous ARP, or a neighbour that does not exist
+        }
+        let Some(macs) = self.macs() else { return };
+        let len = frame::arp_reply(&mut self.tx, macs, target_protocol_addr, self.cfg.guest);
+        host.emit(&self.tx[..len], TxMeta::default());
+        self.stats.frames_out += 1;
+    }
+
+    fn on_ipv4<H: Host>(&mut self, host: &mut H, packet: &[u8], rx: RxMeta, now: Instant) {
+        let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+            self.stats.drop_malformed += 1;
+            return;
+        };
+        if ip.version() != 4 {
+            self.stats.drop_malformed += 1;
+            return;
+        }
+        if !ip.verify_checksum() {
+            self.stats.drop_checksum += 1;
+            return;
+        }
+        if ip.more_frags() || ip.frag_offset() != 0 {
+            self.stats.drop_fragment += 1;
+            return;
+        }
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        if src != self.cfg.guest {
+            self.stats.drop_not_for_us += 1;
+            return;
+        }
+        if dst.is_broadcast()
+            || dst.is_multicast()
+            || dst == self.cfg.cidr.broadcast()
+            || dst.is_unspecified()
+        {
+            self.stats.drop_unsupported += 1;
+            return;
+        }
+        let ip_packet = &packet[..usize::from(ip.total_len())];
+        match ip.next_header() {
+            IpProtocol::Tcp => self.on_tcp(host, src, dst, ip.payload(), rx, now),
+            IpProtocol::Udp => self.on_udp(host, src, dst, ip.payload(), ip_packet, rx, now),
+            IpProtocol::Icmp => self.on_icmp(host, src, dst, ip.payload(), now),
+            _ => self.stats.drop_unsupported += 1,
+        }
+    }
+
+    /// Where traffic to `dst` goes, as the policy says (gateway, DNS, everything else).
+    fn route(&self, dst: SocketAddrV4) -> Route {
+        if *dst.ip() == self.cfg.gateway {
+            if self.cfg.allow_host_loopback {
+                return Route::To(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
+            }
+            return Route::Refuse;
+        }
+        if *dst.ip() == self.cfg.dns {
+            return match self.cfg.resolvers.first() {
+                Some(r) if dst.port() == 53 => Route::To(SocketAddrV4::new(*r, 53)),
+                _ => Route::Refuse,
+            };
+        }
+        if self.cfg.cidr.contains(dst.ip()) || dst.ip().is_loopback() {
+            return Route::Refuse;
+        }
+        Route::To(dst)
+    }
+
+    fn at_limit(&self) -> bool {
+        self.flows.len() >= self.cfg.max_flows || self.buffered >= self.cfg.max_buffered
+    }
+
+    fn on_tcp<H: Host>(
+        &mut self,
+        host: &mut H,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        seg: &[u8],
+        rx: RxMeta,
+        now: Instant,
+    ) {
+        let Ok(tcp) = TcpPacket::new_checked(seg) else {
+            self.stats.drop_malformed += 1;
+            return;
+        };
+        if !rx.csum_trusted && !tcp.verify_checksum(&src.into(), &dst.into()) {
+            self.stats.drop_checksum += 1;
+            return;
+        }
+        let mut flags = 0;
+        for (set, bit) in [
+            (tcp.fin(), frame::FIN),
+            (tcp.syn(), frame::SYN),
+            (tcp.rst(), frame::RST),
+            (tcp.psh(), frame::PSH),
+            (tcp.ack(), frame::ACK),
+        ] {
+            if set {
+                flags |= bit;
+            }
+        }
+        let (mss, wscale) = if flags & frame::SYN != 0 {
+            match tcp.options_summary() {
+                Ok(o) => (o.max_segment_size, o.window_scale),
+                Err(_) => {
+                    self.stats.drop_malformed += 1;
+                    return;
+                }
+            }
+        } else {
+            (None, None)
+        };
+        let s = Segment {
+            seq: tcp.seq_number().0 as u32,
+            ack: tcp.ack_number().0 as u32,
+            flags,
+            window: tcp.window_len(),
+            payload: tcp.payload(),
+            mss,
+            wscale,
+        };
+        let guest = SocketAddrV4::new(src, tcp.src_port());
+        let remote = SocketAddrV4::new(dst, tcp.dst_port());
+        if let Some(&id) = self.tcp.get(&(guest, remote)) {
+            self.with_tcp(host, id, now, |f, out| f.on_segment(id, &s, out));
+            return;
+        }
+        self.tcp_new(host, guest, remote, &s, now);
+    }
+
+    /// A segment for no known flow: a SYN opens one; anything else is answered with RST.
+    fn tcp_new<H: Host>(
+        &mut self,
+        host: &mut H,
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+        s: &Segment,
+        now: Instant,
+    ) {
+        let Some(macs) = self.macs() else { return };
+        let is_syn = s.flags & frame::SYN != 0 && s.flags & frame::ACK == 0;
+        if !is_syn {
+            if s.flags & frame::RST == 0 {
+                self.stats.tcp_no_flow += 1;
+                self.rst_reply(host, macs, guest, remote, s);
+            }
+            return;
+        }
+        if self.at_limit() {
+            self.stats.refused_limit += 1;
+            self.rst_reply(host, macs, guest, remote, s);
+            return;
+        }
+        let Route::To(real) = self.route(remote) else {
+            self.stats.tcp_refused_policy += 1;
+            self.rst_reply(host, macs, guest, remote, s);
+            return;
+        };
+        let iss = self.next_iss();
+        let flow = TcpFlow::new(guest, remote, s, iss, &self.cfg);
+        let id = self.flows.insert(Flow::Tcp(flow));
+        self.tcp.insert((guest, remote), id);
+        self.stats.tcp_opened += 1;
+        if let Err(e) = host.tcp_connect(id, real) {
+            self.with_tcp(host, id, now, |f, out| {
+                f.refuse_connect(out, &e);
+                out.host.tcp_close(id, false);
+                Verdict::Remove
+            });
+        }
+    }
+
+    /// RST for a segment that belongs to no connection (RFC 9293 3.10.7.1).
+    fn rst_reply<H: Host>(
+        &mut self,
+        host: &mut H,
+        macs: Macs,
+        guest: SocketAddrV4,
+        remote: SocketAddrV4,
+        s: &Segment,
+    ) {
+        let (seq, ack, flags) = if s.flags & frame::ACK != 0 {
+            (s.ack, 0, frame::RST)
+        } else {
+            let len = s.payload.len() as u32
+                + u32::from(s.flags & frame::SYN != 0)
+                + u32::from(s.flags & frame::FIN != 0);
+            (0, s.seq.wrapping_add(len), frame::RST | frame::ACK)
+        };
+        let h = frame::TcpHeader {
+            src: remote,
+            dst: guest,
+            seq,
+            ack,
+            flags,
+            window: 0,
+            options: &[],
+        };
+        self.ip_id = self.ip_id.wrapping_add(1);
+        let (len, meta) = frame::tcp(&mut self.tx, macs, &h, 0, self.ip_id, self.cfg.offload);
+        host.emit(&self.tx[..len], meta);
+        self.stats.frames_out += 1;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_udp<H: Host>(
+        &mut self,
+        host: &mut H,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        seg: &[u8],
+        ip_packet: &[u8],
+        rx: RxMeta,
+        now: Instant,
+    ) {
+        let Ok(udp) = UdpPacket::new_checked(seg) else {
+            self.stats.drop_malformed += 1;
+            return;
+        };
+        if !rx.csum_trusted && udp.checksum() != 0 && !udp.verify_checksum(&src.into(), &dst.into())
+        {
+            self.stats.drop_checksum += 1;
+            return;
+        }
+        let guest = SocketAddrV4::new(src, udp.src_port());
+        let remote = SocketAddrV4::new(dst, udp.dst_port());
+        let Route::To(real) = self.route(remote) else {
+            self.stats.udp_refused_policy += 1;
+            if let Some(macs) = self.macs() {
+                self.ip_id = self.ip_id.wrapping_add(1);
+                let len =
+                    frame::port_unreachable(&mut self.tx, macs, dst, src, ip_packet, self.ip_id);
+                host.emit(&self.tx[..len], TxMeta::default());
+                self.stats.frames_out += 1;
+            }
+            return;
+        };
+        let id = match self.udp.get(&guest) {
+            Some(&id) => id,
+            None => {
+                if self.at_limit() {
+                    self.stats.refused_limit += 1;
+                    return;
+                }
+                let timeout = if *remote.ip() == self.cfg.dns {
+                    self.cfg.dns_timeout
+                } else {
+                    self.cfg.udp_timeout
+                };
+                let id = self
+                    .flows
+                    .insert(Flow::Udp(UdpFlow::new(guest, now, timeout)));
+                if host.udp_open(id).is_err() {
+                    self.flows.remove(id);
+                    self.stats.udp_send_failed += 1;
+                    return;
+                }
+                self.udp.insert(guest, id);
+                self.stats.udp_opened += 1;
+                self.sweep_soon(now);
+                id
+            }
+        };
+        if let Some(Flow::Udp(f)) = self.flows.get_mut(id) {
+            f.note_peer(real, remote);
+            f.last_active = now;
+            if *remote.ip() != self.cfg.dns {
+                f.idle_timeout = self.cfg.udp_timeout;
+            }
+        }
+        if host.udp_send(id, real, udp.payload()).is_err() {
+            self.stats.udp_send_failed += 1;
+        }
+    }
+
+    fn on_icmp<H: Host>(
+        &mut self,
+        host: &mut H,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        msg: &[u8],
+        now: Instant,
+    ) {
+        if msg.len() < 8 || crate::rootless::core::csum::fold(csum::add(0, msg)) != 0xffff {
+            self.stats.drop_malformed += 1;
+            return;
+        }
+        if msg[0] != 8 || msg[1] != 0 {
+            self.stats.drop_unsupported += 1; // only echo requests are forwarded
+            return;
+        }
+        let Some(macs) = self.macs() else { return };
+        if dst == self.cfg.gateway || dst == self.cfg.dns {
+            self.stats.icmp_echo_local += 1;
+            if msg.len() > self.tx.len() - frame::ICMP_AT {
+                return;
+            }
+            self.tx[frame::ICMP_AT..frame::ICMP_AT + msg.len()].copy_from_slice(msg);
+            self.tx[frame::ICMP_AT] = 0; // echo reply
+            self.ip_id = self.ip_id.wrapping_add(1);
+            let len = frame::icmp(&mut self.tx, macs, dst, src, msg.len(), self.ip_id);
+            host.emit(&self.tx[..len], TxMeta::default());
+            self.stats.frames_out += 1;
+            return;
+        }
+        if !matches!(self.route(SocketAddrV4::new(dst, 0)), Route::To(_)) {
+            self.stats.drop_unsupported += 1;
+            return;
+        }
+        let ident = u16::from_be_bytes([msg[4], msg[5]]);
+        let id = match self.ping.get(&(src, ident)) {
+            Some(&id) => id,
+            None => {
+                if self.at_limit() {
+                    self.stats.refused_limit += 1;
+                    return;
+                }
+                let id = self.flows.insert(Flow::Ping(PingFlow {
+                    guest: src,
+                    ident,
+                    last_active: now,
+                }));
+                if host.ping_open(id).is_err() {
+                    self.flows.remove(id);
+                    self.stats.icmp_unavailable += 1;
+                    return;
+                }
+                self.ping.insert((src, ident), id);
+                self.sweep_soon(now);
+                id
+            }
+        };
+        if let Some(Flow::Ping(p)) = self.flows.get_mut(id) {
+            p.last_active = now;
+        }
+        if host.ping_send(id, dst, msg).is_ok() {
+            self.stats.icmp_echo_forwarded += 1;
+        }
+    }
+
+    /// A host socket reported readiness.
+    pub fn on_ready<H: Host>(&mut self, host: &mut H, id: FlowId, ready: Ready, now: Instant) {
+        match self.flows.get(id) {
+            Some(Flow::Tcp(_)) => self.with_tcp(host, id, now, |f, out| f.on_ready(id, ready, out)),
+            Some(Flow::Udp(_)) => self.udp_readable(host, id, now),
+            Some(Flow::Ping(_)) => self.ping_readable(host, id, now),
+            None => {}
+        }
+    }
+
+    fn udp_readable<H: Host>(&mut self, host: &mut H, id: FlowId, now: Instant) {
+        let Some(macs) = self.macs() else { return };
+        let max = usize::from(self.cfg.mtu) - frame::IP_LEN - frame::UDP_LEN;
+        loop {
+            let at = frame::UDP_PAYLOAD_AT;
+            let room = self.tx.len() - at;
+            let (from, n) = match host.udp_recv(id, &mut self.tx[at..at + room]) {
+                Ok(Some(r)) => r,
+                _ => return,
+            };
+            let Some(Flow::Udp(f)) = self.flows.get_mut(id) else {
+                return;
+            };
+            let Some(seen) = f.seen_as(from) else {
+                self.stats.udp_filtered += 1;
+                continue;
+            };
+            f.last_active = now;
+            let guest = f.guest;
+            if n > max {
+                self.stats.drop_too_big += 1;
+                continue;
+            }
+            self.ip_id = self.ip_id.wrapping_add(1);
+            let (len, meta) = frame::udp(
+                &mut self.tx,
+                macs,
+                seen,
+                guest,
+                n,
+                self.ip_id,
+                self.cfg.offload,
+            );
+            host.emit(&self.tx[..len], meta);
+            self.stats.frames_out += 1;
+        }
+    }
+
+    fn ping_readable<H: Host>(&mut self, host: &mut H, id: FlowId, now: Instant) {
+        let Some(macs) = self.macs() else { return };
+        loop {
+            let at = frame::ICMP_AT;
+            let room = usize::from(self.cfg.mtu) - frame::IP_LEN;
+            let (from, n) = match host.ping_recv(id, &mut self.tx[at..at + room]) {
+                Ok(Some(r)) => r,
+                _ => return,
+            };
+            let Some(Flow::Ping(p)) = self.flows.get_mut(id) else {
+                return;
+            };
+            if n < 8 || self.tx[at] != 0 {
+                continue; // only echo replies come back
+            }
+            p.last_active = now;
+            let (guest, ident) = (p.guest, p.ident);
+            self.tx[at + 4..at + 6].copy_from_slice(&ident.to_be_bytes());
+            self.ip_id = self.ip_id.wrapping_add(1);
+            let len = frame::icmp(&mut self.tx, macs, from, guest, n, self.ip_id);
+            host.emit(&self.tx[..len], TxMeta::default());
+            self.stats.frames_out += 1;
+        }
+    }
+
+    fn sweep_soon(&mut self, now: Instant) {
+        if self.next_sweep.is_none() {
+            self.next_sweep = Some(now + Duration::from_secs(1));
+        }
+    }
+
+    /// Sends the ACKs owed for the frames handled since the last call. The driver calls this
+    /// after each batch of frames, so that a burst of segments is acknowledged once.
+    pub fn flush<H: Host>(&mut self, host: &mut H, now: Instant) {
+        let acks = std::mem::take(&mut self.acks);
+        for &id in &acks {
+            self.with_tcp(host, id, now, |f, out| {
+                if f.ack_queued {
+                    f.send_ack(out);
+                }
+                Verdict::Keep
+            });
+        }
+        let mut acks = acks;
+        acks.clear();
+        if self.acks.is_empty() {
+            self.acks = acks;
+        }
+    }
+
+    /// Runs what is due at `now`; returns when to call again.
+    pub fn on_timer<H: Host>(&mut self, host: &mut H, now: Instant) -> Option<Instant> {
+        while let Some(Reverse((at, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(Flow::Tcp(f)) = self.flows.get(id) {
+                if f.timer == Some(at) {
+                    self.with_tcp(host, id, now, |f, out| f.on_timer(id, out));
+                }
+            }
+        }
+        if self.next_sweep.is_some_and(|t| t <= now) {
+            self.sweep(host, now);
+        }
+        self.flush(host, now);
+        let t = self.timers.peek().map(|Reverse((at, _))| *at);
+        match (t, self.next_sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Expires idle UDP and ICMP flows.
+    fn sweep<H: Host>(&mut self, host: &mut H, now: Instant) {
+        let cfg = &self.cfg;
+        let expired: Vec<FlowId> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| match f {
+                Flow::Udp(u) => now.duration_since(u.last_active) >= u.idle_timeout,
+                Flow::Ping(p) => now.duration_since(p.last_active) >= cfg.ping_timeout,
+                Flow::Tcp(_) => false,
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for id in expired {
+            match self.flows.remove(id) {
+                Flow::Udp(u) => {
+                    self.udp.remove(&u.guest);
+                    self.stats.udp_expired += 1;
+                }
+                Flow::Ping(p) => {
+                    self.ping.remove(&(p.guest, p.ident));
+                }
+                Flow::Tcp(_) => {}
+            }
+            host.dgram_close(id);
+        }
+        let any = self.flows.iter().any(|(_, f)| !matches!(f, Flow::Tcp(_)));
+        self.next_sweep = any.then(|| now + Duration::from_secs(1));
+    }
+
+    /// Number of flows of every kind.
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+}

@@ -1,0 +1,54 @@
+//! One guest UDP source port mapped to one unconnected host UDP socket.
+//!
+//! The mapping is endpoint-independent (one host port for every destination the guest's port
+//! talks to, as a well-behaved NAT does), and the filtering is address-and-port dependent: only
+//! datagrams from a peer the guest has sent to come back in.
+
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+/// Peers remembered per flow; the oldest is forgotten first.
+const MAX_PEERS: usize = 32;
+
+pub(super) struct UdpFlow {
+    pub guest: SocketAddrV4,
+    /// (host-side peer, the address the guest sent to)
+    peers: Vec<(SocketAddrV4, SocketAddrV4)>,
+    pub last_active: Instant,
+    pub idle_timeout: Duration,
+}
+
+impl UdpFlow {
+    pub fn new(guest: SocketAddrV4, now: Instant, idle_timeout: Duration) -> Self {
+        UdpFlow {
+            guest,
+            peers: Vec::new(),
+            last_active: now,
+            idle_timeout,
+        }
+    }
+
+    /// Remembers that the guest sent to `seen`, which the host reaches as `real`.
+    pub fn note_peer(&mut self, real: SocketAddrV4, seen: SocketAddrV4) {
+        if let Some(i) = self.peers.iter().position(|(r, _)| *r == real) {
+            self.peers[i].1 = seen;
+            return;
+        }
+        if self.peers.len() == MAX_PEERS {
+            self.peers.remove(0);
+        }
+        self.peers.push((real, seen));
+    }
+
+    /// The address the guest knows a host-side peer by, if the guest has sent to it.
+    pub fn seen_as(&self, real: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.peers.iter().find(|(r, _)| *r == real).map(|(_, s)| *s)
+    }
+}
+
+pub(super) struct PingFlow {
+    pub guest: std::net::Ipv4Addr,
+    /// The echo identifier the guest used (the kernel picks its own for the host socket).
+    pub ident: u16,
+    pub last_active: Instant,
+}

@@ -1,0 +1,352 @@
+//! The rootless engine's event loop: one thread, one epoll set holding the TAP, every flow's host
+//! socket and the loop's own wake-ups (signals, the container's exit). It implements the core's
+//! [`Host`] with real sockets and hands it frames and readiness.
+
+use std::io::{self, IoSlice};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use super::core::{Core, FlowId, Host, Peek, Ready, RxMeta, TxMeta};
+use super::sys;
+
+/// Tokens above the flow ids.
+const TAP: u64 = 1 << 40;
+/// Frames read from the TAP before host sockets get a turn.
+const TAP_BUDGET: usize = 256;
+/// virtio_net_hdr (without num_buffers).
+const VNET_HDR_LEN: usize = 10;
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
+const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+
+/// The core's window on the kernel: sockets by flow id, the TAP, and the epoll set.
+pub struct KernelHost {
+    epoll: Epoll,
+    tap: OwnedFd,
+    vnet_hdr: bool,
+    socks: Vec<Option<Socket>>,
+    /// Frames the TAP refused (its queue full).
+    pub tx_dropped: u64,
+}
+
+fn sock(socks: &[Option<Socket>], id: FlowId) -> io::Result<&Socket> {
+    socks
+        .get(id)
+        .and_then(Option::as_ref)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))
+}
+
+impl KernelHost {
+    pub fn new(tap: OwnedFd, vnet_hdr: bool) -> io::Result<KernelHost> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(
+            &tap,
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, TAP),
+        )?;
+        Ok(KernelHost {
+            epoll,
+            tap,
+            vnet_hdr,
+            socks: Vec::new(),
+            tx_dropped: 0,
+        })
+    }
+
+    /// Adds another fd to wake the loop, with a token the caller's handler recognises.
+    pub fn watch(&self, fd: BorrowedFd, token: u64) -> io::Result<()> {
+        self.epoll
+            .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+            .map_err(io::Error::from)
+    }
+
+    fn install(&mut self, id: FlowId, s: Socket, flags: EpollFlags) -> io::Result<()> {
+        self.epoll.add(&s, EpollEvent::new(flags, id as u64))?;
+        if self.socks.len() <= id {
+            self.socks.resize_with(id + 1, || None);
+        }
+        self.socks[id] = Some(s);
+        Ok(())
+    }
+
+    fn dgram(&mut self, id: FlowId, proto: Protocol) -> io::Result<()> {
+        let s = Socket::new(
+            Domain::IPV4,
+            Type::DGRAM.nonblocking().cloexec(),
+            Some(proto),
+        )?;
+        self.install(id, s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET)
+    }
+}
+
+impl Host for KernelHost {
+    fn emit(&mut self, frame: &[u8], meta: TxMeta) {
+        let r = if self.vnet_hdr {
+            let mut h = [0u8; VNET_HDR_LEN];
+            if let Some((start, off)) = meta.csum {
+                h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+                h[6..8].copy_from_slice(&start.to_ne_bytes());
+                h[8..10].copy_from_slice(&off.to_ne_bytes());
+            } else {
+                h[0] = VIRTIO_NET_HDR_F_DATA_VALID;
+            }
+            if let Some(mss) = meta.gso_mss {
+                h[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+                h[2..4].copy_from_slice(&54u16.to_ne_bytes());
+                h[4..6].copy_from_slice(&mss.to_ne_bytes());
+            }
+            nix::sys::uio::writev(&self.tap, &[IoSlice::new(&h), IoSlice::new(frame)])
+        } else {
+            nix::unistd::write(&self.tap, frame)
+        };
+        if r.is_err() {
+            self.tx_dropped += 1;
+        }
+    }
+
+    fn tcp_connect(&mut self, id: FlowId, dst: SocketAddrV4) -> io::Result<()> {
+        let s = Socket::new(
+            Domain::IPV4,
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        s.set_tcp_nodelay(true)?;
+        sys::set_peek_off(s.as_raw_fd(), 0)?;
+        match s.connect(&SockAddr::from(dst)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let flags = EpollFlags::EPOLLIN
+            | EpollFlags::EPOLLOUT
+            | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLET;
+        self.install(id, s, flags)
+    }
+
+    fn tcp_connect_result(&mut self, id: FlowId) -> io::Result<()> {
+        let s = sock(&self.socks, id)?;
+        if let Some(e) = s.take_error()? {
+            return Err(e);
+        }
+        match s.peer_addr() {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                Err(io::Error::from_raw_os_error(libc::EINPROGRESS))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn tcp_send(&mut self, id: FlowId, data: &[u8]) -> io::Result<usize> {
+        match sock(&self.socks, id)?.send_with_flags(data, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+        {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn tcp_peek(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
+        let s = sock(&self.socks, id)?;
+        match nix::sys::socket::recv(
+            s.as_raw_fd(),
+            buf,
+            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) => Ok(Peek::Eof),
+            Ok(n) => Ok(Peek::Data(n)),
+            Err(nix::errno::Errno::EAGAIN) => Ok(Peek::WouldBlock),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn tcp_consume(&mut self, id: FlowId, mut n: usize) {
+        let Ok(s) = sock(&self.socks, id) else { return };
+        while n > 0 {
+            // SAFETY: with MSG_TRUNC, TCP discards up to `n` bytes without writing to the buffer,
+            // so a null buffer is never dereferenced.
+            let r = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    n,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                )
+            };
+            if r <= 0 {
+                return;
+            }
+            n -= r as usize;
+        }
+    }
+
+    fn tcp_rewind(&mut self, id: FlowId) {
+        if let Ok(s) = sock(&self.socks, id) {
+            let _ = sys::set_peek_off(s.as_raw_fd(), 0);
+        }
+    }
+
+    fn tcp_shutdown(&mut self, id: FlowId) {
+        if let Ok(s) = sock(&self.socks, id) {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+    }
+
+    fn tcp_close(&mut self, id: FlowId, reset: bool) {
+        if let Some(s) = self.socks.get_mut(id).and_then(Option::take) {
+            if reset {
+                let _ = s.set_linger(Some(std::time::Duration::ZERO));
+            }
+        }
+    }
+
+    fn udp_open(&mut self, id: FlowId) -> io::Result<()> {
+        self.dgram(id, Protocol::UDP)
+    }
+
+    fn udp_send(&mut self, id: FlowId, dst: SocketAddrV4, data: &[u8]) -> io::Result<()> {
+        sock(&self.socks, id)?
+            .send_to(data, &SockAddr::from(dst))
+            .map(drop)
+    }
+
+    fn udp_recv(
+        &mut self,
+        id: FlowId,
+        buf: &mut [u8],
+    ) -> io::Result<Option<(SocketAddrV4, usize)>> {
+        let s = sock(&self.socks, id)?;
+        match nix::sys::socket::recvfrom::<nix::sys::socket::SockaddrIn>(s.as_raw_fd(), buf) {
+            Ok((n, Some(from))) => Ok(Some((SocketAddrV4::from(from), n))),
+            Ok((_, None)) => Ok(None),
+            Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn ping_open(&mut self, id: FlowId) -> io::Result<()> {
+        self.dgram(id, Protocol::ICMPV4)
+    }
+
+    fn ping_send(&mut self, id: FlowId, dst: Ipv4Addr, icmp: &[u8]) -> io::Result<()> {
+        sock(&self.socks, id)?
+            .send_to(icmp, &SockAddr::from(SocketAddrV4::new(dst, 0)))
+            .map(drop)
+    }
+
+    fn ping_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>> {
+        Ok(self.udp_recv(id, buf)?.map(|(a, n)| (*a.ip(), n)))
+    }
+
+    fn dgram_close(&mut self, id: FlowId) {
+        if let Some(s) = self.socks.get_mut(id) {
+            s.take();
+        }
+    }
+}
+
+/// Why the loop handed control back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A watched fd with this token is readable.
+    Token(u64),
+    /// The TAP device went away (its namespace is gone).
+    TapGone,
+}
+
+/// Runs the engine until `on_wake` returns `false` for a wake-up or the TAP goes away.
+pub fn serve(
+    core: &mut Core,
+    host: &mut KernelHost,
+    mut on_wake: impl FnMut(&mut Core, Wake) -> bool,
+) -> io::Result<()> {
+    let mut events = vec![EpollEvent::empty(); 256];
+    let mut frame = vec![0u8; VNET_HDR_LEN + super::core::frame::MAX_FRAME];
+    let mut tap_more = true;
+    loop {
+        let now = Instant::now();
+        let next = core.on_timer(host, now);
+        let timeout = if tap_more {
+            EpollTimeout::ZERO
+        } else {
+            match next {
+                Some(t) => {
+                    let ms = t
+                        .saturating_duration_since(now)
+                        .as_micros()
+                        .div_ceil(1000)
+                        .min(60_000) as u16;
+                    EpollTimeout::from(ms.max(1))
+                }
+                None => EpollTimeout::NONE,
+            }
+        };
+        let n = match host.epoll.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        let now = Instant::now();
+        for ev in &events[..n] {
+            let flags = ev.events();
+            match ev.data() {
+                TAP => tap_more = true,
+                t if t >= TAP => {
+                    if !on_wake(core, Wake::Token(t)) {
+                        return Ok(());
+                    }
+                }
+                id => {
+                    let ready = Ready {
+                        readable: flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP),
+                        writable: flags.contains(EpollFlags::EPOLLOUT),
+                        error: flags.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP),
+                    };
+                    core.on_ready(host, id as usize, ready, now);
+                }
+            }
+        }
+        if tap_more {
+            tap_more = false;
+            for _ in 0..TAP_BUDGET {
+                match nix::unistd::read(host.tap.as_fd(), &mut frame) {
+                    Ok(len) => {
+                        let (rx, body) = if host.vnet_hdr {
+                            if len < VNET_HDR_LEN {
+                                continue;
+                            }
+                            let f = frame[0];
+                            let trusted = f
+                                & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID)
+                                != 0;
+                            (
+                                RxMeta {
+                                    csum_trusted: trusted,
+                                },
+                                &frame[VNET_HDR_LEN..len],
+                            )
+                        } else {
+                            (RxMeta::default(), &frame[..len])
+                        };
+                        core.on_frame(host, body, rx, now);
+                        tap_more = true;
+                    }
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        tap_more = false;
+                        break;
+                    }
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(_) => {
+                        on_wake(core, Wake::TapGone);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        core.flush(host, now);
+    }
+}

@@ -1,0 +1,9 @@
+//! Rootless mode: a user-space NAT between a TAP device in the container's namespace and
+//! ordinary host sockets. `core` is the protocol engine (no I/O); the rest attaches it to the
+//! kernel.
+
+pub mod core;
+pub mod driver;
+pub mod ns;
+pub mod session;
+pub mod sys;

@@ -1,0 +1,292 @@
+//! Entering (or creating) the container's user and network namespaces and making the TAP device
+//! there. The work happens in a forked child, because a multithreaded process cannot change its
+//! user namespace and rnat's own process must stay in the host's network namespace; the TAP's fd
+//! comes back over a UNIX socket.
+
+use std::ffi::CString;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use super::sys::{self, IfName};
+
+/// How the TAP device is set up once created.
+#[derive(Clone, Copy)]
+pub struct TapAddress {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub mtu: u16,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Namespaces to enter, by open fd (held by the caller until the child has run).
+pub enum Enter {
+    /// New user, network and mount namespaces, mapping `uid`/`gid` to root inside, with
+    /// `/etc/resolv.conf` bound to the file at `resolv`.
+    New {
+        uid_map: CString,
+        gid_map: CString,
+        resolv: Option<CString>,
+    },
+    /// Existing namespaces: the user namespace first, if any.
+    Join {
+        userns: Option<OwnedFd>,
+        netns: OwnedFd,
+    },
+}
+
+/// Everything the child needs, prepared before the fork.
+pub struct TapPlan {
+    pub enter: Enter,
+    pub tap: IfName,
+    pub vnet_hdr: bool,
+    pub address: Option<TapAddress>,
+    /// The tap queue length; rnat sizes its windows to it.
+    pub txqueuelen: u32,
+}
+
+impl TapPlan {
+    /// A plan that maps the caller's uid and gid to root in a new user namespace.
+    pub fn new_namespaces(
+        resolv: Option<&std::path::Path>,
+        tap: IfName,
+        vnet_hdr: bool,
+        address: Option<TapAddress>,
+    ) -> io::Result<TapPlan> {
+        use std::os::unix::ffi::OsStrExt;
+        let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+        let c = |s: String| CString::new(s).map_err(io::Error::other);
+        Ok(TapPlan {
+            enter: Enter::New {
+                uid_map: c(format!("0 {uid} 1\n"))?,
+                gid_map: c(format!("0 {gid} 1\n"))?,
+                resolv: resolv
+                    .map(|p| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other))
+                    .transpose()?,
+            },
+            tap,
+            vnet_hdr,
+            address,
+            txqueuelen: 4096,
+        })
+    }
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The step of the namespace set-up that failed, as the child reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Step {
+    CreateNamespaces = 1,
+    MapIds = 2,
+    Mounts = 3,
+    JoinUserns = 4,
+    JoinNetns = 5,
+    CreateTap = 6,
+    Configure = 7,
+    SendFd = 8,
+}
+
+impl Step {
+    pub fn from_u8(v: u8) -> Option<Step> {
+        use Step::*;
+        [
+            CreateNamespaces,
+            MapIds,
+            Mounts,
+            JoinUserns,
+            JoinNetns,
+            CreateTap,
+            Configure,
+            SendFd,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == v)
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Step::CreateNamespaces => "creating user, network and mount namespaces",
+            Step::MapIds => "mapping the user to root in the user namespace",
+            Step::Mounts => "mounting resolv.conf in the container",
+            Step::JoinUserns => "joining the user namespace",
+            Step::JoinNetns => "joining the network namespace",
+            Step::CreateTap => "creating the TAP device",
+            Step::Configure => "configuring the TAP device",
+            Step::SendFd => "passing the TAP device back",
+        }
+    }
+}
+
+/// A failed step and its errno, as sent from the child: 1 byte of step, 4 of errno.
+pub fn encode_failure(step: Step, e: &io::Error) -> [u8; 5] {
+    let errno = e.raw_os_error().unwrap_or(libc::EIO).to_ne_bytes();
+    [step as u8, errno[0], errno[1], errno[2], errno[3]]
+}
+
+/// Runs in the forked child: enters the namespaces, makes and configures the TAP, sends its fd
+/// on `sock`. Async-signal-safe: raw syscalls on the plan's prepared data, no allocation.
+pub fn enter_and_make_tap(plan: &TapPlan, sock: RawFd) -> Result<(), (Step, io::Error)> {
+    let at = |step: Step| move |e: io::Error| (step, e);
+    match &plan.enter {
+        Enter::New {
+            uid_map,
+            gid_map,
+            resolv,
+        } => {
+            // SAFETY: unshare(2) with constant flags; the child is single-threaded.
+            check(unsafe {
+                libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET | libc::CLONE_NEWNS)
+            })
+            .map_err(at(Step::CreateNamespaces))?;
+            sys::write_file(c"/proc/self/setgroups", b"deny").map_err(at(Step::MapIds))?;
+            sys::write_file(c"/proc/self/uid_map", uid_map.as_bytes()).map_err(at(Step::MapIds))?;
+            sys::write_file(c"/proc/self/gid_map", gid_map.as_bytes()).map_err(at(Step::MapIds))?;
+            // SAFETY: mount(2) with NUL-terminated strings or nulls.
+            check(unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SLAVE,
+                    std::ptr::null(),
+                )
+            })
+            .map_err(at(Step::Mounts))?;
+            if let Some(r) = resolv {
+                // SAFETY: as above.
+                check(unsafe {
+                    libc::mount(
+                        r.as_ptr(),
+                        c"/etc/resolv.conf".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    )
+                })
+                .map_err(at(Step::Mounts))?;
+            }
+        }
+        Enter::Join { userns, netns } => {
+            if let Some(u) = userns {
+                // SAFETY: setns(2) on an open namespace fd; the child is single-threaded.
+                check(unsafe { libc::setns(u.as_raw_fd(), libc::CLONE_NEWUSER) })
+                    .map_err(at(Step::JoinUserns))?;
+            }
+            // SAFETY: as above.
+            check(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) })
+                .map_err(at(Step::JoinNetns))?;
+        }
+    }
+    let tap = sys::tap_create(&plan.tap, plan.vnet_hdr).map_err(at(Step::CreateTap))?;
+    if let Some(a) = &plan.address {
+        configure(plan, a).map_err(at(Step::Configure))?;
+    }
+    sys::send_fd(sock, tap.as_raw_fd()).map_err(at(Step::SendFd))?;
+    if matches!(plan.enter, Enter::New { .. }) {
+        // Let /sys show the container's links, as `ip netns exec` does. Best effort.
+        // SAFETY: umount2/mount with constant NUL-terminated strings.
+        unsafe {
+            if libc::umount2(c"/sys".as_ptr(), libc::MNT_DETACH) == 0 {
+                libc::mount(
+                    c"sysfs".as_ptr(),
+                    c"/sys".as_ptr(),
+                    c"sysfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Brings up `lo`, gives the TAP its address, MTU and queue length, and adds the default route.
+fn configure(plan: &TapPlan, a: &TapAddress) -> io::Result<()> {
+    let ctl = sys::ctl_socket()?;
+    let s = ctl.as_raw_fd();
+    let lo = IfName::new("lo").map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    sys::if_up(s, &lo)?;
+    if let Some(mac) = a.mac {
+        sys::if_set_mac(s, &plan.tap, mac)?;
+    }
+    let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(a.prefix)).unwrap_or(0));
+    sys::if_configure(s, &plan.tap, a.addr, mask, a.mtu, plan.txqueuelen)?;
+    sys::if_up(s, &plan.tap)?;
+    sys::add_default_route(s, a.gateway)
+}
+
+/// A connected pair of UNIX sockets for passing the TAP's fd (close-on-exec).
+pub fn fd_channel() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Why no TAP came back from the child.
+#[derive(Debug)]
+pub enum TapError {
+    /// The child failed at this step.
+    Step(Step, io::Error),
+    Other(io::Error),
+}
+
+/// Receives the TAP's fd from the child, or the step at which it failed.
+pub fn recv_tap(sock: RawFd) -> Result<OwnedFd, TapError> {
+    let mut msg = [0u8; 5];
+    match sys::recv_fd(sock, &mut msg) {
+        Ok((Some(fd), _)) => Ok(fd),
+        Ok((None, 5)) => {
+            let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
+            match Step::from_u8(msg[0]) {
+                Some(step) => Err(TapError::Step(step, io::Error::from_raw_os_error(errno))),
+                None => Err(TapError::Other(io::Error::from_raw_os_error(errno))),
+            }
+        }
+        Ok((None, _)) => Err(TapError::Other(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the namespace helper exited without a TAP device",
+        ))),
+        Err(e) => Err(TapError::Other(e)),
+    }
+}
+
+/// For `rnat attach`: forks a child that joins existing namespaces and makes the TAP there;
+/// returns its fd. Must be called while this process has a single thread.
+pub fn tap_in_existing(plan: &TapPlan) -> Result<OwnedFd, TapError> {
+    let (ours, theirs) = fd_channel().map_err(TapError::Other)?;
+    // SAFETY: the process is single-threaded here (the caller's contract), so the child may do
+    // anything; it only runs `enter_and_make_tap` and exits without unwinding.
+    match unsafe { nix::unistd::fork() }.map_err(|e| TapError::Other(e.into()))? {
+        nix::unistd::ForkResult::Child => {
+            let code = match enter_and_make_tap(plan, theirs.as_raw_fd()) {
+                Ok(()) => 0,
+                Err((step, e)) => {
+                    let msg = encode_failure(step, &e);
+                    // SAFETY: send(2) of a small buffer on an open socket.
+                    unsafe { libc::send(theirs.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+                    1
+                }
+            };
+            // SAFETY: _exit(2) ends the child without running the parent's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(theirs);
+            let got = recv_tap(ours.as_raw_fd());
+            let _ = nix::sys::wait::waitpid(child, None);
+            got
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The system calls rootless mode needs that neither std nor nix wraps: TAP creation and offloads,
+//! interface and route configuration by ioctl, fd passing, peek offsets, pidfds.
+//!
+//! Everything here that `ns::enter_and_make_tap` calls runs in a forked child before exec, so it
+//! makes raw syscalls on memory prepared before the fork and never allocates.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// `SO_PEEK_OFF` (asm-generic/socket.h); TCP honours it since Linux 6.10.
+const SO_PEEK_OFF: libc::c_int = 42;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// An interface name as the kernel wants it in `struct ifreq`.
+#[derive(Clone, Copy)]
+pub struct IfName([libc::c_char; libc::IFNAMSIZ]);
+
+impl IfName {
+    pub fn new(name: &str) -> Result<IfName, String> {
+        if name.is_empty()
+            || name.len() >= libc::IFNAMSIZ
+            || name
+                .bytes()
+                .any(|b| b == 0 || b == b'/' || b.is_ascii_whitespace())
+        {
+            return Err(format!("invalid interface name {name:?}"));
+        }
+        let mut n = [0 as libc::c_char; libc::IFNAMSIZ];
+        for (d, s) in n.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        Ok(IfName(n))
+    }
+}
+
+fn ifreq(name: &IfName) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut r: libc::ifreq = unsafe { std::mem::zeroed() };
+    r.ifr_name = name.0;
+    r
+}
+
+fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; the kernel reads it by family.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// Creates TAP device `name` in the calling thread's network namespace and returns its queue fd
+/// (non-blocking, close-on-exec). With `vnet_hdr`, frames carry a virtio-net header and the
+/// device is told it may hand over checksum-less and TSO frames.
+pub fn tap_create(name: &IfName, vnet_hdr: bool) -> io::Result<OwnedFd> {
+    // SAFETY: open(2) on a constant NUL-terminated path.
+    let fd = cvt(unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    })?;
+    // SAFETY: fd was just opened and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut r = ifreq(name);
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+    if vnet_hdr {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    r.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads a struct ifreq, which `r` is.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut r) })?;
+    if vnet_hdr {
+        let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        // SAFETY: TUNSETOFFLOAD takes an unsigned long by value.
+        cvt(unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                offloads as libc::c_ulong,
+            )
+        })?;
+    }
+    Ok(fd)
+}
+
+/// An AF_INET datagram socket to configure interfaces with.
+pub fn ctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fd was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ioctl_ifreq(sock: RawFd, req: libc::Ioctl, r: &mut libc::ifreq) -> io::Result<()> {
+    // SAFETY: every request passed here reads or writes a struct ifreq.
+    cvt(unsafe { libc::ioctl(sock, req, r as *mut libc::ifreq) }).map(drop)
+}
+
+/// Sets the IFF_UP flag of `name`.
+pub fn if_up(sock: RawFd, name: &IfName) -> io::Result<()> {
+    let mut r = ifreq(name);
+    ioctl_ifreq(sock, libc::SIOCGIFFLAGS, &mut r)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = unsafe { r.ifr_ifru.ifru_flags };
+    r.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    ioctl_ifreq(sock, libc::SIOCSIFFLAGS, &mut r)
+}
+
+/// Gives `name` an address, netmask and MTU, and asks for a transmit queue of `txqlen` frames
+/// (which the kernel grants only to a process with CAP_NET_ADMIN over the initial namespace, so
+/// failure there is not an error).
+pub fn if_configure(
+    sock: RawFd,
+    name: &IfName,
+    addr: Ipv4Addr,
+    mask: Ipv4Addr,
+    mtu: u16,
+    txqlen: u32,
+) -> io::Result<()> {
+    let mut r = ifreq(name);
+    r.ifr_ifru.ifru_addr = sockaddr_in(addr);
+    ioctl_ifreq(sock, libc::SIOCSIFADDR, &mut r)?;
+    let mut r = ifreq(name);
+    r.ifr_ifru.ifru_netmask = sockaddr_in(mask);
+    ioctl_ifreq(sock, libc::SIOCSIFNETMASK, &mut r)?;
+    let mut r = ifreq(name);
+    r.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+    ioctl_ifreq(sock, libc::SIOCSIFMTU, &mut r)?;
+    let mut r = ifreq(name);
+    r.ifr_ifru.ifru_metric = txqlen as libc::c_int; // ifr_qlen shares the union's int slot
+    let _ = ioctl_ifreq(sock, libc::SIOCSIFTXQLEN, &mut r);
+    Ok(())
+}
+
+/// Sets `name`'s hardware address.
+pub fn if_set_mac(sock: RawFd, name: &IfName, mac: [u8; 6]) -> io::Result<()> {
+    let mut r = ifreq(name);
+    // SAFETY: sockaddr is plain old data.
+    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+    sa.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in sa.sa_data.iter_mut().zip(mac) {
+        *d = s as libc::c_char;
+    }
+    r.ifr_ifru.ifru_hwaddr = sa;
+    ioctl_ifreq(sock, libc::SIOCSIFHWADDR, &mut r)
+}
+
+/// `struct rtentry` from <net/route.h> (glibc's layout; the libc crate has it only for musl).
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// Adds a default route through `gateway`.
+pub fn add_default_route(sock: RawFd, gateway: Ipv4Addr) -> io::Result<()> {
+    let mut rt = RtEntry {
+        rt_pad1: 0,
+        rt_dst: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+        rt_gateway: sockaddr_in(gateway),
+        rt_genmask: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+        rt_flags: libc::RTF_UP | libc::RTF_GATEWAY,
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_pad4: std::ptr::null_mut(),
+        rt_metric: 0,
+        rt_dev: std::ptr::null_mut(),
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    };
+    // SAFETY: SIOCADDRT reads a struct rtentry, which RtEntry lays out; its pointers are null.
+    cvt(unsafe { libc::ioctl(sock, libc::SIOCADDRT, &mut rt as *mut RtEntry) }).map(drop)
+}
+
+/// Writes `data` to the file at `path` (a /proc file), in one write.
+pub fn write_file(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
+    // SAFETY: open(2) on a NUL-terminated path.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) })?;
+    // SAFETY: fd is open; data is a valid slice.
+    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    let err = io::Error::last_os_error();
+    // SAFETY: fd is ours to close.
+    unsafe { libc::close(fd) };
+    if n < 0 {
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// Sends `fd` over the UNIX socket `sock` (SCM_RIGHTS), with one byte of payload.
+pub fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
+    let mut byte = [b'T'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one fd, aligned as cmsghdr requires.
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is plain old data.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    // SAFETY: msg_control points at a buffer of msg_controllen bytes, large enough for one
+    // header, so CMSG_FIRSTHDR is non-null and its data has room for one fd.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+    }
+    // SAFETY: msg describes valid buffers for the duration of the call.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one message into `payload`: the fd it carried (SCM_RIGHTS), if any, and its length.
+pub fn recv_fd(sock: RawFd, payload: &mut [u8]) -> io::Result<(Option<OwnedFd>, usize)> {
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is plain old data.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: msg describes valid buffers for the duration of the call.
+    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled msg_control; CMSG_FIRSTHDR checks msg_controllen before returning
+    // a header, and the data of an SCM_RIGHTS header holds the fds.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() || (*c).cmsg_level != libc::SOL_SOCKET || (*c).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Ok((None, n as usize));
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+        Ok((Some(OwnedFd::from_raw_fd(fd)), n as usize))
+    }
+}
+
+/// Sets a socket's peek offset (`SO_PEEK_OFF`); `-1` turns peek offsets off.
+pub fn set_peek_off(sock: RawFd, off: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt with a pointer to an int of the stated size.
+    cvt(unsafe {
+        libc::setsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            SO_PEEK_OFF,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    })
+    .map(drop)
+}
+
+/// A pidfd for `pid` (readable once the process has exited).
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// Raises the soft limit on open files to the hard limit; returns the new limit.
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a pointer to a valid rlimit.
+    unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return 1024;
+        }
+        if rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+            }
+        }
+        rl.rlim_cur
+    }
+}

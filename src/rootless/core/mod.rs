@@ -12,6 +12,8 @@ mod tcp;
 mod udp;
 
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
 
 use std::cmp::Reverse;

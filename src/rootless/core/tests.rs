@@ -1,1 +1,741 @@
+//! The core on a simulated network (see `sim`): smoltcp's TCP as the guest, an in-memory host,
+//! a lossy wire, injected time.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use smoltcp::socket::tcp;
+use smoltcp::wire::{EthernetAddress, EthernetFrame, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket};
+
+use super::frame::{self, Macs, TcpHeader, ACK, FIN, RST, SYN};
+use super::sim::{Impair, Outcome, Sim, SimHost, GUEST_MAC, SERVER};
+use super::{Config, Core, Ready, RxMeta, GATEWAY_MAC};
+
+fn cfg() -> Config {
+    let mut c = Config::for_cidr("10.0.2.0/24".parse().expect("cidr")).expect("config");
+    c.mtu = 1500;
+    c.resolvers = vec![Ipv4Addr::new(192, 0, 2, 53)];
+    c
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect()
+}
+
+fn guest_socket(
+    sim: &mut Sim,
+    rx: usize,
+    tx: usize,
+    port: u16,
+    local: u16,
+) -> smoltcp::iface::SocketHandle {
+    let s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; rx]),
+        tcp::SocketBuffer::new(vec![0; tx]),
+    );
+    let h = sim.sockets.add(s);
+    let s = sim.sockets.get_mut::<tcp::Socket>(h);
+    s.connect(sim.iface.context(), (SERVER, port), local)
+        .expect("connect");
+    h
+}
+
+fn server(sim: &mut Sim, port: u16) -> Option<&mut super::sim::SimSock> {
+    sim.host
+        .by_dst(SocketAddrV4::new(SERVER, port))
+        .map(|(_, s)| s)
+}
+
+/// Moves `up` from the guest and `down` to it at once, the server closing after its part and
+/// the guest after its own; checks every byte and that the flow is gone at the end.
+fn transfer(impair: Impair, n: usize, server_read: Option<usize>) {
+    let mut sim = Sim::new(cfg());
+    sim.impair = impair;
+    sim.server_read = server_read;
+    let h = guest_socket(&mut sim, 256 << 10, 256 << 10, 5001, 40000);
+    let (up, down) = (pattern(n, 1), pattern(n, 2));
+    let (mut sent, mut got) = (0usize, Vec::new());
+    let mut fed = false;
+    let done = sim.run_until(120_000, |sim| {
+        if !fed {
+            if let Some(s) = server(sim, 5001) {
+                s.rx.extend_from_slice(&down);
+                s.eof = true;
+                fed = true;
+            }
+        }
+        let s = sim.sockets.get_mut::<tcp::Socket>(h);
+        if s.can_send() && sent < up.len() {
+            sent += s.send_slice(&up[sent..]).expect("send");
+            if sent == up.len() {
+                s.close();
+            }
+        }
+        while s.can_recv() {
+            let mut buf = [0u8; 8192];
+            let k = s.recv_slice(&mut buf).expect("recv");
+            got.extend_from_slice(&buf[..k]);
+        }
+        got.len() == down.len() && sim.core.flow_count() == 0
+    });
+    let stats = sim.core.stats();
+    assert!(
+        done,
+        "transfer did not finish: got {} of {} down; stats {stats:?}",
+        got.len(),
+        down.len()
+    );
+    assert!(got == down, "bytes to the guest differ");
+    let s = sim
+        .host
+        .socks
+        .values()
+        .find(|s| s.dst.is_some())
+        .expect("host socket");
+    assert!(
+        s.received == up,
+        "bytes to the server differ ({} of {})",
+        s.received.len(),
+        up.len()
+    );
+    assert!(
+        s.shut_wr && s.closed && !s.reset,
+        "host socket shut down and closed cleanly"
+    );
+    assert_eq!(stats.buffered, 0);
+    if impair.loss > 0 {
+        assert!(
+            stats.tcp_out_of_order + stats.tcp_timeout_retransmit + stats.tcp_fast_retransmit > 0,
+            "loss was exercised"
+        );
+    }
+}
+
+#[test]
+fn bulk_both_ways() {
+    transfer(Impair::default(), 400_000, None);
+}
+
+#[test]
+fn bulk_both_ways_over_loss_duplication_and_reordering() {
+    transfer(
+        Impair {
+            loss: 20,
+            dup: 20,
+            reorder: 30,
+        },
+        150_000,
+        None,
+    );
+}
+
+#[test]
+fn slow_server_backpressure_bounds_the_queue() {
+    // The server reads 2 KB a millisecond; the guest's data waits in the window, not in memory.
+    let mut c = cfg();
+    c.flow_window = 32 << 10;
+    let mut sim = Sim::new(c);
+    sim.host.sock_cap = 8 << 10;
+    sim.server_read = Some(2048);
+    let h = guest_socket(&mut sim, 64 << 10, 256 << 10, 5002, 40001);
+    let up = pattern(200_000, 3);
+    let mut sent = 0;
+    let mut max_buffered = 0;
+    let done = sim.run_until(60_000, |sim| {
+        let s = sim.sockets.get_mut::<tcp::Socket>(h);
+        if s.can_send() && sent < up.len() {
+            sent += s.send_slice(&up[sent..]).expect("send");
+        }
+        max_buffered = max_buffered.max(sim.core.stats().buffered);
+        server(sim, 5002).is_some_and(|s| s.received.len() == up.len())
+    });
+    assert!(done);
+    assert!(server(&mut sim, 5002).expect("sock").received == up);
+    assert!(
+        max_buffered <= 32 << 10,
+        "queued {max_buffered} bytes, more than the window"
+    );
+}
+
+#[test]
+fn zero_window_guest_stalls_then_catches_up() {
+    let mut sim = Sim::new(cfg());
+    let h = guest_socket(&mut sim, 4096, 4096, 5003, 40002);
+    let down = pattern(100_000, 4);
+    assert!(sim.run_until(2000, |sim| server(sim, 5003).is_some()));
+    server(&mut sim, 5003)
+        .expect("sock")
+        .rx
+        .extend_from_slice(&down);
+    // The guest reads nothing for five simulated seconds.
+    sim.run_until(5000, |_| false);
+    let stalled = sim.core.stats().tcp_bytes_to_guest;
+    assert!(
+        stalled <= 4096 * 2,
+        "sent {stalled} bytes into a 4 KB window"
+    );
+    let mut got = Vec::new();
+    let done = sim.run_until(60_000, |sim| {
+        let s = sim.sockets.get_mut::<tcp::Socket>(h);
+        while s.can_recv() {
+            let mut buf = [0u8; 1024];
+            let k = s.recv_slice(&mut buf).expect("recv");
+            got.extend_from_slice(&buf[..k]);
+        }
+        got.len() == down.len()
+    });
+    assert!(done, "got {} of {}", got.len(), down.len());
+    assert!(got == down);
+}
+
+#[test]
+fn refused_connect_resets_the_guest_at_once() {
+    let mut sim = Sim::new(cfg());
+    sim.host.outcome = Box::new(|_| Outcome::Refuse);
+    let h = guest_socket(&mut sim, 4096, 4096, 9, 40003);
+    let closed = sim.run_until(100, |sim| {
+        sim.sockets.get::<tcp::Socket>(h).state() == tcp::State::Closed
+    });
+    assert!(
+        closed,
+        "state {:?}",
+        sim.sockets.get::<tcp::Socket>(h).state()
+    );
+    assert_eq!(sim.core.stats().tcp_connect_failed, 1);
+    assert_eq!(sim.core.flow_count(), 0);
+}
+
+/// The ICMP messages emitted, as (type, code, quoted TCP source port).
+fn icmp_errors(host: &SimHost) -> Vec<(u8, u8, u16)> {
+    host.log
+        .iter()
+        .filter_map(|f| {
+            let eth = EthernetFrame::new_checked(&f[..]).ok()?;
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            if ip.next_header() != IpProtocol::Icmp {
+                return None;
+            }
+            let m = ip.payload();
+            // The quote holds the IP header and 8 bytes of TCP, less than its total length says.
+            let quoted = m.get(8..)?;
+            let q = quoted.get(usize::from(quoted.first()? & 0x0f) * 4..)?;
+            Some((m[0], m[1], u16::from_be_bytes([q[0], q[1]])))
+        })
+        .collect()
+}
+
+#[test]
+fn unreachable_destination_gets_icmp_quoting_the_syn() {
+    let mut sim = Sim::new(cfg());
+    sim.host.log_frames = true;
+    sim.host.outcome = Box::new(|_| Outcome::Unreachable);
+    guest_socket(&mut sim, 4096, 4096, 80, 40004);
+    let failed = sim.run_until(100, |sim| sim.core.stats().tcp_connect_failed == 1);
+    assert!(
+        failed,
+        "{:?} frames {}",
+        sim.core.stats(),
+        sim.host.log.len()
+    );
+    assert_eq!(icmp_errors(&sim.host), vec![(3, 1, 40004)]);
+    // A connect that fails at once (no route) is reported the same way.
+    let mut sim = Sim::new(cfg());
+    sim.host.log_frames = true;
+    sim.host.outcome = Box::new(|_| Outcome::FailNow(libc::ENETUNREACH));
+    guest_socket(&mut sim, 4096, 4096, 80, 40005);
+    sim.run_until(100, |sim| sim.core.stats().tcp_connect_failed == 1);
+    assert_eq!(icmp_errors(&sim.host), vec![(3, 0, 40005)]);
+    assert_eq!(sim.core.flow_count(), 0);
+}
+
+#[test]
+fn server_reset_mid_stream_resets_the_guest() {
+    let mut sim = Sim::new(cfg());
+    let h = guest_socket(&mut sim, 65536, 65536, 5004, 40006);
+    assert!(
+        sim.run_until(2000, |sim| sim.sockets.get::<tcp::Socket>(h).state()
+            == tcp::State::Established)
+    );
+    server(&mut sim, 5004)
+        .expect("sock")
+        .rx
+        .extend_from_slice(b"partial");
+    sim.run_until(50, |_| false);
+    server(&mut sim, 5004).expect("sock").err = Some(libc::ECONNRESET);
+    let closed = sim.run_until(1000, |sim| {
+        sim.sockets.get::<tcp::Socket>(h).state() == tcp::State::Closed
+    });
+    assert!(closed);
+    assert_eq!(sim.core.flow_count(), 0);
+    assert_eq!(sim.core.stats().tcp_reset, 1);
+}
+
+#[test]
+fn guest_abort_resets_the_host_socket() {
+    let mut sim = Sim::new(cfg());
+    let h = guest_socket(&mut sim, 65536, 65536, 5005, 40007);
+    assert!(
+        sim.run_until(2000, |sim| sim.sockets.get::<tcp::Socket>(h).state()
+            == tcp::State::Established)
+    );
+    sim.sockets.get_mut::<tcp::Socket>(h).abort();
+    assert!(sim.run_until(100, |sim| sim.core.flow_count() == 0));
+    let s = sim.host.socks.values().next().expect("sock");
+    assert!(s.closed && s.reset);
+}
+
+#[test]
+fn half_close_carries_data_after_the_guests_fin() {
+    let mut sim = Sim::new(cfg());
+    let h = guest_socket(&mut sim, 256 << 10, 4096, 5006, 40008);
+    assert!(
+        sim.run_until(2000, |sim| sim.sockets.get::<tcp::Socket>(h).state()
+            == tcp::State::Established)
+    );
+    let s = sim.sockets.get_mut::<tcp::Socket>(h);
+    s.send_slice(b"GET /").expect("send");
+    s.close();
+    assert!(sim.run_until(2000, |sim| server(sim, 5006).is_some_and(|s| s.shut_wr)));
+    assert_eq!(server(&mut sim, 5006).expect("sock").received, b"GET /");
+    // The server answers after the guest's FIN, then closes.
+    let down = pattern(50_000, 5);
+    let srv = server(&mut sim, 5006).expect("sock");
+    srv.rx.extend_from_slice(&down);
+    srv.eof = true;
+    let mut got = Vec::new();
+    let done = sim.run_until(30_000, |sim| {
+        let s = sim.sockets.get_mut::<tcp::Socket>(h);
+        while s.can_recv() {
+            let mut buf = [0u8; 4096];
+            let k = s.recv_slice(&mut buf).expect("recv");
+            got.extend_from_slice(&buf[..k]);
+        }
+        got.len() == down.len() && sim.core.flow_count() == 0
+    });
+    assert!(
+        done,
+        "got {} of {}, flows {}",
+        got.len(),
+        down.len(),
+        sim.core.flow_count()
+    );
+    assert!(got == down);
+}
+
+// ---- Raw-frame guest: for thousands of flows, and for what smoltcp cannot send. ----
+
+const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
+
+fn guest_macs() -> Macs {
+    // frame::tcp writes "ours" as the source: here the guest is the sender.
+    Macs {
+        ours: EthernetAddress(GUEST_MAC),
+        guest: EthernetAddress(GATEWAY_MAC),
+    }
+}
+
+fn guest_tcp(
+    sport: u16,
+    dst: SocketAddrV4,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+    options: &[u8],
+) -> Vec<u8> {
+    let mut buf = vec![0u8; frame::MAX_FRAME];
+    let at = frame::TCP_PAYLOAD_AT + options.len();
+    buf[at..at + payload.len()].copy_from_slice(payload);
+    let h = TcpHeader {
+        src: SocketAddrV4::new(GUEST, sport),
+        dst,
+        seq,
+        ack,
+        flags,
+        window: 65535,
+        options,
+    };
+    let (len, _) = frame::tcp(&mut buf, guest_macs(), &h, payload.len(), 1, false);
+    buf.truncate(len);
+    buf
+}
+
+fn guest_udp(sport: u16, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; frame::MAX_FRAME];
+    buf[frame::UDP_PAYLOAD_AT..frame::UDP_PAYLOAD_AT + payload.len()].copy_from_slice(payload);
+    let (len, _) = frame::udp(
+        &mut buf,
+        guest_macs(),
+        SocketAddrV4::new(GUEST, sport),
+        dst,
+        payload.len(),
+        1,
+        false,
+    );
+    buf.truncate(len);
+    buf
+}
+
+/// TCP segments to the guest: (dst port, seq, ack, flags, payload length).
+fn tcp_out(frames: &[Vec<u8>]) -> Vec<(u16, u32, u32, u8, usize)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let eth = EthernetFrame::new_checked(&f[..]).ok()?;
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            let t = TcpPacket::new_checked(ip.payload()).ok()?;
+            assert!(t.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+            let flags = (t.fin() as u8)
+                | (t.syn() as u8) << 1
+                | (t.rst() as u8) << 2
+                | (t.ack() as u8) << 4;
+            Some((
+                t.dst_port(),
+                t.seq_number().0 as u32,
+                t.ack_number().0 as u32,
+                flags,
+                t.payload().len(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn thousands_of_flows_and_the_flow_limit() {
+    const N: u16 = 3000;
+    let mut c = cfg();
+    c.max_flows = usize::from(N);
+    let mut core = Core::new(c);
+    let mut host = SimHost::new();
+    let now = std::time::Instant::now();
+    let dst = SocketAddrV4::new(SERVER, 80);
+    let rx = RxMeta::default();
+    for p in 0..N {
+        core.on_frame(
+            &mut host,
+            &guest_tcp(20000 + p, dst, 1000, 0, SYN, &[], &[2, 4, 5, 180]),
+            rx,
+            now,
+        );
+    }
+    assert_eq!(core.flow_count(), usize::from(N));
+    assert_eq!(host.connects.len(), usize::from(N));
+    // One more is refused with RST and counted; the others go on.
+    core.on_frame(
+        &mut host,
+        &guest_tcp(19999, dst, 1000, 0, SYN, &[], &[]),
+        rx,
+        now,
+    );
+    assert_eq!(core.stats().refused_limit, 1);
+    assert_eq!(
+        tcp_out(&host.to_guest),
+        vec![(19999, 0, 1001, RST | ACK, 0)]
+    );
+    host.to_guest.clear();
+    let ids: Vec<usize> = host.socks.keys().copied().collect();
+    for &id in &ids {
+        host.socks.get_mut(&id).expect("sock").connected = true;
+        core.on_ready(
+            &mut host,
+            id,
+            Ready {
+                writable: true,
+                ..Default::default()
+            },
+            now,
+        );
+    }
+    let synacks = tcp_out(&host.to_guest);
+    assert_eq!(synacks.len(), usize::from(N));
+    host.to_guest.clear();
+    for &(port, iss, ack, flags, _) in &synacks {
+        assert_eq!((ack, flags), (1001, SYN | ACK));
+        let msg = format!("hello {port}");
+        core.on_frame(
+            &mut host,
+            &guest_tcp(port, dst, 1001, iss + 1, ACK, msg.as_bytes(), &[]),
+            rx,
+            now,
+        );
+    }
+    core.flush(&mut host, now);
+    for s in host.socks.values() {
+        assert!(
+            s.received.starts_with(b"hello "),
+            "data reached every server socket"
+        );
+    }
+    let acks = tcp_out(&host.to_guest);
+    assert_eq!(acks.len(), usize::from(N), "one ACK per flow for its data");
+    assert!(acks.iter().all(|&(port, _, ack, flags, _)| flags == ACK
+        && ack == 1001 + format!("hello {port}").len() as u32));
+    host.to_guest.clear();
+    // Every server closes; every guest answers the FIN with its own.
+    for &id in &ids {
+        host.socks.get_mut(&id).expect("sock").eof = true;
+        core.on_ready(
+            &mut host,
+            id,
+            Ready {
+                readable: true,
+                ..Default::default()
+            },
+            now,
+        );
+    }
+    let fins = tcp_out(&host.to_guest);
+    host.to_guest.clear();
+    assert_eq!(fins.len(), usize::from(N));
+    for &(port, seq, ack, flags, _) in &fins {
+        assert_eq!(flags, FIN | ACK);
+        core.on_frame(
+            &mut host,
+            &guest_tcp(port, dst, ack, seq + 1, FIN | ACK, &[], &[]),
+            rx,
+            now,
+        );
+    }
+    core.flush(&mut host, now);
+    assert_eq!(core.flow_count(), 0);
+    assert!(host
+        .socks
+        .values()
+        .all(|s| s.closed && s.shut_wr && !s.reset));
+}
+
+#[test]
+fn segments_for_no_flow_are_reset() {
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    let now = std::time::Instant::now();
+    let dst = SocketAddrV4::new(SERVER, 80);
+    core.on_frame(
+        &mut host,
+        &guest_tcp(30000, dst, 5, 77, ACK, b"x", &[]),
+        RxMeta::default(),
+        now,
+    );
+    assert_eq!(tcp_out(&host.to_guest), vec![(30000, 77, 0, RST, 0)]);
+    assert_eq!(core.stats().tcp_no_flow, 1);
+}
+
+#[test]
+fn gateway_reaches_host_loopback_only_when_allowed() {
+    let gw = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 22);
+    let now = std::time::Instant::now();
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    core.on_frame(
+        &mut host,
+        &guest_tcp(30001, gw, 9, 0, SYN, &[], &[]),
+        RxMeta::default(),
+        now,
+    );
+    assert!(host.connects.is_empty());
+    assert_eq!(tcp_out(&host.to_guest), vec![(30001, 0, 10, RST | ACK, 0)]);
+    assert_eq!(core.stats().tcp_refused_policy, 1);
+
+    let mut c = cfg();
+    c.allow_host_loopback = true;
+    let mut core = Core::new(c);
+    let mut host = SimHost::new();
+    core.on_frame(
+        &mut host,
+        &guest_tcp(30001, gw, 9, 0, SYN, &[], &[]),
+        RxMeta::default(),
+        now,
+    );
+    assert_eq!(
+        host.connects,
+        vec![SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22)]
+    );
+}
+
+/// UDP datagrams to the guest: (source, destination, payload).
+fn udp_out(frames: &[Vec<u8>]) -> Vec<(SocketAddrV4, SocketAddrV4, Vec<u8>)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let eth = EthernetFrame::new_checked(&f[..]).ok()?;
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            let u = UdpPacket::new_checked(ip.payload()).ok()?;
+            assert!(u.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+            Some((
+                SocketAddrV4::new(ip.src_addr(), u.src_port()),
+                SocketAddrV4::new(ip.dst_addr(), u.dst_port()),
+                u.payload().to_vec(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn dns_is_forwarded_to_the_host_resolver_and_strangers_are_filtered() {
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    let t0 = std::time::Instant::now();
+    let dns = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 53);
+    let resolver = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 53), 53);
+    core.on_frame(
+        &mut host,
+        &guest_udp(5353, dns, b"query"),
+        RxMeta::default(),
+        t0,
+    );
+    let (&id, s) = host.socks.iter_mut().next().expect("a UDP socket");
+    assert_eq!(s.udp_out, vec![(resolver, b"query".to_vec())]);
+    s.udp_in.push_back((resolver, b"answer".to_vec()));
+    s.udp_in.push_back((
+        SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 53),
+        b"spoof".to_vec(),
+    ));
+    core.on_ready(
+        &mut host,
+        id,
+        Ready {
+            readable: true,
+            ..Default::default()
+        },
+        t0,
+    );
+    assert_eq!(
+        udp_out(&host.to_guest),
+        vec![(dns, SocketAddrV4::new(GUEST, 5353), b"answer".to_vec())]
+    );
+    assert_eq!(core.stats().udp_filtered, 1);
+    // Idle DNS flows expire.
+    core.on_timer(&mut host, t0 + std::time::Duration::from_secs(11));
+    core.on_timer(&mut host, t0 + std::time::Duration::from_secs(12));
+    assert_eq!(core.flow_count(), 0);
+    assert!(host.socks[&id].closed);
+}
+
+#[test]
+fn udp_to_a_refused_destination_gets_port_unreachable() {
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    host.log_frames = true;
+    let gw = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 53);
+    core.on_frame(
+        &mut host,
+        &guest_udp(5354, gw, b"q"),
+        RxMeta::default(),
+        std::time::Instant::now(),
+    );
+    assert_eq!(icmp_errors(&host), vec![(3, 3, 5354)]);
+    assert!(host.socks.is_empty());
+}
+
+fn guest_echo(dst: Ipv4Addr, ident: u16) -> Vec<u8> {
+    let mut buf = vec![0u8; 200];
+    let msg = [
+        8u8,
+        0,
+        0,
+        0,
+        (ident >> 8) as u8,
+        ident as u8,
+        0,
+        1,
+        b'p',
+        b'i',
+        b'n',
+        b'g',
+    ];
+    buf[frame::ICMP_AT..frame::ICMP_AT + msg.len()].copy_from_slice(&msg);
+    let len = frame::icmp(&mut buf, guest_macs(), GUEST, dst, msg.len(), 1);
+    buf.truncate(len);
+    buf
+}
+
+/// ICMP messages to the guest: (source, type, identifier).
+fn icmp_out(frames: &[Vec<u8>]) -> Vec<(Ipv4Addr, u8, u16)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let eth = EthernetFrame::new_checked(&f[..]).ok()?;
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            (ip.next_header() == IpProtocol::Icmp).then(|| {
+                let m = ip.payload();
+                assert_eq!(
+                    super::csum::fold(super::csum::add(0, m)),
+                    0xffff,
+                    "ICMP checksum"
+                );
+                (ip.src_addr(), m[0], u16::from_be_bytes([m[4], m[5]]))
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn echo_to_the_gateway_is_answered_and_others_go_through_ping_sockets() {
+    let now = std::time::Instant::now();
+    let gw = Ipv4Addr::new(10, 0, 2, 2);
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    core.on_frame(&mut host, &guest_echo(gw, 0x77), RxMeta::default(), now);
+    assert_eq!(icmp_out(&host.to_guest), vec![(gw, 0, 0x77)]);
+    host.to_guest.clear();
+    core.on_frame(&mut host, &guest_echo(SERVER, 0x78), RxMeta::default(), now);
+    let (&id, s) = host.socks.iter_mut().next().expect("ping socket");
+    assert_eq!(s.udp_out.len(), 1);
+    // The kernel's reply carries its own identifier; the guest gets its own back.
+    s.udp_in.push_back((
+        SocketAddrV4::new(SERVER, 0),
+        vec![0, 0, 0, 0, 0x12, 0x34, 0, 1, b'p'],
+    ));
+    core.on_ready(
+        &mut host,
+        id,
+        Ready {
+            readable: true,
+            ..Default::default()
+        },
+        now,
+    );
+    assert_eq!(icmp_out(&host.to_guest), vec![(SERVER, 0, 0x78)]);
+
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    host.ping_allowed = false;
+    core.on_frame(&mut host, &guest_echo(SERVER, 0x79), RxMeta::default(), now);
+    assert_eq!(core.stats().icmp_unavailable, 1);
+    assert_eq!(core.flow_count(), 0);
+}
+
+#[test]
+fn bad_frames_are_counted_not_fatal() {
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    let now = std::time::Instant::now();
+    let good = guest_tcp(30002, SocketAddrV4::new(SERVER, 80), 1, 0, SYN, &[], &[]);
+    core.on_frame(&mut host, &good[..10], RxMeta::default(), now); // runt
+    let mut bad_ip = good.clone();
+    bad_ip[14 + 10] ^= 0xff; // IP header checksum
+    core.on_frame(&mut host, &bad_ip, RxMeta::default(), now);
+    let mut bad_tcp = good.clone();
+    let last = bad_tcp.len() - 1;
+    bad_tcp[last] ^= 0x01; // TCP checksum (the last option byte)
+    core.on_frame(&mut host, &bad_tcp, RxMeta::default(), now);
+    let mut short = good.clone();
+    short.truncate(14 + 20 + 10); // TCP header cut short
+    core.on_frame(&mut host, &short, RxMeta::default(), now);
+    let s = core.stats();
+    assert_eq!((s.drop_malformed, s.drop_checksum), (2, 2), "{s:?}");
+    assert!(host.connects.is_empty());
+    // Arbitrary bytes, every length up to 200.
+    for len in 0..200 {
+        let junk: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+        core.on_frame(
+            &mut host,
+            &junk,
+            RxMeta {
+                csum_trusted: len % 2 == 0,
+            },
+            now,
+        );
+    }
+}

@@ -24,6 +24,7 @@
 //! - `dns`      — a minimal DNS responder run as a helper process
 //! - `smoke`    — tests of the harness itself (no rnat needed)
 //! - `rootful`  — the rnat tests (`traffic`, `resolv`, `lifecycle`, `errors`)
+//! - `rootless` — rootless `rnat run` and `rnat attach` as an unprivileged user
 
 mod cni;
 mod dns;
@@ -34,4 +35,5 @@ mod procs;
 mod readback;
 mod rnat;
 mod rootful;
+mod rootless;
 mod smoke;

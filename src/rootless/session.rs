@@ -329,29 +329,39 @@ impl Drop for TempFile {
 
 fn write_resolv(content: &str) -> Result<TempFile, Error> {
     use std::io::Write;
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+    // $XDG_RUNTIME_DIR when it is ours to write in, else the temporary directory.
+    let dirs = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
-        .filter(|d| d.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    for attempt in 0..16u32 {
-        let path = dir.join(format!("rnat-resolv-{}-{attempt}.conf", std::process::id()));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                f.write_all(content.as_bytes())
-                    .map_err(io_err(format!("writing {}", path.display())))?;
-                return Ok(TempFile(path));
+        .into_iter()
+        .chain([std::env::temp_dir()]);
+    let mut last = None;
+    for dir in dirs {
+        for attempt in 0..16u32 {
+            let path = dir.join(format!("rnat-resolv-{}-{attempt}.conf", std::process::id()));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(content.as_bytes())
+                        .map_err(io_err(format!("writing {}", path.display())))?;
+                    return Ok(TempFile(path));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    last = Some((path, e));
+                    break;
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io_err(format!("creating {}", path.display()))(e)),
         }
     }
-    Err(Error::Invalid(
-        "cannot create a temporary resolv.conf".into(),
-    ))
+    match last {
+        Some((path, e)) => Err(io_err(format!("creating {}", path.display()))(e)),
+        None => Err(Error::Invalid(
+            "cannot create a temporary resolv.conf".into(),
+        )),
+    }
 }
 
 /// Where `rnat attach` finds the namespaces.

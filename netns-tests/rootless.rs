@@ -1,0 +1,361 @@
+//! rnat's rootless mode, run by an unprivileged user inside the test's host namespace H: real
+//! traffic from the container to servers in U, checked byte for byte.
+//!
+//! The set-up creates the system user `rnat-test` (if missing) and makes /dev/net/tun usable by
+//! everyone (mode 0666, as most distributions ship it). rnat is copied into the topology's
+//! scratch directory so that user can run it wherever the build directory is.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::sync::Once;
+use std::time::Duration;
+
+use crate::dns::{nslookup_addresses, start_dns_server};
+use crate::fixtures::*;
+use crate::harness::{Topology, U_IP};
+use crate::procs::{self, Finished};
+use crate::rnat::RNAT;
+use crate::topology;
+
+const USER: &str = "rnat-test";
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Creates the unprivileged test user and opens /dev/net/tun to everyone, once per run.
+fn prepare_host() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let known = Command::new("id")
+            .args(["-u", USER])
+            .output()
+            .expect("run id");
+        if !known.status.success() {
+            let out = Command::new("useradd")
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    USER,
+                ])
+                .output()
+                .expect("run useradd");
+            assert!(
+                out.status.success(),
+                "useradd {USER}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let tun = std::path::Path::new("/dev/net/tun");
+        let mode = std::fs::metadata(tun)
+            .expect("/dev/net/tun exists")
+            .permissions()
+            .mode();
+        if mode & 0o666 != 0o666 {
+            std::fs::set_permissions(tun, std::fs::Permissions::from_mode(0o666))
+                .expect("chmod /dev/net/tun");
+        }
+    });
+}
+
+/// The topology plus a copy of rnat the test user can execute, and ping sockets allowed in H.
+struct Rig {
+    t: Topology,
+    rnat: String,
+}
+
+fn rig(t: Topology) -> Rig {
+    prepare_host();
+    let dst = t.work_path("rnat");
+    std::fs::copy(RNAT, &dst).expect("copy rnat");
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod rnat");
+    t.exec_ok(
+        &t.h,
+        &[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ping_group_range=0 2147483647",
+        ],
+    );
+    Rig {
+        rnat: dst.to_str().expect("UTF-8 path").to_string(),
+        t,
+    }
+}
+
+impl Rig {
+    /// ARGV as the test user in H, from `/`, without root's runtime directory.
+    fn as_user(&self, argv: &[&str]) -> Command {
+        let mut full = vec![
+            "setpriv",
+            "--reuid",
+            USER,
+            "--regid",
+            USER,
+            "--clear-groups",
+            "--",
+        ];
+        full.extend_from_slice(argv);
+        let mut cmd = self.t.ns_command(&self.t.h, &full);
+        cmd.current_dir("/").env_remove("XDG_RUNTIME_DIR");
+        cmd
+    }
+
+    /// `rnat run [FLAGS] -- sh -c SCRIPT` as the test user; waits for it.
+    fn run(&self, flags: &[&str], script: &str) -> Finished {
+        let mut argv = vec![self.rnat.as_str(), "run"];
+        argv.extend_from_slice(flags);
+        argv.extend(["--", "sh", "-c", script]);
+        procs::run_bounded(self.as_user(&argv), None, RUN_TIMEOUT)
+    }
+
+    fn run_ok(&self, flags: &[&str], script: &str) -> String {
+        let out = self.run(flags, script);
+        assert!(
+            out.success(),
+            "[{}] rootless run failed\n{}",
+            self.t.label,
+            out.describe()
+        );
+        out.stdout_str()
+    }
+}
+
+fn sha256_of(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a hash")
+        .to_string()
+}
+
+#[test]
+fn runs_unprivileged_with_slirp_addresses_and_exit_status() {
+    let t = topology!("rl_basics");
+    let r = rig(t);
+    let out = r.run(
+        &[],
+        "id -u; ip -4 -o addr show tap0; ip route show default; cat /etc/resolv.conf; exit 7",
+    );
+    assert_eq!(
+        out.code(),
+        Some(7),
+        "rnat exits with the command's status\n{}",
+        out.describe()
+    );
+    let text = out.stdout_str();
+    assert!(text.starts_with("0\n"), "the user is root inside\n{text}");
+    assert!(
+        text.contains("inet 10.0.2.100/24"),
+        "tap0 has 10.0.2.100/24\n{text}"
+    );
+    assert!(text.contains("default via 10.0.2.2 dev tap0"), "{text}");
+    assert!(text.contains("nameserver 10.0.2.3"), "{text}");
+    // --cidr moves every address.
+    let text = r.run_ok(
+        &["--cidr", "192.0.2.0/24"],
+        "ip -4 -o addr show tap0; ip route show default",
+    );
+    assert!(
+        text.contains("inet 192.0.2.100/24") && text.contains("default via 192.0.2.2"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bulk_tcp_both_ways_arrives_intact() {
+    let t = topology!("rl_bulk");
+    let r = rig(t);
+    let data = payload(24 << 20, 11);
+    let file = r.t.work_file("payload", &data);
+    let want = sha256_of(&file);
+    let file = file.to_str().expect("UTF-8 path").to_string();
+    // Upload: U hashes what it receives; download: U sends the file.
+    let _up = r.t.server(
+        &r.t.u,
+        &strings(&[
+            "socat",
+            "TCP-LISTEN:7100,reuseaddr,fork",
+            "SYSTEM:sha256sum",
+        ]),
+        "tcp",
+        7100,
+    );
+    let _down = r.t.server(
+        &r.t.u,
+        &strings(&[
+            "socat",
+            "TCP-LISTEN:7101,reuseaddr,fork",
+            &format!("OPEN:{file}"),
+        ]),
+        "tcp",
+        7101,
+    );
+    for mtu in ["65520", "1500"] {
+        let script = format!(
+            "socat -t 30 -T 60 - TCP:{U_IP}:7100 <{file} | cut -d' ' -f1; socat -u -T 60 TCP:{U_IP}:7101 - | sha256sum | cut -d' ' -f1"
+        );
+        let text = r.run_ok(&["--mtu", mtu], &script);
+        let hashes: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            hashes,
+            vec![want.as_str(), want.as_str()],
+            "MTU {mtu}: upload then download hash"
+        );
+    }
+}
+
+#[test]
+fn many_short_connections_udp_and_ping() {
+    let t = topology!("rl_short");
+    let r = rig(t);
+    let _echo = r.t.server(&r.t.u, &tcp_echo_server(7000), "tcp", 7000);
+    let _udp = r.t.server(&r.t.u, &udp_echo_server(7001), "udp", 7001);
+    let script = format!(
+        "ok=0; i=0; while [ $i -lt 150 ]; do \
+           r=$(echo conn-$i | socat -t 5 -T 10 - TCP:{U_IP}:7000,connect-timeout=5); \
+           [ \"$r\" = conn-$i ] && ok=$((ok+1)); i=$((i+1)); done; echo tcp-ok=$ok; \
+         echo datagram | socat -t 2 - UDP:{U_IP}:7001; \
+         busybox ping -c 2 -W 3 {U_IP} >/dev/null && echo ping-upstream-ok; \
+         busybox ping -c 1 -W 3 10.0.2.2 >/dev/null && echo ping-gateway-ok"
+    );
+    let text = r.run_ok(&[], &script);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "tcp-ok=150",
+            "datagram",
+            "ping-upstream-ok",
+            "ping-gateway-ok"
+        ],
+        "{text}"
+    );
+}
+
+#[test]
+fn names_resolve_through_the_hosts_resolver() {
+    let t = topology!("rl_dns");
+    let r = rig(t);
+    let _dns = start_dns_server(&r.t, &r.t.u, U_IP, &[("svc.rnat.test", "203.0.113.77")]);
+    // rnat reads H's resolv.conf, which `ip netns exec` takes from /etc/netns/H/.
+    r.t.write_etc_netns(&r.t.h, "resolv.conf", &format!("nameserver {U_IP}\n"));
+    let text = r.run_ok(&[], "busybox nslookup svc.rnat.test");
+    assert_eq!(nslookup_addresses(&text), vec!["203.0.113.77"], "{text}");
+}
+
+#[test]
+fn refused_and_unreachable_fail_fast_and_loopback_needs_permission() {
+    let t = topology!("rl_errors");
+    let r = rig(t);
+    // A listener on H's loopback, which the gateway address reaches only when allowed.
+    let _lo = r.t.server(
+        &r.t.h,
+        &strings(&[
+            "socat",
+            "TCP-LISTEN:7200,bind=127.0.0.1,reuseaddr,fork",
+            "SYSTEM:echo host-loopback",
+        ]),
+        "tcp",
+        7200,
+    );
+    // connect-timeout is long: a refusal or unreachability must come from rnat, not a timer.
+    let script = format!(
+        "socat -u TCP:{U_IP}:9,connect-timeout=40 - 2>&1; \
+         socat -u TCP:198.51.100.77:80,connect-timeout=40 - 2>&1; \
+         socat -u TCP:10.0.2.2:7200,connect-timeout=40 - 2>&1; true"
+    );
+    let text = r.run_ok(&[], &script);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].contains("Connection refused"),
+        "closed port: {text}"
+    );
+    assert!(
+        lines[1].contains("No route to host"),
+        "address nobody answers for: {text}"
+    );
+    assert!(
+        lines[2].contains("Connection refused"),
+        "host loopback without permission: {text}"
+    );
+    let text = r.run_ok(
+        &["--allow-host-loopback"],
+        "socat -u TCP:10.0.2.2:7200,connect-timeout=10 -",
+    );
+    assert_eq!(text.trim(), "host-loopback");
+}
+
+#[test]
+fn attach_serves_a_namespace_made_by_someone_else() {
+    let t = topology!("rl_attach");
+    let r = rig(t);
+    let _echo = r.t.server(&r.t.u, &tcp_echo_server(7000), "tcp", 7000);
+    // A user-owned namespace pair with a process that waits in it.
+    let mut holder = r.t.spawn_command(r.as_user(&[
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--net",
+        "sleep",
+        "60",
+    ]));
+    let pid = procs::poll(|| {
+        procs::descendants(holder.pid())
+            .into_iter()
+            .chain([holder.pid()])
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            })
+    })
+    .expect("the namespace holder started");
+    let pid_s = pid.to_string();
+    let mut served =
+        r.t.spawn_command(r.as_user(&[&r.rnat, "attach", "--pid", &pid_s, "--configure"]));
+    let client = format!("echo via-attach | socat -t 5 -T 10 - TCP:{U_IP}:7000,connect-timeout=10");
+    let out = procs::poll(|| {
+        let out = procs::run_bounded(
+            r.as_user(&[
+                "nsenter",
+                "--target",
+                &pid_s,
+                "--user",
+                "--net",
+                "--preserve-credentials",
+                "sh",
+                "-c",
+                &client,
+            ]),
+            None,
+            Duration::from_secs(20),
+        );
+        out.success().then_some(out)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no traffic through the attached namespace\n{}",
+            served.describe_now()
+        )
+    });
+    assert_eq!(out.stdout_str().trim(), "via-attach");
+    // When the namespace's process exits, rnat attach exits too.
+    holder.signal("KILL");
+    procs::send_signal("KILL", &[pid]);
+    let done = served.wait_exit(Duration::from_secs(20));
+    assert!(
+        !done.timed_out(),
+        "rnat attach outlived its target\n{}",
+        done.describe()
+    );
+    assert!(done.success(), "{}", done.describe());
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}

@@ -23,12 +23,21 @@ const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
 
+/// Without `SO_PEEK_OFF`, data sent but not yet acknowledged is peeked again on every peek;
+/// this caps it.
+const FALLBACK_MAX_INFLIGHT: usize = 1 << 20;
+
 /// The core's window on the kernel: sockets by flow id, the TAP, and the epoll set.
 pub struct KernelHost {
     epoll: Epoll,
     tap: OwnedFd,
     vnet_hdr: bool,
     socks: Vec<Option<Socket>>,
+    /// Whether TCP honours `SO_PEEK_OFF` (Linux 6.9 and later); `None` until the first connect.
+    peek_off: Option<bool>,
+    /// Without `SO_PEEK_OFF`: per flow, the bytes already peeked (skipped by the next peek).
+    peeked: Vec<usize>,
+    scratch: Vec<u8>,
     /// Frames the TAP refused (its queue full).
     pub tx_dropped: u64,
 }
@@ -52,6 +61,9 @@ impl KernelHost {
             tap,
             vnet_hdr,
             socks: Vec::new(),
+            peek_off: std::env::var_os("RNAT_NO_PEEK_OFF").map(|_| false),
+            peeked: Vec::new(),
+            scratch: Vec::new(),
             tx_dropped: 0,
         })
     }
@@ -67,8 +79,10 @@ impl KernelHost {
         self.epoll.add(&s, EpollEvent::new(flags, id as u64))?;
         if self.socks.len() <= id {
             self.socks.resize_with(id + 1, || None);
+            self.peeked.resize(id + 1, 0);
         }
         self.socks[id] = Some(s);
+        self.peeked[id] = 0;
         Ok(())
     }
 
@@ -114,7 +128,17 @@ impl Host for KernelHost {
             Some(Protocol::TCP),
         )?;
         s.set_tcp_nodelay(true)?;
-        sys::set_peek_off(s.as_raw_fd(), 0)?;
+        if self.peek_off != Some(false) {
+            match sys::set_peek_off(s.as_raw_fd(), 0) {
+                Ok(()) => self.peek_off = Some(true),
+                Err(e) => {
+                    tracing::info!(
+                        "TCP has no SO_PEEK_OFF here ({e}): peeking past sent data instead"
+                    );
+                    self.peek_off = Some(false);
+                }
+            }
+        }
         match s.connect(&SockAddr::from(dst)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -151,6 +175,9 @@ impl Host for KernelHost {
     }
 
     fn tcp_peek(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
+        if self.peek_off == Some(false) {
+            return self.peek_skipping(id, buf);
+        }
         let s = sock(&self.socks, id)?;
         match nix::sys::socket::recv(
             s.as_raw_fd(),
@@ -181,12 +208,20 @@ impl Host for KernelHost {
                 return;
             }
             n -= r as usize;
+            if let Some(p) = self.peeked.get_mut(id) {
+                *p = p.saturating_sub(r as usize);
+            }
         }
     }
 
     fn tcp_rewind(&mut self, id: FlowId) {
-        if let Ok(s) = sock(&self.socks, id) {
-            let _ = sys::set_peek_off(s.as_raw_fd(), 0);
+        if let Some(p) = self.peeked.get_mut(id) {
+            *p = 0;
+        }
+        if self.peek_off == Some(true) {
+            if let Ok(s) = sock(&self.socks, id) {
+                let _ = sys::set_peek_off(s.as_raw_fd(), 0);
+            }
         }
     }
 
@@ -246,6 +281,46 @@ impl Host for KernelHost {
         if let Some(s) = self.socks.get_mut(id) {
             s.take();
         }
+    }
+}
+
+impl KernelHost {
+    /// `tcp_peek` without `SO_PEEK_OFF`: peeks the already-sent bytes into a scratch buffer and
+    /// the new ones into `buf`.
+    fn peek_skipping(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
+        let skip = self.peeked.get(id).copied().unwrap_or(0);
+        if skip >= FALLBACK_MAX_INFLIGHT {
+            return Ok(Peek::WouldBlock);
+        }
+        if self.scratch.len() < skip {
+            self.scratch.resize(skip, 0);
+        }
+        let s = sock(&self.socks, id)?;
+        let fd = s.as_raw_fd();
+        let mut iov = [
+            std::io::IoSliceMut::new(&mut self.scratch[..skip]),
+            std::io::IoSliceMut::new(buf),
+        ];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        let n = match nix::sys::socket::recvmsg::<()>(fd, &mut iov, None, flags) {
+            Ok(m) => m.bytes,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(Peek::WouldBlock),
+            Err(e) => return Err(e.into()),
+        };
+        if n > skip {
+            self.peeked[id] = n;
+            return Ok(Peek::Data(n - skip));
+        }
+        // Nothing new: end of stream if the peer has closed, else wait.
+        let rdhup = nix::poll::PollFlags::from_bits_retain(libc::POLLRDHUP);
+        let mut pfd = [nix::poll::PollFd::new(s.as_fd(), rdhup)];
+        let hup = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO).is_ok()
+            && pfd[0].revents().is_some_and(|r| r.contains(rdhup));
+        Ok(if hup && n == skip {
+            Peek::Eof
+        } else {
+            Peek::WouldBlock
+        })
     }
 }
 

@@ -214,12 +214,12 @@ fn bulk_tcp_both_ways_arrives_intact() {
         let script = format!(
             "socat -t 30 -T 60 - TCP:{U_IP}:7100 <{file} | cut -d' ' -f1; socat -u -T 60 TCP:{U_IP}:7101 - | sha256sum | cut -d' ' -f1"
         );
-        let text = r.run_ok(&["--mtu", mtu], &script);
+        let text = r.run_env_ok(env.as_slice(), &["--mtu", mtu], &script);
         let hashes: Vec<&str> = text.lines().collect();
         assert_eq!(
             hashes,
             vec![want.as_str(), want.as_str()],
-            "MTU {mtu}: upload then download hash"
+            "MTU {mtu} {env:?}: upload then download hash"
         );
     }
 }

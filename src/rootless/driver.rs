@@ -312,11 +312,7 @@ impl KernelHost {
             return Ok(Peek::Data(n - skip));
         }
         // Nothing new: end of stream if the peer has closed, else wait.
-        let rdhup = nix::poll::PollFlags::from_bits_retain(libc::POLLRDHUP);
-        let mut pfd = [nix::poll::PollFd::new(s.as_fd(), rdhup)];
-        let hup = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO).is_ok()
-            && pfd[0].revents().is_some_and(|r| r.contains(rdhup));
-        Ok(if hup && n == skip {
+        Ok(if n == skip && sys::peer_closed(fd) {
             Peek::Eof
         } else {
             Peek::WouldBlock

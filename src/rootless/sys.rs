@@ -291,6 +291,19 @@ pub fn set_peek_off(sock: RawFd, off: libc::c_int) -> io::Result<()> {
     .map(drop)
 }
 
+/// Whether the peer of stream socket `fd` has shut down its sending side (POLLRDHUP, which nix's
+/// poll flags do not carry).
+pub fn peer_closed(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one valid pollfd, without waiting.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+}
+
 /// A pidfd for `pid` (readable once the process has exited).
 pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.

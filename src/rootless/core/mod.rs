@@ -12,6 +12,8 @@ mod tcp;
 mod udp;
 
 #[cfg(test)]
+mod regress;
+#[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod tests;

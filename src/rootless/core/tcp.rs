@@ -383,7 +383,7 @@ impl TcpFlow {
             && self.snd_nxt != self.snd_una
             && wnd == self.snd_wnd
         {
-            self.dupacks += 1;
+            self.dupacks = self.dupacks.saturating_add(1);
             if self.dupacks == 3 {
                 out.stats.tcp_fast_retransmit += 1;
                 self.rewind(out, id);

@@ -149,7 +149,7 @@ fn runs_unprivileged_with_slirp_addresses_and_exit_status() {
     let r = rig(t);
     let out = r.run(
         &[],
-        "id -u; ip -4 -o addr show tap0; ip route show default; cat /etc/resolv.conf; exit 7",
+        "id -u; ip -4 -o addr show tap0; ip route show default; cat /etc/resolv.conf; ip -o link show tap0; exit 7",
     );
     assert_eq!(
         out.code(),
@@ -165,6 +165,10 @@ fn runs_unprivileged_with_slirp_addresses_and_exit_status() {
     );
     assert!(text.contains("default via 10.0.2.2 dev tap0"), "{text}");
     assert!(text.contains("nameserver 10.0.2.3"), "{text}");
+    assert!(
+        text.contains("mtu 65520") && text.contains("qlen 4096"),
+        "MTU and queue length\n{text}"
+    );
     // --cidr moves every address.
     let text = r.run_ok(
         &["--cidr", "192.0.2.0/24"],

@@ -36,6 +36,9 @@ pub enum Enter {
     },
 }
 
+/// Frames the TAP's queue holds (the kernel's default for a TAP is 500): room for bursts.
+pub const TXQUEUELEN: u32 = 4096;
+
 /// Everything the child needs, prepared before the fork.
 pub struct TapPlan {
     pub enter: Enter,
@@ -44,17 +47,20 @@ pub struct TapPlan {
     pub address: Option<TapAddress>,
     /// The tap queue length; rnat sizes its windows to it.
     pub txqueuelen: u32,
+    /// The rtnetlink request that sets `txqueuelen` (built before the fork).
+    pub txqlen_msg: Vec<u8>,
 }
 
 impl TapPlan {
     /// A plan that maps the caller's uid and gid to root in a new user namespace.
     pub fn new_namespaces(
         resolv: Option<&std::path::Path>,
-        tap: IfName,
+        tap_name: &str,
         vnet_hdr: bool,
         address: Option<TapAddress>,
     ) -> io::Result<TapPlan> {
         use std::os::unix::ffi::OsStrExt;
+        let tap = IfName::new(tap_name).map_err(io::Error::other)?;
         let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
         let c = |s: String| CString::new(s).map_err(io::Error::other);
         Ok(TapPlan {
@@ -65,10 +71,11 @@ impl TapPlan {
                     .map(|p| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other))
                     .transpose()?,
             },
+            txqlen_msg: sys::txqlen_request(tap_name, TXQUEUELEN),
             tap,
             vnet_hdr,
             address,
-            txqueuelen: 4096,
+            txqueuelen: TXQUEUELEN,
         })
     }
 }
@@ -218,7 +225,9 @@ fn configure(plan: &TapPlan, a: &TapAddress) -> io::Result<()> {
         sys::if_set_mac(s, &plan.tap, mac)?;
     }
     let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(a.prefix)).unwrap_or(0));
-    sys::if_configure(s, &plan.tap, a.addr, mask, a.mtu, plan.txqueuelen)?;
+    sys::if_configure(s, &plan.tap, a.addr, mask, a.mtu)?;
+    // Best effort: a short queue costs bursts, not correctness.
+    let _ = sys::netlink_request(&plan.txqlen_msg);
     sys::if_up(s, &plan.tap)?;
     sys::add_default_route(s, a.gateway)
 }

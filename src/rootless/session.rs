@@ -208,12 +208,12 @@ impl Drop for SignalPipe {
 pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
     let cfg = build_config(opts)?;
     check_tun()?;
-    let tap_name = IfName::new(&opts.tap_name).map_err(Error::Invalid)?;
+    IfName::new(&opts.tap_name).map_err(Error::Invalid)?;
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let resolv_file = write_resolv(&container_resolv(&host_resolv, cfg.dns))?;
     let plan = TapPlan::new_namespaces(
         Some(resolv_file.path()),
-        tap_name,
+        &opts.tap_name,
         opts.offload,
         Some(tap_address(&cfg, opts)),
     )
@@ -416,7 +416,8 @@ pub fn attach(
         tap: tap_name,
         vnet_hdr: opts.offload,
         address: configure.then(|| tap_address(&cfg, opts)),
-        txqueuelen: 4096,
+        txqueuelen: ns::TXQUEUELEN,
+        txqlen_msg: sys::txqlen_request(&opts.tap_name, ns::TXQUEUELEN),
     };
     let tap = ns::tap_in_existing(&plan)?;
     drop(plan);

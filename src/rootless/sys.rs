@@ -119,16 +119,13 @@ pub fn if_up(sock: RawFd, name: &IfName) -> io::Result<()> {
     ioctl_ifreq(sock, libc::SIOCSIFFLAGS, &mut r)
 }
 
-/// Gives `name` an address, netmask and MTU, and asks for a transmit queue of `txqlen` frames
-/// (which the kernel grants only to a process with CAP_NET_ADMIN over the initial namespace, so
-/// failure there is not an error).
+/// Gives `name` an address, netmask and MTU.
 pub fn if_configure(
     sock: RawFd,
     name: &IfName,
     addr: Ipv4Addr,
     mask: Ipv4Addr,
     mtu: u16,
-    txqlen: u32,
 ) -> io::Result<()> {
     let mut r = ifreq(name);
     r.ifr_ifru.ifru_addr = sockaddr_in(addr);
@@ -138,10 +135,62 @@ pub fn if_configure(
     ioctl_ifreq(sock, libc::SIOCSIFNETMASK, &mut r)?;
     let mut r = ifreq(name);
     r.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
-    ioctl_ifreq(sock, libc::SIOCSIFMTU, &mut r)?;
-    let mut r = ifreq(name);
-    r.ifr_ifru.ifru_metric = txqlen as libc::c_int; // ifr_qlen shares the union's int slot
-    let _ = ioctl_ifreq(sock, libc::SIOCSIFTXQLEN, &mut r);
+    ioctl_ifreq(sock, libc::SIOCSIFMTU, &mut r)
+}
+
+/// An RTM_NEWLINK request setting the transmit queue length of the link named `name` (built
+/// before a fork; sent by `netlink_request`). The ioctl for this needs privilege over the initial
+/// namespace; rtnetlink accepts it from the namespace's owner.
+pub fn txqlen_request(name: &str, txqlen: u32) -> Vec<u8> {
+    fn attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
+        let len = 4 + data.len();
+        buf.extend_from_slice(&(len as u16).to_ne_bytes());
+        buf.extend_from_slice(&kind.to_ne_bytes());
+        buf.extend_from_slice(data);
+        buf.resize(buf.len() + (4 - len % 4) % 4, 0);
+    }
+    let mut m = vec![0u8; 16]; // nlmsghdr, filled below
+    m.extend_from_slice(&[0u8; 16]); // ifinfomsg: AF_UNSPEC, index 0 (by name)
+    let mut ifname = name.as_bytes().to_vec();
+    ifname.push(0);
+    attr(&mut m, libc::IFLA_IFNAME, &ifname);
+    attr(&mut m, libc::IFLA_TXQLEN, &txqlen.to_ne_bytes());
+    let len = m.len() as u32;
+    m[0..4].copy_from_slice(&len.to_ne_bytes());
+    m[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    m[6..8].copy_from_slice(&flags.to_ne_bytes());
+    m[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    m
+}
+
+/// Sends one prepared rtnetlink request and waits for its acknowledgement.
+pub fn netlink_request(msg: &[u8]) -> io::Result<()> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    })?;
+    // SAFETY: fd was just created and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: send(2) of a valid buffer.
+    if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut ack = [0u8; 256];
+    // SAFETY: recv(2) into a valid buffer.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), ack.as_mut_ptr().cast(), ack.len(), 0) };
+    if n < 20 {
+        return Err(io::Error::last_os_error());
+    }
+    // NLMSG_ERROR carries the request's errno (0: done) after the 16-byte header.
+    let errno = i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]);
+    if errno < 0 {
+        return Err(io::Error::from_raw_os_error(-errno));
+    }
     Ok(())
 }
 

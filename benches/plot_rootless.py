@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Bar chart (SVG) of the TCP throughput rows of a benches/rootless.sh run.
+
+    benches/plot_rootless.py benches/results/rootless-YYYYmmdd-HHMM.csv docs/rootless-throughput.svg
+
+Reads the CSV of medians that rootless.sh writes next to its Markdown report
+(section,metric,label,unit,tool,value) and draws one group of bars per TCP row
+(direction and MTU), one bar per tool. Standard library only: the chart must
+be reproducible on a machine with nothing but python3.
+"""
+
+import argparse
+import csv
+import sys
+from xml.sax.saxutils import escape
+
+TOOLS = [  # order and colours of the bars; rnat first, the kernel ceiling last
+    ("rnat", "rnat", "#d1495b"),
+    ("slirp4netns", "slirp4netns", "#edae49"),
+    ("pasta", "pasta", "#00798c"),
+    ("kernel", "kernel veth + NAT", "#7f7f7f"),
+]
+ROWS = [  # the metrics rootless.sh writes for the tcp section, in reading order
+    "tcp_up_65520",
+    "tcp_down_65520",
+    "tcp_up_1500",
+    "tcp_down_1500",
+]
+
+
+def nice_ceiling(x):
+    """The smallest 1/1.5/2/2.5/5 x 10^k at or above x, for the axis top."""
+    if x <= 0:
+        return 1.0
+    k = 1.0
+    while k * 10 < x:
+        k *= 10
+    while k > x:
+        k /= 10
+    for m in (1, 1.5, 2, 2.5, 5, 10):
+        if k * m >= x:
+            return k * m
+    return k * 10
+
+
+def load(path):
+    values, labels = {}, {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["section"] != "tcp":
+                continue
+            try:
+                values[(r["metric"], r["tool"])] = float(r["value"])
+            except ValueError:
+                continue
+            labels[r["metric"]] = r["label"]
+    return values, labels
+
+
+def svg(values, labels, subtitle):
+    rows = [m for m in ROWS if any((m, t) in values for t, _, _ in TOOLS)]
+    tools = [t for t in TOOLS if any((m, t[0]) in values for m in rows)]
+    if not rows:
+        raise SystemExit("no tcp rows in the CSV")
+    top = nice_ceiling(max(values[(m, t)] for m in rows for t, _, _ in tools if (m, t) in values))
+
+    bar, gap = 26, 4
+    left, right, head, foot = 60, 20, 70, 80
+    plot_h = 300
+    group_w = len(tools) * (bar + gap) - gap
+    # wide enough for the title and the two-line group labels whatever the tool count
+    width = max(760, left + right + len(rows) * (group_w + 60))
+    slot = (width - left - right) / len(rows)
+    height = head + plot_h + foot
+    y0 = head + plot_h
+
+    def y(v):
+        return y0 - v / top * plot_h
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left}" y="22" font-size="16" font-weight="bold">'
+        "Rootless TCP throughput through each path (iperf3, Gbit/s)</text>",
+    ]
+    if subtitle:
+        out.append(f'<text x="{left}" y="40" fill="#555">{escape(subtitle)}</text>')
+    # legend
+    lx = left
+    for _, name, colour in tools:
+        out.append(f'<rect x="{lx}" y="50" width="12" height="12" fill="{colour}"/>')
+        out.append(f'<text x="{lx + 16}" y="60">{escape(name)}</text>')
+        lx += 24 + 7 * len(name)
+    # grid and axis
+    for i in range(6):
+        v = top * i / 5
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
+                   f'stroke="#ddd"/>')
+        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+    out.append(f'<line x1="{left}" x2="{left}" y1="{head}" y2="{y0}" stroke="#333"/>')
+    out.append(f'<line x1="{left}" x2="{width - right}" y1="{y0}" y2="{y0}" stroke="#333"/>')
+    # bars
+    for gi, m in enumerate(rows):
+        gx = left + gi * slot + (slot - group_w) / 2
+        for ti, (t, name, colour) in enumerate(tools):
+            x = gx + ti * (bar + gap)
+            if (m, t) not in values:
+                out.append(f'<text x="{x + bar / 2:.1f}" y="{y0 - 4}" text-anchor="middle" '
+                           f'fill="#999">n/a</text>')
+                continue
+            v = values[(m, t)]
+            out.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bar}" height="{y0 - y(v):.1f}" '
+                       f'fill="{colour}"><title>{escape(name)}: {v:.2f} Gbit/s</title></rect>')
+            out.append(f'<text x="{x + bar / 2:.1f}" y="{y(v) - 4:.1f}" text-anchor="middle" '
+                       f'font-size="10">{v:.1f}</text>')
+        # "container → server, MTU 65520": direction on one line, MTU under it
+        for li, part in enumerate(labels.get(m, m).split(", ")):
+            out.append(f'<text x="{gx + group_w / 2:.1f}" y="{y0 + 18 + 15 * li}" '
+                       f'text-anchor="middle">{escape(part)}</text>')
+    out.append(f'<text x="{left}" y="{height - 16}" fill="#555">'
+               "Generated by benches/plot_rootless.py from the CSV of benches/rootless.sh; "
+               "medians, same run for all tools.</text>")
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("csv")
+    ap.add_argument("svg")
+    ap.add_argument("--subtitle", default="")
+    a = ap.parse_args()
+    values, labels = load(a.csv)
+    text = svg(values, labels, a.subtitle)
+    with open(a.svg, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,898 @@
+#!/usr/bin/env bash
+# Rootless benchmark: rnat's user-space NAT (`rnat run` as an ordinary user)
+# vs slirp4netns vs pasta, with the kernel's veth + masquerade path as the
+# ceiling, all measured in the same run.
+#
+#   sudo benches/rootless.sh              # full run (ROUNDS=3, SECS=5; ~15 minutes)
+#   sudo QUICK=1 benches/rootless.sh      # smoke run (1 round, 2-second runs; ~3 minutes)
+#
+# Sections (SECTIONS="tcp http udp mem" by default):
+#   tcp   TCP bulk (iperf3), container -> server and server -> container (-R),
+#         at MTU 65520 and at MTU 1500 (the container's interface)
+#   http  new connections/s container -> server: wrk with 'Connection: close'
+#         against nginx (one worker) serving a small file
+#   udp   iperf3 -u container -> server at -b 100M (loss %) and unlimited
+#         (-b 0, received Mbit/s)
+#   mem   VmRSS of the forwarding process idle, then holding CONNS concurrent
+#         idle TCP connections from the container to a server
+#
+# Environment knobs (defaults in brackets; QUICK=1 changes the starred ones):
+#   RNAT [target/release/rnat]       copied before the run (the tree may be rebuilt meanwhile)
+#   ROUNDS* [3 | 1]                  rounds; every figure is the median over them
+#   SECS* [5 | 2]  OMIT* [1 | 0]     iperf3/wrk duration; iperf3 seconds omitted first (slow start)
+#   CONNS [10000]  CONN_SECS [60]    concurrent connections in `mem`; time allowed to open them
+#   WRK_CONNS [8]                    wrk concurrency (each request on a new connection)
+#   UDP_LEN [1400]                   UDP payload per datagram
+#   UPLINK_MTU [1500]                MTU of the host <-> upstream link
+#   FWD_NOFILE [524288:524288]       RLIMIT_NOFILE soft:hard the forwarders start with. Podman
+#                                    raises its soft limit to the hard one before it starts
+#                                    slirp4netns or pasta; 1024:524288 is a login shell's default,
+#                                    with which slirp4netns holds ~1,000 connections and resets
+#                                    new ones under the HTTP load (rnat raises its own limit)
+#   TOOLS ["rnat slirp4netns pasta kernel"]   SECTIONS ["tcp http udp mem"]
+#   OUT [benches/results/rootless-YYYYmmdd-HHMM[-quick].md] (a .csv of the medians goes next to it)
+#   SVG [docs/rootless-throughput.svg; with QUICK: next to OUT]  (benches/plot_rootless.py)
+#   PYTHON [/usr/bin/python3]  KEEP_WORK=1 keeps the logs
+#
+# Topology (all namespaces created here, names rnbr-*-<PID>):
+#
+#   container ns --(tap0 10.0.2.100, tool)--> host ns rnbr-host-PID --veth--> upstream rnbr-up-PID
+#                                             198.51.100.1                    198.51.100.2: iperf3,
+#                                                                             httpd, hold server
+#
+# The rootless tools run inside the host namespace as the unprivileged user
+# rnat-test (setpriv), so their host sockets leave from 198.51.100.1. The
+# kernel case is a root-made namespace joined to the host namespace by a veth
+# (10.0.2.2 <-> 10.0.2.100) with nftables masquerade. Clients run inside each
+# container's network namespace through nsenter (as root: only the network
+# namespace is shared, and the path the packets take is the tool's).
+#
+# Safety: nothing in the root network namespace is changed; every link,
+# route, sysctl and nftables table lives in the namespaces above. The only
+# host-wide changes are creating the rnat-test system user if it is missing
+# and making /dev/net/tun 0666 if it is not (as most distributions ship it).
+# The EXIT/INT/TERM trap kills the processes this run started (by PID, and by
+# a unique tag in their environment) and deletes its namespaces.
+
+set -euo pipefail
+export LC_ALL=C
+
+SELF=$(readlink -f "${BASH_SOURCE[0]}")
+ROOT=$(cd "$(dirname "$SELF")/.." && pwd)
+
+BUSYBOX=${BUSYBOX:-/usr/bin/busybox}
+SLIRP4NETNS=${SLIRP4NETNS:-/usr/bin/slirp4netns}
+PASTA=${PASTA:-/usr/bin/pasta}
+PYTHON=${PYTHON:-/usr/bin/python3}
+USER_NAME=rnat-test
+UP_IP=198.51.100.2
+HOST_IP=198.51.100.1
+GUEST_IP=10.0.2.100
+GW_IP=10.0.2.2
+DNS_IP=10.0.2.3
+IPERF_PORT=5201
+HTTP_PORT=8080
+HOLD_PORT=7000
+CLEAN_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+log() { printf '[rootless %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+# ---------------------------------------------------------------- processes --
+# (the same helpers as rootful.sh)
+descendants() {
+	local c f kids
+	for f in /proc/"$1"/task/*/children; do
+		kids=()
+		{ read -r -a kids <"$f"; } 2>/dev/null || true
+		for c in "${kids[@]}"; do
+			echo "$c"
+			descendants "$c"
+		done
+	done
+}
+
+kill_tree() {
+	local sig=${2:-TERM} pids
+	[[ -d /proc/$1 ]] || return 0
+	pids="$1 $(descendants "$1" | tr '\n' ' ')"
+	# shellcheck disable=SC2086
+	kill -s "$sig" $pids 2>/dev/null || true
+}
+
+alive() {
+	local st
+	{ read -r st <"/proc/$1/stat"; } 2>/dev/null || return 1
+	st=${st##*) }
+	[[ ${st:0:1} != Z ]]
+}
+
+# TERM the process, wait up to $2 seconds, then KILL it and what it left.
+stop_tree() {
+	local pid=$1 grace=${2:-5} kids i
+	[[ -n $pid ]] || return 0
+	alive "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
+	kids=$(descendants "$pid" | tr '\n' ' ')
+	kill -s TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < grace * 50; i++)); do
+		alive "$pid" || break
+		sleep 0.02
+	done
+	kill_tree "$pid" KILL
+	# shellcheck disable=SC2086
+	[[ -z ${kids// /} ]] || kill -s KILL $kids 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+}
+
+median() {
+	sort -g | awk '{a[NR]=$1} END{ if (NR == 0) exit; if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'
+}
+
+# ================================================================ SETTINGS ===
+QSUFFIX=""
+if [[ ${QUICK:-0} == 1 ]]; then
+	: "${ROUNDS:=1}" "${SECS:=2}" "${OMIT:=0}"
+	QSUFFIX=-quick
+fi
+: "${ROUNDS:=3}" "${SECS:=5}" "${OMIT:=1}" "${CONNS:=10000}" "${CONN_SECS:=60}" "${WRK_CONNS:=8}"
+: "${UDP_LEN:=1400}" "${UPLINK_MTU:=1500}" "${FWD_NOFILE:=524288:524288}"
+: "${TOOLS:=rnat slirp4netns pasta kernel}" "${SECTIONS:=tcp http udp mem}"
+STAMP=$(date +%Y%m%d-%H%M)
+# a smoke run must not pass for a real one in results/
+OUT=$(realpath -m "${OUT:-$ROOT/benches/results/rootless-$STAMP$QSUFFIX.md}")
+CSV=${OUT%.md}.csv
+if [[ -n $QSUFFIX ]]; then
+	SVG=$(realpath -m "${SVG:-${OUT%.md}.svg}")
+else
+	SVG=$(realpath -m "${SVG:-$ROOT/docs/rootless-throughput.svg}")
+fi
+RNAT_SRC=$(realpath -m "${RNAT:-$ROOT/target/release/rnat}")
+
+for v in ROUNDS SECS CONNS CONN_SECS WRK_CONNS UDP_LEN UPLINK_MTU; do
+	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "$v must be a positive integer" >&2; exit 2; }
+done
+[[ $OMIT =~ ^[0-9]+$ ]] || { echo "OMIT must be a non-negative integer" >&2; exit 2; }
+[[ $FWD_NOFILE =~ ^[0-9]+:[0-9]+$ ]] || { echo "FWD_NOFILE must be SOFT:HARD" >&2; exit 2; }
+((CONNS <= 60000)) || { echo "CONNS must be <= 60000 (one source address)" >&2; exit 2; }
+for t in $TOOLS; do
+	[[ $t =~ ^(rnat|slirp4netns|pasta|kernel)$ ]] || { echo "unknown tool in TOOLS: $t" >&2; exit 2; }
+done
+for s in $SECTIONS; do
+	[[ $s =~ ^(tcp|http|udp|mem)$ ]] || { echo "unknown section in SECTIONS: $s" >&2; exit 2; }
+done
+[[ $(id -u) == 0 ]] || { echo "must run as root (it builds namespaces; the tools run as $USER_NAME)" >&2; exit 2; }
+# shellcheck source=../scripts/lib.sh
+source "$(dirname "$0")/../scripts/lib.sh"
+install_missing rootless.sh iperf3 wrk jq nginx-light slirp4netns passt nftables
+for c in ip nsenter unshare setpriv prlimit nft iperf3 wrk jq timeout ss nginx; do
+	command -v "$c" >/dev/null || { echo "missing: $c" >&2; exit 2; }
+done
+for f in "$BUSYBOX" "$PYTHON"; do [[ -x $f ]] || { echo "missing: $f" >&2; exit 2; }; done
+
+have() { [[ " $TOOLS " == *" $1 "* ]]; }
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
+# ================================================================ STATE ======
+RUN=$$
+HOSTNS=rnbr-host-$RUN
+UPNS=rnbr-up-$RUN
+KNS=rnbr-k-$RUN
+WORK=$(mktemp -d /tmp/rnbr-bench.XXXXXX)
+# the tools run as rnat-test and read the rnat copy from here
+chmod 755 "$WORK"
+RNB_TAG="rnbr$RUN-$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')"
+export RNB_TAG
+PIDS=()          # long-lived helpers (servers), stopped at exit
+IPERF_PID="" HTTPD_PID=""
+FWD_PID="" SLEEPER_PID="" CT_NS="" CT_ERR=""
+CLIENT_PID="" HOLD_PID=""   # the mem section's client and server
+NOTES=()
+# a tool that fails at start fails the same way in every case and round: once is enough
+note() {
+	local n
+	for n in "${NOTES[@]}"; do [[ $n != "$*" ]] || return 0; done
+	NOTES+=("$*")
+	log "note: $*"
+}
+
+cleanup() {
+	local rc=$? p i
+	trap - EXIT INT TERM HUP
+	# keep cleaning even if stdout went away (e.g. `| tee` killed by ^C)
+	trap '' PIPE INT HUP
+	stop_tree "$CLIENT_PID" 1
+	stop_tree "$HOLD_PID" 1
+	stop_tree "$FWD_PID" 2
+	stop_tree "$SLEEPER_PID" 1
+	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_tree "${PIDS[i]}" 2; done
+	# last resort: anything carrying this run's tag (e.g. orphans of a killed tool)
+	for p in /proc/[0-9]*; do
+		p=${p#/proc/}
+		[[ $p != "$$" && $p != "$BASHPID" ]] || continue
+		if grep -qz "^RNB_TAG=$RNB_TAG\$" "/proc/$p/environ" 2>/dev/null; then kill -s KILL "$p" 2>/dev/null || true; fi
+	done
+	for n in "$KNS" "$HOSTNS" "$UPNS"; do ip netns del "$n" 2>/dev/null || true; done
+	if [[ ${KEEP_WORK:-0} == 1 ]]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+# ================================================================ PREFLIGHT ==
+if ! id "$USER_NAME" >/dev/null 2>&1; then
+	log "creating system user $USER_NAME"
+	useradd --system --no-create-home --shell /usr/sbin/nologin "$USER_NAME"
+fi
+# rootless tools open /dev/net/tun inside their user namespace: that needs the
+# distributions' usual mode, not root-only
+if [[ $(stat -c %a /dev/net/tun) != 666 ]]; then
+	note "/dev/net/tun was mode $(stat -c %a /dev/net/tun); set to 0666 (left so)"
+	chmod 0666 /dev/net/tun
+fi
+
+# host_user CMD...: CMD in the host namespace as the unprivileged user, with a
+# clean environment (as a login would give), the forwarders' file limit, and /
+# as cwd (rnat keeps the caller's). It execs, so `host_user ... &` leaves $! =
+# CMD's PID; call it only in a subshell (`&` or $(...)).
+host_user() {
+	cd / && exec ip netns exec "$HOSTNS" prlimit --nofile="$FWD_NOFILE" -- \
+		setpriv --reuid "$USER_NAME" --regid "$USER_NAME" --clear-groups \
+		env -i PATH="$CLEAN_PATH" HOME=/ LC_ALL=C RNB_TAG="$RNB_TAG" "$@"
+}
+
+# Raising a hard limit needs CAP_SYS_RESOURCE, which some containers drop:
+# then keep the forwarders within our own hard limit, and say so.
+if ! prlimit --nofile="$FWD_NOFILE" -- true 2>/dev/null; then
+	soft=${FWD_NOFILE%:*} hard=${FWD_NOFILE#*:} cur=$(ulimit -Hn)
+	if [[ $cur =~ ^[0-9]+$ ]] && ((hard > cur)); then hard=$cur; fi
+	((soft <= hard)) || soft=$hard
+	note "cannot set RLIMIT_NOFILE $FWD_NOFILE here (no CAP_SYS_RESOURCE?): the forwarders start with $soft:$hard"
+	FWD_NOFILE=$soft:$hard
+fi
+
+# a private copy: the developer may rebuild target/release while this runs
+RNAT="" RNAT_DESC="not run"
+if have rnat; then
+	if [[ -x $RNAT_SRC ]]; then
+		RNAT=$WORK/rnat
+		install -m 755 "$RNAT_SRC" "$RNAT"
+		RNAT_DESC="$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'), binary built $(date -r "$RNAT_SRC" '+%Y-%m-%d %H:%M')"
+	else
+		note "rnat binary not found at $RNAT_SRC: rnat skipped (cargo build --release, or set RNAT=)"
+		TOOLS=${TOOLS/rnat/}
+	fi
+fi
+for t in slirp4netns pasta; do
+	bin=$SLIRP4NETNS
+	[[ $t == slirp4netns ]] || bin=$PASTA
+	if have "$t" && [[ ! -x $bin ]]; then
+		note "$t not found at $bin: skipped"
+		TOOLS=${TOOLS/$t/}
+	fi
+done
+
+
+# ================================================================ TOPOLOGY ===
+topology() {
+	ip netns add "$HOSTNS"
+	ip netns add "$UPNS"
+	ip -n "$HOSTNS" link set lo up
+	ip -n "$UPNS" link set lo up
+	ip -n "$HOSTNS" link add rnbr-up0 mtu "$UPLINK_MTU" type veth peer name rnbr-host0 netns "$UPNS"
+	ip -n "$UPNS" link set rnbr-host0 mtu "$UPLINK_MTU"
+	ip -n "$HOSTNS" addr add "$HOST_IP/24" dev rnbr-up0
+	ip -n "$UPNS" addr add "$UP_IP/24" dev rnbr-host0
+	ip -n "$HOSTNS" link set rnbr-up0 up
+	ip -n "$UPNS" link set rnbr-host0 up
+	# pasta wants an interface with a default route; upstream does not
+	# forward, so nothing leaves these namespaces
+	ip -n "$HOSTNS" route add default via "$UP_IP"
+	# ping sockets for the user-space tools' ICMP; the wider port range and
+	# TIME_WAIT reuse because the HTTP test opens tens of thousands of
+	# connections, from the host namespace in the user-space cases
+	ip netns exec "$HOSTNS" sysctl -qw net.ipv4.ping_group_range="0 2147483647" \
+		net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
+	if have kernel; then
+		ip netns exec "$HOSTNS" sysctl -qw net.ipv4.ip_forward=1
+		ip netns exec "$HOSTNS" nft -f - <<-EOF
+			table ip rnbr {
+				chain post {
+					type nat hook postrouting priority srcnat; policy accept;
+					ip saddr 10.0.2.0/24 oifname "rnbr-up0" masquerade
+				}
+			}
+		EOF
+	fi
+	HOST_INO=$(stat -L -c %i "/run/netns/$HOSTNS")
+}
+
+# wait_listen PORT PROTO(t|u) PID: until the server in upstream listens
+wait_listen() {
+	local i
+	for ((i = 0; i < 100; i++)); do
+		alive "$3" || return 1
+		[[ -z $(ip netns exec "$UPNS" ss -Hl"$2"n "sport = :$1") ]] || return 0
+		sleep 0.05
+	done
+	return 1
+}
+
+start_iperf() {
+	ip netns exec "$UPNS" iperf3 -s -p "$IPERF_PORT" </dev/null >>"$WORK/iperf3-server.log" 2>&1 &
+	IPERF_PID=$!
+	PIDS+=("$IPERF_PID")
+	wait_listen "$IPERF_PORT" t "$IPERF_PID" || { echo "iperf3 server did not start" >&2; return 1; }
+}
+# an iperf3 server stays busy after a client was killed mid-test
+restart_iperf() {
+	stop_tree "$IPERF_PID" 2
+	start_iperf
+}
+
+start_servers() {
+	start_iperf
+	mkdir -p "$WORK/www"
+	# a small page: the test is about connections, not bytes
+	head -c 600 /dev/zero | tr '\0' 'x' >"$WORK/www/index.html"
+	# nginx, one worker: a server that does not fork per connection, so the
+	# forwarder (not the server) limits the connection rate. busybox httpd
+	# capped every path, the kernel's included, near 3,000 req/s.
+	cat >"$WORK/nginx.conf" <<-CONF
+		daemon off;
+		user root;
+		worker_processes 1;
+		pid $WORK/nginx.pid;
+		error_log $WORK/nginx.err;
+		events { worker_connections 16384; }
+		http {
+			access_log off;
+			client_body_temp_path $WORK/nginx-tmp;
+			proxy_temp_path $WORK/nginx-tmp;
+			fastcgi_temp_path $WORK/nginx-tmp;
+			uwsgi_temp_path $WORK/nginx-tmp;
+			scgi_temp_path $WORK/nginx-tmp;
+			server { listen $UP_IP:$HTTP_PORT backlog=4096; root $WORK/www; }
+		}
+	CONF
+	mkdir -p "$WORK/nginx-tmp"
+	ip netns exec "$UPNS" nginx -c "$WORK/nginx.conf" </dev/null >>"$WORK/httpd.log" 2>&1 &
+	HTTPD_PID=$!
+	PIDS+=("$HTTPD_PID")
+	wait_listen "$HTTP_PORT" t "$HTTPD_PID" || { echo "nginx did not start" >&2; cat "$WORK/nginx.err" >&2; return 1; }
+}
+
+# ------------------------------------------------------- the hold client/server
+# One small python program: `serve` accepts and holds connections, writing
+# "OPEN ACCEPTED" to a status file; `client` opens N connections (at most
+# WINDOW connects in flight, each given up after 10 s; it stops early when
+# none has succeeded for 20 s), writes "HELD n failed started seconds" and
+# keeps them open for HOLD seconds. Both stop at their
+# deadlines whatever happens.
+write_hold_py() {
+	cat >"$WORK/hold.py" <<-'PY'
+		import errno, os, resource, selectors, socket, sys, time
+
+		WINDOW = 256
+		CONNECT_TIMEOUT = 10.0
+		STALL = 20.0
+
+		def nofile(n):
+		    want = n + 256
+		    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+		    if soft < want:
+		        try:
+		            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+		        except (ValueError, OSError):  # no CAP_SYS_RESOURCE: as far as allowed
+		            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+		def put(path, text):
+		    with open(path + ".tmp", "w") as f:
+		        f.write(text + "\n")
+		    os.replace(path + ".tmp", path)
+
+		def serve(port, n, status, secs):
+		    nofile(n)
+		    sel = selectors.DefaultSelector()
+		    ls = socket.socket()
+		    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+		    ls.bind(("0.0.0.0", port))
+		    ls.listen(65535)
+		    ls.setblocking(False)
+		    sel.register(ls, selectors.EVENT_READ)
+		    nopen = accepted = 0
+		    end = time.monotonic() + secs
+		    last = 0.0
+		    while time.monotonic() < end:
+		        for key, _ in sel.select(0.2):
+		            if key.fileobj is ls:
+		                for _ in range(1024):
+		                    try:
+		                        c, _ = ls.accept()
+		                    except OSError:
+		                        break
+		                    c.setblocking(False)
+		                    sel.register(c, selectors.EVENT_READ)
+		                    nopen += 1
+		                    accepted += 1
+		            else:
+		                c = key.fileobj
+		                try:
+		                    d = c.recv(4096)
+		                except BlockingIOError:
+		                    continue
+		                except OSError:
+		                    d = b""
+		                if not d:
+		                    sel.unregister(c)
+		                    c.close()
+		                    nopen -= 1
+		        now = time.monotonic()
+		        if now - last > 0.2:
+		            put(status, f"{nopen} {accepted}")
+		            last = now
+
+		def client(host, port, n, secs, hold, status):
+		    nofile(n)
+		    sel = selectors.DefaultSelector()
+		    est, pending = [], {}
+		    failed = started = last_est = 0
+		    t0 = last_progress = time.monotonic()
+		    end = t0 + secs
+		    while time.monotonic() < end and (started < n or pending):
+		        while started < n and len(pending) < WINDOW:
+		            s = socket.socket()
+		            s.setblocking(False)
+		            started += 1
+		            err = s.connect_ex((host, port))
+		            if err not in (0, errno.EINPROGRESS):
+		                failed += 1
+		                s.close()
+		                continue
+		            pending[s] = time.monotonic()
+		            sel.register(s, selectors.EVENT_WRITE)
+		        for key, _ in sel.select(0.2):
+		            s = key.fileobj
+		            sel.unregister(s)
+		            del pending[s]
+		            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+		                est.append(s)
+		            else:
+		                failed += 1
+		                s.close()
+		        now = time.monotonic()
+		        if len(est) > last_est:
+		            last_est, last_progress = len(est), now
+		        for s, t in list(pending.items()):
+		            if now - t > CONNECT_TIMEOUT:
+		                sel.unregister(s)
+		                del pending[s]
+		                s.close()
+		                failed += 1
+		        # a path that stopped taking connections (e.g. out of fds) would
+		        # only burn the time budget on timeouts
+		        if failed and now - last_progress > STALL:
+		            break
+		    put(status, f"HELD {len(est)} {failed} {started} {time.monotonic() - t0:.1f}")
+		    time.sleep(hold)
+
+		if sys.argv[1] == "serve":
+		    serve(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5]))
+		else:
+		    client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
+		           float(sys.argv[6]), sys.argv[7])
+	PY
+}
+
+# ================================================================ INSTANCES ==
+# start_ct TOOL MTU: a container served by TOOL -> CT_NS (its netns path),
+# FWD_PID (the forwarding process; empty for the kernel), SLEEPER_PID.
+# On failure returns 1 with the reason in CT_ERR.
+LIFE=3600    # upper bound on a container's life, whatever happens to this script
+CASE_N=0
+start_ct() {
+	local tool=$1 mtu=$2 i d log
+	CASE_N=$((CASE_N + 1))
+	# one log per case: the tool's output and every client's
+	CT_LOG=$WORK/case$CASE_N-$tool-$mtu.log
+	log=$CT_LOG
+	CT_NS="" FWD_PID="" SLEEPER_PID="" CT_ERR=""
+	: >"$log"
+	case $tool in
+	rnat)
+		host_user "$RNAT" run --mtu "$mtu" -- sleep "$LIFE" </dev/null >>"$log" 2>&1 &
+		FWD_PID=$!
+		;;
+	slirp4netns | pasta)
+		# the workload's namespaces first, as Podman does, then the tool joins them
+		host_user unshare --user --map-root-user --net -- sleep "$LIFE" </dev/null >>"$log" 2>&1 &
+		SLEEPER_PID=$!
+		for ((i = 0; i < 200; i++)); do
+			[[ $(stat -L -c %i "/proc/$SLEEPER_PID/ns/net" 2>/dev/null) == "$HOST_INO" ||
+				$(cat "/proc/$SLEEPER_PID/comm" 2>/dev/null) != sleep ]] || break
+			alive "$SLEEPER_PID" || break
+			sleep 0.02
+		done
+		CT_NS=/proc/$SLEEPER_PID/ns/net
+		if [[ $tool == slirp4netns ]]; then
+			set -- "$SLIRP4NETNS" --configure --mtu="$mtu" --disable-host-loopback "$SLEEPER_PID" tap0
+		else
+			# our addresses instead of the host's (-a/-n/-g), no gateway-to-host
+			# mapping (the counterpart of --disable-host-loopback), no port
+			# forwarding either way, IPv4 only like the others
+			set -- "$PASTA" -f -q --config-net -4 -I tap0 -a "$GUEST_IP" -n 24 -g "$GW_IP" \
+				--no-map-gw --dns-forward "$DNS_IP" -m "$mtu" -t none -u none -T none -U none "$SLEEPER_PID"
+		fi
+		host_user "$@" </dev/null >>"$log" 2>&1 &
+		FWD_PID=$!
+		;;
+	kernel)
+		ip netns add "$KNS"
+		ip -n "$KNS" link set lo up
+		ip -n "$HOSTNS" link add rnbr-k0 mtu "$mtu" type veth peer name tap0 netns "$KNS"
+		ip -n "$KNS" link set tap0 mtu "$mtu"
+		ip -n "$HOSTNS" addr add "$GW_IP/24" dev rnbr-k0
+		ip -n "$KNS" addr add "$GUEST_IP/24" dev tap0
+		ip -n "$HOSTNS" link set rnbr-k0 up
+		ip -n "$KNS" link set tap0 up
+		ip -n "$KNS" route add default via "$GW_IP"
+		CT_NS=/run/netns/$KNS
+		;;
+	esac
+	# ready = the server answers through the container's path
+	for ((i = 0; i < 300; i++)); do
+		if [[ -n $FWD_PID ]] && ! alive "$FWD_PID"; then
+			CT_ERR="$tool exited at start: $(grep -v 'Failed to send' "$log" | tail -n 3 | tr '\n' ' ')"
+			return 1
+		fi
+		if [[ $tool == rnat && -z $CT_NS ]]; then
+			# the container is rnat's child in another network namespace
+			for d in $(descendants "$FWD_PID"); do
+				if [[ $(stat -L -c %i "/proc/$d/ns/net" 2>/dev/null) != "$HOST_INO" ]]; then
+					CT_NS=/proc/$d/ns/net SLEEPER_PID=$d
+					break
+				fi
+			done
+		fi
+		if [[ -n $CT_NS ]] && nsenter --net="$CT_NS" timeout 1 bash -c \
+			"exec 3<>/dev/tcp/$UP_IP/$HTTP_PORT" 2>/dev/null; then
+			# same client-side settings in every container: see topology()
+			nsenter --net="$CT_NS" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
+			local got
+			# (ip, not /sys: nsenter --net keeps the root namespace's sysfs)
+			got=$(nsenter --net="$CT_NS" ip -o link show tap0 | sed -n 's/.* mtu \([0-9]*\).*/\1/p')
+			[[ $got == "$mtu" ]] || note "$tool: tap0 MTU is $got, asked for $mtu"
+			return 0
+		fi
+		sleep 0.1
+	done
+	CT_ERR="$tool: no connection to $UP_IP:$HTTP_PORT from the container within 30 s: $(grep -v 'Failed to send' "$log" | tail -n 3 | tr '\n' ' ')"
+	return 1
+}
+
+stop_ct() {
+	# TERM the forwarder first: rnat forwards it to its container
+	stop_tree "$FWD_PID" 5
+	stop_tree "$SLEEPER_PID" 2
+	ip netns del "$KNS" 2>/dev/null || true
+	FWD_PID="" SLEEPER_PID="" CT_NS=""
+}
+
+rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null; }
+
+# ================================================================ MEASURES ===
+# Each prints its figure(s) or nothing, and appends to the tool's log.
+RAW=$WORK/raw
+rec() { echo "$1 $2 $3" >>"$RAW"; }   # METRIC TOOL VALUE
+
+in_ct() { nsenter --net="$CT_NS" "$@"; }
+
+# iperf_json LOG ARGS...: one iperf3 client run -> its JSON in $J, or return 1
+# with the reason in IPERF_ERR (not in a subshell: restart_iperf updates state)
+iperf_json() {
+	local log=$1 rc=0
+	shift
+	in_ct timeout $((SECS + OMIT + 20)) iperf3 -c "$UP_IP" -p "$IPERF_PORT" -t "$SECS" -O "$OMIT" -J "$@" \
+		>"$WORK/iperf.json" 2>&1 || rc=$?
+	J=$(<"$WORK/iperf.json")
+	printf '%s\n' "== iperf3 $*" "$J" >>"$log"
+	if ((rc != 0)) || ! jq -e '.end.sum_received' <<<"$J" >/dev/null 2>&1; then
+		IPERF_ERR=$(jq -r '.error // empty' <<<"$J" 2>/dev/null | head -n 1 || true)
+		[[ -n $IPERF_ERR ]] || IPERF_ERR="exit $rc: $(tail -n 2 <<<"$J" | tr '\n' ' ')"
+		restart_iperf
+		return 1
+	fi
+}
+
+m_tcp() { # TOOL MTU
+	local tool=$1 mtu=$2 dir
+	for dir in up down; do
+		local args=()
+		[[ $dir == up ]] || args=(-R)
+		if iperf_json "$CT_LOG" "${args[@]}"; then
+			rec "tcp_${dir}_$mtu" "$tool" "$(jq '.end.sum_received.bits_per_second / 1e9' <<<"$J")"
+		else
+			note "tcp $dir MTU $mtu ($tool) failed: $IPERF_ERR"
+		fi
+	done
+}
+
+m_http() { # TOOL
+	local tool=$1 out rps errs
+	out=$(in_ct timeout $((SECS + 30)) wrk -t1 -c"$WRK_CONNS" -d"${SECS}s" -H 'Connection: close' \
+		"http://$UP_IP:$HTTP_PORT/" 2>&1) || true
+	printf '%s\n' "== wrk" "$out" >>"$CT_LOG"
+	rps=$(awk '/^Requests\/sec:/{print $2}' <<<"$out")
+	errs=$(awk '/Socket errors:/{gsub(",", ""); print $4+$6+$8+$10} /Non-2xx/{print $NF}' <<<"$out" |
+		awk '{s+=$1} END{print s+0}')
+	if [[ -n $rps ]]; then
+		rec http_rps "$tool" "$rps"
+		rec http_err "$tool" "$errs"
+	else
+		note "http ($tool) failed: $(tail -n 2 <<<"$out" | tr '\n' ' ')"
+	fi
+}
+
+m_udp() { # TOOL
+	local tool=$1 rate
+	for rate in 100M 0; do
+		if iperf_json "$CT_LOG" -u -b "$rate" -l "$UDP_LEN"; then
+			rec "udp_loss_$rate" "$tool" "$(jq '.end.sum_received.lost_percent' <<<"$J")"
+			rec "udp_mbps_$rate" "$tool" "$(jq '.end.sum_received.bits_per_second / 1e6' <<<"$J")"
+		else
+			note "udp -b $rate ($tool) failed: $IPERF_ERR"
+		fi
+	done
+}
+
+m_mem() { # TOOL: a fresh container; idle RSS, then CONNS held connections
+	local tool=$1 i held srv line st
+	st=$WORK/hold-$tool
+	if [[ -n $FWD_PID ]]; then
+		sleep 1
+		rec rss_idle "$tool" "$(rss_kb "$FWD_PID")"
+	fi
+	rm -f "$st.srv" "$st.cl"
+	ip netns exec "$UPNS" "$PYTHON" "$WORK/hold.py" serve "$HOLD_PORT" "$CONNS" "$st.srv" $((CONN_SECS + 60)) \
+		</dev/null >>"$WORK/hold-server.log" 2>&1 &
+	HOLD_PID=$!
+	if ! wait_listen "$HOLD_PORT" t "$HOLD_PID"; then
+		note "mem ($tool): the hold server did not start: $(tail -n 2 "$WORK/hold-server.log" | tr '\n' ' ')"
+		stop_tree "$HOLD_PID" 1
+		return 0
+	fi
+	in_ct timeout -k 5 $((CONN_SECS + 30)) "$PYTHON" "$WORK/hold.py" client "$UP_IP" "$HOLD_PORT" "$CONNS" \
+		"$CONN_SECS" 20 "$st.cl" </dev/null >>"$WORK/hold-client.log" 2>&1 &
+	CLIENT_PID=$!
+	for ((i = 0; i < (CONN_SECS + 15) * 10; i++)); do
+		[[ ! -s $st.cl ]] || break
+		alive "$CLIENT_PID" || break
+		sleep 0.1
+	done
+	line=$(cat "$st.cl" 2>/dev/null || true)
+	if [[ $line == HELD* ]]; then
+		# let the forwarder finish its side of the last handshakes
+		sleep 1
+		[[ -z $FWD_PID ]] || rec rss_conns "$tool" "$(rss_kb "$FWD_PID")"
+		srv=$(awk '{print $1}' "$st.srv" 2>/dev/null || true)
+		srv=${srv:-0}
+		held=$(awk '{print $2}' <<<"$line")
+		# what reached the server and is still open is what the path holds
+		rec conns_held "$tool" "$srv"
+		echo "$tool $line server_open=$srv" >>"$WORK/hold-client.log"
+		((srv == held)) || note "mem ($tool): the client saw $held connections established, the server $srv open"
+		if ((srv < CONNS)); then
+			local why lim=""
+			why=$(grep -v 'Failed to send' "$CT_LOG" 2>/dev/null | grep -i -m1 -E 'too many|emfile|error|fail' || true)
+			# whether the tool raised its own fd limit explains most shortfalls
+			[[ -z $FWD_PID ]] || lim=$(awk '/^Max open files/{print $4":"$5}' "/proc/$FWD_PID/limits" 2>/dev/null || true)
+			note "mem ($tool): held $srv of $CONNS connections (client: $(awk '{print $3" failed of "$4" started in "$5" s"}' <<<"$line"))${lim:+; its RLIMIT_NOFILE soft:hard was $lim}${why:+; its log: $why}"
+		fi
+	else
+		note "mem ($tool): the client did not report: $(tail -n 2 "$WORK/hold-client.log" | tr '\n' ' ')"
+	fi
+	stop_tree "$CLIENT_PID" 2
+	CLIENT_PID=""
+	stop_tree "$HOLD_PID" 2
+	HOLD_PID=""
+}
+
+# ================================================================ RUN ========
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+T_START=$SECONDS
+log "run $RUN, work dir $WORK; TOOLS=\"$TOOLS\" SECTIONS=\"$SECTIONS\" ROUNDS=$ROUNDS SECS=$SECS CONNS=$CONNS"
+topology
+if ! err=$(host_user unshare --user --map-root-user --net true 2>&1); then
+	echo "$USER_NAME cannot create a user and network namespace: $err" >&2
+	exit 2
+fi
+start_servers
+write_hold_py
+: >"$RAW"
+
+# case TOOL MTU FN...: one container, the measurements, tear-down
+run_case() {
+	local tool=$1 mtu=$2 fn
+	shift 2
+	log "$tool, MTU $mtu: $*"
+	if ! start_ct "$tool" "$mtu"; then
+		note "$CT_ERR"
+		stop_ct
+		return 0
+	fi
+	for fn in "$@"; do "$fn" "$tool" "$mtu"; done
+	stop_ct
+}
+
+read -r -a TOOL_LIST <<<"$TOOLS"
+for ((r = 1; r <= ROUNDS; r++)); do
+	# rotate the order each round so drift (the machine is shared) spreads evenly
+	for ((k = 0; k < ${#TOOL_LIST[@]}; k++)); do
+		t=${TOOL_LIST[(k + r - 1) % ${#TOOL_LIST[@]}]}
+		log "round $r/$ROUNDS: $t"
+		fns=()
+		want tcp && fns+=(m_tcp)
+		want http && fns+=(m_http)
+		want udp && fns+=(m_udp)
+		((${#fns[@]} == 0)) || run_case "$t" 65520 "${fns[@]}"
+		! want tcp || run_case "$t" 1500 m_tcp
+		# a fresh container: the idle figure must not include buffers from earlier traffic
+		! want mem || run_case "$t" 65520 m_mem
+	done
+done
+ELAPSED=$((SECONDS - T_START))
+
+# ================================================================ REPORT =====
+declare -A RES=()
+# shellcheck disable=SC2094 # both only read $RAW
+while read -r m t _; do
+	[[ -n ${RES[$m.$t]+x} ]] && continue
+	RES[$m.$t]=$(awk -v m="$m" -v t="$t" '$1 == m && $2 == t {print $3}' "$RAW" | median)
+done <"$RAW"
+
+isnum() { [[ ${1:-} =~ ^-?[0-9]+([.][0-9]+)?([eE][-+]?[0-9]+)?$ ]]; }
+fmt() { # VALUE PRINTF-FORMAT
+	# shellcheck disable=SC2059
+	if isnum "${1:-}"; then LC_ALL=C printf "$2" "$1"; else echo "-"; fi
+}
+ratio() { # a b -> a/b or "-"
+	if isnum "${1:-}" && isnum "${2:-}" && awk -v b="$2" 'BEGIN{exit !(b > 0)}'; then
+		awk -v a="$1" -v b="$2" 'BEGIN{ r = a / b; if (r < 0.095) printf "%.2g", r; else printf "%.2f", r }'
+	else echo "-"; fi
+}
+PEERS=()
+for t in slirp4netns pasta; do have "$t" && PEERS+=("$t"); done
+COLS=()
+for t in rnat slirp4netns pasta kernel; do have "$t" && COLS+=("$t"); done
+label() { case $1 in kernel) echo "kernel veth + NAT" ;; *) echo "$1" ;; esac; }
+
+# row LABEL METRIC FORMAT DIRECTION(hi|lo|none) [UNIT]: one table row, and a CSV line per tool
+row() {
+	local lab=$1 m=$2 f=$3 dir=$4 unit=${5:-} t v best="" bestt="" rb rk
+	local line="| $lab |"
+	for t in "${COLS[@]}"; do
+		v=${RES[$m.$t]:-}
+		line+=" $(fmt "$v" "$f") |"
+		! isnum "$v" || echo "$SECTION,$m,\"$lab\",$unit,$t,$v" >>"$CSV"
+	done
+	# the better peer: higher is better for rates, lower for loss and memory
+	for t in "${PEERS[@]}"; do
+		v=${RES[$m.$t]:-}
+		isnum "$v" || continue
+		if [[ -z $best ]] || { [[ $dir == hi ]] && awk -v a="$v" -v b="$best" 'BEGIN{exit !(a > b)}'; } ||
+			{ [[ $dir == lo ]] && awk -v a="$v" -v b="$best" 'BEGIN{exit !(a < b)}'; }; then
+			best=$v bestt=$t
+		fi
+	done
+	rb=$(ratio "${RES[$m.rnat]:-}" "$best")
+	[[ $rb == - ]] || rb="$rb ($bestt)"
+	rk=$(ratio "${RES[$m.rnat]:-}" "${RES[$m.kernel]:-}")
+	[[ $dir != none ]] || rb=- rk=-
+	echo "$line $rb | $rk |"
+}
+header() {
+	local t h="| |" s="|---|"
+	for t in "${COLS[@]}"; do h+=" $(label "$t") |"; s+="---:|"; done
+	echo "$h rnat / better of slirp4netns, pasta | rnat / kernel |"
+	echo "$s---:|---:|"
+}
+
+version_line() {
+	local v
+	echo -n "rnat ($RNAT_DESC)"
+	v=$("$SLIRP4NETNS" --version 2>/dev/null | awk '/^slirp4netns version/{s=$3} /^libslirp/{l=$2} END{print s" (libslirp "l")"}')
+	echo -n ", slirp4netns $v"
+	echo -n ", pasta (passt $(dpkg-query -W -f '${Version}' passt 2>/dev/null || echo '?'))"
+	echo ", iperf3 $(iperf3 --version 2>/dev/null | awk 'NR==1{print $2}'), wrk $(dpkg-query -W -f '${Version}' wrk 2>/dev/null || echo '?')."
+}
+
+report() {
+	echo "# rnat rootless benchmark"
+	echo
+	echo "$(date -u '+%Y-%m-%d %H:%M UTC'), kernel $(uname -r), $(nproc) cores; ROUNDS=$ROUNDS SECS=$SECS OMIT=$OMIT" \
+		"CONNS=$CONNS WRK_CONNS=$WRK_CONNS UDP_LEN=$UDP_LEN UPLINK_MTU=$UPLINK_MTU FWD_NOFILE=$FWD_NOFILE${QUICK:+ QUICK=$QUICK};" \
+		"took $((ELAPSED / 60)) min $((ELAPSED % 60)) s."
+	version_line
+	echo "Load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine moves absolute figures; read the ratios)."
+	echo
+	echo "Every figure is the median of $ROUNDS round(s). Ratios are rnat / peer: for rates above 1 means rnat is faster;" \
+		"for loss and memory below 1 means rnat loses or uses less. \"better of\" picks the peer with the better figure on that row."
+	if want tcp; then
+		SECTION=tcp
+		echo
+		echo "## TCP bulk (iperf3, Gbit/s)"
+		echo
+		header
+		row "container → server, MTU 65520" tcp_up_65520 %.2f hi Gbit/s
+		row "server → container, MTU 65520" tcp_down_65520 %.2f hi Gbit/s
+		row "container → server, MTU 1500" tcp_up_1500 %.2f hi Gbit/s
+		row "server → container, MTU 1500" tcp_down_1500 %.2f hi Gbit/s
+	fi
+	if want http; then
+		SECTION=http
+		echo
+		echo "## New connections, container → server (HTTP, one connection per request)"
+		echo
+		header
+		row "requests/s" http_rps %.0f hi req/s
+		row "socket errors + non-2xx (sum over the run)" http_err %.0f none
+	fi
+	if want udp; then
+		SECTION=udp
+		echo
+		echo "## UDP, container → server (iperf3 -u, ${UDP_LEN}-byte datagrams, MTU 65520)"
+		echo
+		header
+		row "-b 100M: loss (%)" udp_loss_100M %.2f lo %
+		row "-b 100M: received (Mbit/s)" udp_mbps_100M %.0f hi Mbit/s
+		row "-b 0 (unlimited): received (Mbit/s)" udp_mbps_0 %.0f hi Mbit/s
+		row "-b 0 (unlimited): loss (%)" udp_loss_0 %.1f lo %
+	fi
+	if want mem; then
+		SECTION=mem
+		echo
+		echo "## Memory of the forwarding process (VmRSS, KB)"
+		echo
+		header
+		row "idle, after start" rss_idle %.0f lo KB
+		row "holding the connections below" rss_conns %.0f lo KB
+		row "connections held open (of $CONNS)" conns_held %.0f hi conns
+	fi
+	echo
+	echo "Notes:"
+	echo
+	echo "- Topology: container netns --tap0--> tool in the host netns --veth (MTU $UPLINK_MTU)--> upstream netns" \
+		"(iperf3 -s, nginx, the hold server). The user-space tools run as the unprivileged user $USER_NAME" \
+		"(setpriv, RLIMIT_NOFILE $FWD_NOFILE); the kernel row is a root-made netns with a veth and nftables masquerade" \
+		"(both veth ends at the row's MTU). Clients run as root inside the container's network namespace (nsenter)."
+	echo "- Invocations: \`rnat run --mtu M -- sleep\`;" \
+		"\`slirp4netns --configure --mtu=M --disable-host-loopback PID tap0\` and" \
+		"\`pasta -f -q --config-net -4 -I tap0 -a $GUEST_IP -n 24 -g $GW_IP --no-map-gw --dns-forward $DNS_IP -m M -t none -u none -T none -U none PID\`" \
+		"on \`unshare --user --map-root-user --net sleep\`."
+	want tcp && echo "- tcp: \`iperf3 -c $UP_IP -t $SECS -O $OMIT\` (and \`-R\`), figure = receiver's bits/s. MTU 1500 is the container" \
+		"interface's MTU; the host ↔ upstream link stays at $UPLINK_MTU."
+	want http && echo "- http: \`wrk -t1 -c$WRK_CONNS -d${SECS}s -H 'Connection: close'\` against nginx with one worker (a 600-byte file)." \
+		"nginx answers in one process; client, server and forwarder share $(nproc) cores."
+	want udp && echo "- udp: figures are the server side's (\`sum_received\`)."
+	want mem && echo "- mem: idle = 1 s after the container answers, in a fresh container; then a python client in the container opens" \
+		"$CONNS connections (at most 256 connects in flight, each given 10 s, ${CONN_SECS} s in all) to a python server in upstream that holds them;" \
+		"\"held\" = connections open at the server 1 s after the client finished. The kernel path has no process (its state is conntrack)."
+	local n
+	for n in "${NOTES[@]}"; do echo "- $n"; done
+}
+
+if awk -v n="$(nproc)" '{ exit !($1 > n / 2) }' <<<"$LOAD_START"; then
+	note "the machine was busy at start (load $LOAD_START on $(nproc) cores): absolute figures are noisy"
+fi
+mkdir -p "$(dirname "$OUT")"
+echo "section,metric,label,unit,tool,value" >"$CSV"
+report | tee "$OUT"
+log "written to $OUT and $CSV"
+if want tcp; then
+	if "$PYTHON" "$ROOT/benches/plot_rootless.py" "$CSV" "$SVG" \
+		--subtitle "$(date -u '+%Y-%m-%d'), median of $ROUNDS round(s) of ${SECS} s${QUICK:+ (QUICK=$QUICK)}, $(nproc) cores"; then
+		log "chart: $SVG"
+	else
+		log "chart failed (see above)"
+	fi
+fi

@@ -38,6 +38,8 @@ pub struct KernelHost {
     /// Without `SO_PEEK_OFF`: per flow, the bytes already peeked (skipped by the next peek).
     peeked: Vec<usize>,
     scratch: Vec<u8>,
+    /// A socket accepted or bound for a published port, waiting for the core to adopt it.
+    staged: Option<(Socket, EpollFlags)>,
     /// Frames the TAP refused (its queue full).
     pub tx_dropped: u64,
 }
@@ -64,6 +66,7 @@ impl KernelHost {
             peek_off: std::env::var_os("RNAT_NO_PEEK_OFF").map(|_| false),
             peeked: Vec::new(),
             scratch: Vec::new(),
+            staged: None,
             tx_dropped: 0,
         })
     }
@@ -282,9 +285,37 @@ impl Host for KernelHost {
             s.take();
         }
     }
+
+    fn adopt(&mut self, id: FlowId) -> io::Result<()> {
+        let (s, flags) = self
+            .staged
+            .take()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        self.install(id, s, flags)
+    }
 }
 
 impl KernelHost {
+    /// Stages an accepted TCP socket for `Core::tcp_inbound`.
+    pub fn stage_accepted(&mut self, s: Socket) -> io::Result<()> {
+        s.set_nonblocking(true)?;
+        s.set_tcp_nodelay(true)?;
+        if self.peek_off == Some(true) {
+            sys::set_peek_off(s.as_raw_fd(), 0)?;
+        }
+        let flags = EpollFlags::EPOLLIN
+            | EpollFlags::EPOLLOUT
+            | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLET;
+        self.staged = Some((s, flags));
+        Ok(())
+    }
+
+    /// Stages a bound UDP socket for `Core::udp_publish`.
+    pub fn stage_bound_udp(&mut self, s: Socket) {
+        self.staged = Some((s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET));
+    }
+
     /// `tcp_peek` without `SO_PEEK_OFF`: peeks the already-sent bytes into a scratch buffer and
     /// the new ones into `buf`.
     fn peek_skipping(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Peek> {

@@ -229,6 +229,27 @@ pub fn arp_reply(buf: &mut [u8], macs: Macs, ip: Ipv4Addr, guest_ip: Ipv4Addr) -
     ETH_LEN + len
 }
 
+/// Writes an ARP request from `ours` at `ip` for `target`, to everyone.
+pub fn arp_request(buf: &mut [u8], ours: EthernetAddress, ip: Ipv4Addr, target: Ipv4Addr) -> usize {
+    let macs = Macs {
+        ours,
+        guest: EthernetAddress::BROADCAST,
+    };
+    write_eth(buf, macs, EthernetProtocol::Arp);
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: ours,
+        source_protocol_addr: ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    let len = repr.buffer_len();
+    repr.emit(&mut ArpPacket::new_unchecked(
+        &mut buf[ETH_LEN..ETH_LEN + len],
+    ));
+    ETH_LEN + len
+}
+
 /// An ICMP destination-unreachable message quoting a TCP SYN the guest sent (IP header and the
 /// first 8 bytes of TCP, which is what the guest's kernel matches on). Returns the frame length.
 #[allow(clippy::too_many_arguments)]

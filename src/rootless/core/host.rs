@@ -85,4 +85,11 @@ pub trait Host {
 
     /// Closes a UDP or ICMP socket.
     fn dgram_close(&mut self, flow: FlowId);
+
+    /// Takes the socket the driver has just accepted (TCP) or bound (UDP) for a published port
+    /// as the socket of `flow`.
+    fn adopt(&mut self, flow: FlowId) -> io::Result<()> {
+        let _ = flow;
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
 }

@@ -107,6 +107,8 @@ pub struct Stats {
     pub drop_unsupported: u64,
     pub drop_too_big: u64,
     pub tcp_opened: u64,
+    /// Flows opened by host clients of published ports.
+    pub tcp_inbound: u64,
     pub tcp_closed: u64,
     pub tcp_reset: u64,
     pub tcp_reset_by_guest: u64,
@@ -140,6 +142,24 @@ enum Flow {
     Ping(PingFlow),
 }
 
+/// Why a port cannot be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the port is already published")]
+    Published,
+    #[error(transparent)]
+    Host(#[from] std::io::Error),
+}
+
+/// The address the guest sees a host client by: a loopback client appears as the gateway.
+fn client_as_seen(client: SocketAddrV4, gateway: Ipv4Addr) -> SocketAddrV4 {
+    if client.ip().is_loopback() {
+        SocketAddrV4::new(gateway, client.port())
+    } else {
+        client
+    }
+}
+
 /// Where a guest's packet to `dst` goes on the host, or why it goes nowhere.
 enum Route {
     To(SocketAddrV4),
@@ -161,6 +181,8 @@ pub struct Core {
     rng: u64,
     buffered: usize,
     next_sweep: Option<Instant>,
+    /// Datagram flows with something for the guest before its MAC address was known.
+    mac_waiters: Vec<FlowId>,
     stats: Stats,
 }
 
@@ -181,6 +203,7 @@ impl Core {
             ip_id: 0,
             buffered: 0,
             next_sweep: None,
+            mac_waiters: Vec::new(),
             stats: Stats::default(),
         }
     }
@@ -219,7 +242,12 @@ impl Core {
         now: Instant,
         f: impl FnOnce(&mut TcpFlow, &mut Out<H>) -> Verdict,
     ) {
-        let Some(macs) = self.macs() else { return };
+        // Before the guest's address is known, frames go to everyone (and its TCP ignores them);
+        // the flow's timers keep running until the ARP answer arrives.
+        let macs = self.macs().unwrap_or(Macs {
+            ours: EthernetAddress(GATEWAY_MAC),
+            guest: EthernetAddress::BROADCAST,
+        });
         let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) else {
             return;
         };
@@ -258,13 +286,22 @@ impl Core {
             return;
         }
         let src_mac = eth.src_addr();
+        // The guest is alone on its TAP: any unicast source is its address (IPv6 neighbour
+        // discovery right after the link comes up teaches it early, before any IPv4).
+        if src_mac.is_unicast() && self.guest_mac != Some(src_mac) {
+            self.guest_mac = Some(src_mac);
+            for id in std::mem::take(&mut self.mac_waiters) {
+                let ready = Ready {
+                    readable: true,
+                    ..Default::default()
+                };
+                self.on_ready(host, id, ready, now);
+            }
+        }
         match eth.ethertype() {
             EthernetProtocol::Arp => self.on_arp(host, src_mac, eth.payload()),
             EthernetProtocol::Ipv4 if dst == EthernetAddress(GATEWAY_MAC) => {
-                if src_mac.is_unicast() && self.guest_mac != Some(src_mac) {
-                    self.guest_mac = Some(src_mac);
-                }
-                self.on_ipv4(host, eth.payload(), rx, now);
+                self.on_ipv4(host, eth.payload(), rx, now)
             }
             _ => self.stats.drop_unsupported += 1,
         }
@@ -520,7 +557,15 @@ impl Core {
         }
         let guest = SocketAddrV4::new(src, udp.src_port());
         let remote = SocketAddrV4::new(dst, udp.dst_port());
-        let Route::To(real) = self.route(remote) else {
+        // A client of a published port is answered where it came from, whatever the policy.
+        let known = match self.udp.get(&guest).and_then(|id| self.flows.get(*id)) {
+            Some(Flow::Udp(f)) => f.real_for(remote),
+            _ => None,
+        };
+        let Some(real) = known.or(match self.route(remote) {
+            Route::To(r) => Some(r),
+            Route::Refuse => None,
+        }) else {
             self.stats.udp_refused_policy += 1;
             if let Some(macs) = self.macs() {
                 self.ip_id = self.ip_id.wrapping_add(1);
@@ -644,8 +689,19 @@ impl Core {
         }
     }
 
+    /// Nothing can go to the guest before its MAC address is known: ask for it, and hand the
+    /// flow's readiness back when it comes.
+    fn wait_for_mac<H: Host>(&mut self, host: &mut H, id: FlowId) {
+        if !self.mac_waiters.contains(&id) {
+            self.mac_waiters.push(id);
+        }
+        self.arp_for_guest(host);
+    }
+
     fn udp_readable<H: Host>(&mut self, host: &mut H, id: FlowId, now: Instant) {
-        let Some(macs) = self.macs() else { return };
+        let Some(macs) = self.macs() else {
+            return self.wait_for_mac(host, id);
+        };
         let max = usize::from(self.cfg.mtu) - frame::IP_LEN - frame::UDP_LEN;
         loop {
             let at = frame::UDP_PAYLOAD_AT;
@@ -657,9 +713,17 @@ impl Core {
             let Some(Flow::Udp(f)) = self.flows.get_mut(id) else {
                 return;
             };
-            let Some(seen) = f.seen_as(from) else {
-                self.stats.udp_filtered += 1;
-                continue;
+            let seen = match f.seen_as(from) {
+                Some(s) => s,
+                None if f.published => {
+                    let seen = client_as_seen(from, self.cfg.gateway);
+                    f.note_peer(from, seen);
+                    seen
+                }
+                None => {
+                    self.stats.udp_filtered += 1;
+                    continue;
+                }
             };
             f.last_active = now;
             let guest = f.guest;
@@ -683,7 +747,9 @@ impl Core {
     }
 
     fn ping_readable<H: Host>(&mut self, host: &mut H, id: FlowId, now: Instant) {
-        let Some(macs) = self.macs() else { return };
+        let Some(macs) = self.macs() else {
+            return self.wait_for_mac(host, id);
+        };
         loop {
             let at = frame::ICMP_AT;
             let room = usize::from(self.cfg.mtu) - frame::IP_LEN;
@@ -784,6 +850,98 @@ impl Core {
         }
         let any = self.flows.iter().any(|(_, f)| !matches!(f, Flow::Tcp(_)));
         self.next_sweep = any.then(|| now + Duration::from_secs(1));
+    }
+
+    /// A host client accepted on a published TCP port: opens a flow to `guest_port`, as if from
+    /// `client` (a loopback client appears as the gateway). The host adopts the accepted socket
+    /// for the new flow. Returns `None` (the caller closes the socket) at a limit.
+    pub fn tcp_inbound<H: Host>(
+        &mut self,
+        host: &mut H,
+        client: SocketAddrV4,
+        guest_port: u16,
+        now: Instant,
+    ) -> Option<FlowId> {
+        let guest = SocketAddrV4::new(self.cfg.guest, guest_port);
+        let seen = client_as_seen(client, self.cfg.gateway);
+        if self.at_limit() || self.tcp.contains_key(&(guest, seen)) {
+            self.stats.refused_limit += 1;
+            return None;
+        }
+        let iss = self.next_iss();
+        let flow = TcpFlow::inbound(guest, seen, iss, &self.cfg);
+        let id = self.flows.insert(Flow::Tcp(flow));
+        if host.adopt(id).is_err() {
+            self.flows.remove(id);
+            return None;
+        }
+        self.tcp.insert((guest, seen), id);
+        self.stats.tcp_inbound += 1;
+        if self.macs().is_none() {
+            self.arp_for_guest(host);
+        }
+        self.with_tcp(host, id, now, |f, out| {
+            f.open_to_guest(id, out);
+            Verdict::Keep
+        });
+        Some(id)
+    }
+
+    /// Asks the guest for its MAC address.
+    fn arp_for_guest<H: Host>(&mut self, host: &mut H) {
+        let len = frame::arp_request(
+            &mut self.tx,
+            EthernetAddress(GATEWAY_MAC),
+            self.cfg.gateway,
+            self.cfg.guest,
+        );
+        host.emit(&self.tx[..len], TxMeta::default());
+        self.stats.frames_out += 1;
+    }
+
+    /// Publishes UDP `guest_port` on a socket the driver has bound: the host adopts it as the
+    /// socket of a flow for the guest's port, which any client may reach and which never expires.
+    pub fn udp_publish<H: Host>(
+        &mut self,
+        host: &mut H,
+        guest_port: u16,
+        now: Instant,
+    ) -> Result<FlowId, PublishError> {
+        let guest = SocketAddrV4::new(self.cfg.guest, guest_port);
+        if let Some(&id) = self.udp.get(&guest) {
+            match self.flows.get(id) {
+                Some(Flow::Udp(f)) if f.published => return Err(PublishError::Published),
+                _ => {
+                    // The guest's own flow from that port gives way to the published one.
+                    self.flows.remove(id);
+                    self.udp.remove(&guest);
+                    host.dgram_close(id);
+                }
+            }
+        }
+        let mut flow = UdpFlow::new(guest, now, Duration::MAX);
+        flow.published = true;
+        let id = self.flows.insert(Flow::Udp(flow));
+        if let Err(e) = host.adopt(id) {
+            self.flows.remove(id);
+            return Err(PublishError::Host(e));
+        }
+        self.udp.insert(guest, id);
+        Ok(id)
+    }
+
+    /// Stops publishing UDP `guest_port`; the host socket is closed.
+    pub fn udp_unpublish<H: Host>(&mut self, host: &mut H, guest_port: u16) -> bool {
+        let guest = SocketAddrV4::new(self.cfg.guest, guest_port);
+        match self.udp.get(&guest).copied() {
+            Some(id) if matches!(self.flows.get(id), Some(Flow::Udp(f)) if f.published) => {
+                self.flows.remove(id);
+                self.udp.remove(&guest);
+                host.dgram_close(id);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Number of flows of every kind.

@@ -60,6 +60,8 @@ pub struct SimHost {
     /// Every frame emitted, when `log_frames` is set.
     pub log_frames: bool,
     pub log: Vec<Vec<u8>>,
+    /// The socket the next `adopt` takes.
+    pub staged: Option<SimSock>,
 }
 
 impl SimHost {
@@ -73,6 +75,7 @@ impl SimHost {
             connects: Vec::new(),
             log_frames: false,
             log: Vec::new(),
+            staged: None,
         }
     }
 
@@ -212,6 +215,14 @@ impl Host for SimHost {
     }
     fn ping_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>> {
         Ok(self.udp_recv(id, buf)?.map(|(a, n)| (*a.ip(), n)))
+    }
+    fn adopt(&mut self, id: FlowId) -> io::Result<()> {
+        let s = self
+            .staged
+            .take()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
+        self.socks.insert(id, s);
+        Ok(())
     }
     fn dgram_close(&mut self, id: FlowId) {
         if let Ok(s) = self.sock(id) {

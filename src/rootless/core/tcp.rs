@@ -85,6 +85,8 @@ enum State {
     Connecting,
     /// Connected on the host; our SYN-ACK awaits the guest's ACK.
     SynReceived,
+    /// A host client connected to a published port; our SYN awaits the guest's SYN-ACK.
+    SynSent,
     Established,
 }
 
@@ -156,6 +158,50 @@ impl TcpFlow {
             timer: None,
             ack_queued: false,
         }
+    }
+
+    /// A flow for a host client of a published port (already accepted on the host): the caller
+    /// sends the SYN with `open_to_guest`.
+    pub fn inbound(guest: SocketAddrV4, client: SocketAddrV4, iss: u32, cfg: &Config) -> Self {
+        let syn = Segment {
+            seq: 0,
+            ack: 0,
+            flags: SYN,
+            window: 0,
+            payload: &[],
+            mss: None,
+            wscale: None,
+        };
+        let mut f = TcpFlow::new(guest, client, &syn, iss, cfg);
+        f.state = State::SynSent;
+        f.rcv_nxt = 0;
+        f.rcv_wscale = OUR_WSCALE;
+        f
+    }
+
+    /// Sends the SYN of an inbound flow (again, on a timeout).
+    pub fn open_to_guest(&mut self, id: FlowId, out: &mut Out<impl Host>) {
+        let mss = (usize::from(out.cfg.mtu) - frame::IP_LEN - frame::TCP_LEN).min(65535) as u16;
+        let [hi, lo] = mss.to_be_bytes();
+        self.snd_nxt = self.iss.wrapping_add(1);
+        // The window in a SYN is never scaled.
+        let window = self.window_bytes(out.cfg, *out.buffered).min(65535);
+        self.last_window = window;
+        let h = TcpHeader {
+            src: self.remote,
+            dst: self.guest,
+            seq: self.iss,
+            ack: 0,
+            flags: SYN,
+            window: window as u16,
+            options: &[2, 4, hi, lo, 1, 3, 3, OUR_WSCALE],
+        };
+        let ipid = out.next_id();
+        let (len, meta) = frame::tcp(out.tx, out.macs, &h, 0, ipid, out.cfg.offload);
+        out.host.emit(&out.tx[..len], meta);
+        out.stats.frames_out += 1;
+        let backoff = SYNACK_RTO * u32::from(self.retries.max(1));
+        self.arm(id, out, backoff);
     }
 
     /// The guest's initial sequence number (for an ICMP error quoting its SYN).
@@ -307,6 +353,35 @@ impl TcpFlow {
         }
         match self.state {
             State::Connecting => return Verdict::Keep, // SYN retransmissions: the connect goes on
+            State::SynSent => {
+                // Only the guest's SYN-ACK for our SYN moves things on.
+                if seg.flags & (SYN | ACK) != SYN | ACK || seg.ack != self.iss.wrapping_add(1) {
+                    if seg.flags & ACK != 0 && seg.flags & SYN == 0 {
+                        self.send_ctl(out, RST, seg.ack, &[]);
+                    }
+                    return Verdict::Keep;
+                }
+                self.rcv_nxt = seg.seq.wrapping_add(1);
+                match seg.wscale {
+                    Some(ws) => self.snd_wscale = ws.min(14),
+                    None => {
+                        self.snd_wscale = 0;
+                        self.rcv_wscale = 0;
+                    }
+                }
+                let mtu_mss = usize::from(out.cfg.mtu) - frame::IP_LEN - frame::TCP_LEN;
+                self.mss = usize::from(seg.mss.unwrap_or(536)).clamp(64, mtu_mss);
+                self.snd_wnd = u32::from(seg.window); // unscaled in a SYN
+                self.snd_una = seg.ack;
+                self.state = State::Established;
+                self.timer = None;
+                self.retries = 0;
+                self.send_ack(out);
+                return match self.try_send(id, out) {
+                    Verdict::Remove => Verdict::Remove,
+                    Verdict::Keep => self.check_done(id, out),
+                };
+            }
             State::SynReceived => {
                 if seg.flags & SYN != 0 {
                     self.send_synack(out);
@@ -566,6 +641,10 @@ impl TcpFlow {
         if self.state == State::Connecting {
             return self.on_connect_ready(id, out);
         }
+        if self.state == State::SynSent {
+            // The host client may already send or close; that waits for the guest's SYN-ACK.
+            return Verdict::Keep;
+        }
         if (ready.writable || ready.error) && !self.pending.is_empty()
             || (self.guest_fin && !self.host_shut)
         {
@@ -590,6 +669,17 @@ impl TcpFlow {
         }
         match self.state {
             State::Connecting => Verdict::Keep,
+            State::SynSent => {
+                self.retries += 1;
+                if self.retries > 6 {
+                    out.host.tcp_close(id, true);
+                    *out.buffered -= self.pending.len();
+                    out.stats.tcp_reset += 1;
+                    return Verdict::Remove;
+                }
+                self.open_to_guest(id, out);
+                Verdict::Keep
+            }
             State::SynReceived => {
                 self.retries += 1;
                 if self.retries > 6 {

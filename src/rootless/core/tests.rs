@@ -739,3 +739,153 @@ fn bad_frames_are_counted_not_fatal() {
         );
     }
 }
+
+// ---- Published ports: host clients reach the guest with their own address. ----
+
+#[test]
+fn inbound_tcp_carries_the_clients_address_and_bytes_both_ways() {
+    let mut sim = Sim::new(cfg());
+    let mut listener = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 65536]),
+        tcp::SocketBuffer::new(vec![0; 65536]),
+    );
+    listener.listen(80).expect("listen");
+    let h = sim.sockets.add(listener);
+    // The guest speaks first (as a kernel does when its link comes up): its MAC is learned.
+    sim.run_until(5, |_| false);
+    let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 5555);
+    let up = pattern(120_000, 7);
+    sim.host.staged = Some(super::sim::SimSock {
+        dst: Some(client),
+        connected: true,
+        cap: 1 << 20,
+        rx: up.clone(),
+        eof: true,
+        ..Default::default()
+    });
+    let now = sim.now();
+    let id = sim
+        .core
+        .tcp_inbound(&mut sim.host, client, 80, now)
+        .expect("a flow");
+    let mut got = Vec::new();
+    let mut replied = false;
+    let done = sim.run_until(20_000, |sim| {
+        let s = sim.sockets.get_mut::<tcp::Socket>(h);
+        if let Some(ep) = s.remote_endpoint() {
+            assert_eq!(
+                ep.addr,
+                smoltcp::wire::IpAddress::Ipv4(*client.ip()),
+                "the guest sees the client"
+            );
+            assert_eq!(ep.port, client.port());
+        }
+        while s.can_recv() {
+            let mut buf = [0u8; 8192];
+            let k = s.recv_slice(&mut buf).expect("recv");
+            got.extend_from_slice(&buf[..k]);
+        }
+        if got.len() == up.len() && !replied && s.can_send() {
+            s.send_slice(b"thanks").expect("send");
+            s.close();
+            replied = true;
+        }
+        sim.core.flow_count() == 0
+    });
+    assert!(
+        done,
+        "inbound flow did not finish: got {} of {}",
+        got.len(),
+        up.len()
+    );
+    assert!(got == up);
+    let s = &sim.host.socks[&id];
+    assert_eq!(s.received, b"thanks");
+    assert!(s.closed && !s.reset);
+    assert_eq!(sim.core.stats().tcp_inbound, 1);
+}
+
+#[test]
+fn inbound_tcp_to_a_closed_guest_port_resets_the_client() {
+    let mut sim = Sim::new(cfg());
+    sim.run_until(5, |_| false);
+    let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 5556);
+    sim.host.staged = Some(super::sim::SimSock {
+        dst: Some(client),
+        connected: true,
+        cap: 1 << 20,
+        ..Default::default()
+    });
+    let now = sim.now();
+    let id = sim
+        .core
+        .tcp_inbound(&mut sim.host, client, 81, now)
+        .expect("a flow");
+    assert!(sim.run_until(1000, |sim| sim.core.flow_count() == 0));
+    assert!(
+        sim.host.socks[&id].reset,
+        "the client's connection is reset"
+    );
+}
+
+#[test]
+fn published_udp_reaches_the_guest_from_the_client_and_replies_go_back() {
+    let mut sim = Sim::new(cfg());
+    let rx = smoltcp::socket::udp::PacketBuffer::new(
+        vec![smoltcp::socket::udp::PacketMetadata::EMPTY; 8],
+        vec![0; 8192],
+    );
+    let tx = smoltcp::socket::udp::PacketBuffer::new(
+        vec![smoltcp::socket::udp::PacketMetadata::EMPTY; 8],
+        vec![0; 8192],
+    );
+    let mut sock = smoltcp::socket::udp::Socket::new(rx, tx);
+    sock.bind(5353).expect("bind");
+    let h = sim.sockets.add(sock);
+    sim.run_until(5, |_| false);
+    sim.host.staged = Some(super::sim::SimSock::default());
+    let now = sim.now();
+    let id = sim
+        .core
+        .udp_publish(&mut sim.host, 5353, now)
+        .expect("published");
+    let external = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 4444);
+    let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 4445);
+    let s = sim.host.socks.get_mut(&id).expect("sock");
+    s.udp_in.push_back((external, b"from-outside".to_vec()));
+    s.udp_in.push_back((local, b"from-loopback".to_vec()));
+    let mut seen = Vec::new();
+    sim.run_until(200, |sim| {
+        let s = sim.sockets.get_mut::<smoltcp::socket::udp::Socket>(h);
+        while let Ok((data, meta)) = s.recv() {
+            seen.push((meta.endpoint, data.to_vec()));
+            let reply = [b"re:".as_slice(), data].concat();
+            let ep = meta.endpoint;
+            s.send_slice(&reply, ep).expect("reply");
+        }
+        seen.len() == 2 && sim.host.socks[&id].udp_out.len() == 2
+    });
+    let ep = |ip: Ipv4Addr, port| smoltcp::wire::IpEndpoint::new(ip.into(), port);
+    assert_eq!(
+        seen,
+        vec![
+            (ep(*external.ip(), 4444), b"from-outside".to_vec()),
+            (
+                ep(Ipv4Addr::new(10, 0, 2, 2), 4445),
+                b"from-loopback".to_vec()
+            ),
+        ],
+        "the guest sees the external client, and a loopback client as the gateway"
+    );
+    // Replies leave through the published socket, the loopback one too (no host-loopback grant
+    // is needed to answer a client).
+    assert_eq!(
+        sim.host.socks[&id].udp_out,
+        vec![
+            (external, b"re:from-outside".to_vec()),
+            (local, b"re:from-loopback".to_vec())
+        ]
+    );
+    assert!(sim.core.udp_unpublish(&mut sim.host, 5353));
+    assert!(sim.host.socks[&id].closed);
+}

@@ -9,13 +9,17 @@ use std::time::{Duration, Instant};
 
 /// Peers remembered per flow; the oldest is forgotten first.
 const MAX_PEERS: usize = 32;
+/// Clients remembered by a published port.
+const MAX_PUBLISHED_PEERS: usize = 4096;
 
 pub(super) struct UdpFlow {
     pub guest: SocketAddrV4,
-    /// (host-side peer, the address the guest sent to)
+    /// (host-side peer, the address the guest knows it by)
     peers: Vec<(SocketAddrV4, SocketAddrV4)>,
     pub last_active: Instant,
     pub idle_timeout: Duration,
+    /// The host socket is a published port's: any client may send, and it never expires.
+    pub published: bool,
 }
 
 impl UdpFlow {
@@ -25,6 +29,7 @@ impl UdpFlow {
             peers: Vec::new(),
             last_active: now,
             idle_timeout,
+            published: false,
         }
     }
 
@@ -34,7 +39,12 @@ impl UdpFlow {
             self.peers[i].1 = seen;
             return;
         }
-        if self.peers.len() == MAX_PEERS {
+        let max = if self.published {
+            MAX_PUBLISHED_PEERS
+        } else {
+            MAX_PEERS
+        };
+        if self.peers.len() >= max {
             self.peers.remove(0);
         }
         self.peers.push((real, seen));
@@ -42,7 +52,20 @@ impl UdpFlow {
 
     /// The address the guest knows a host-side peer by, if the guest has sent to it.
     pub fn seen_as(&self, real: SocketAddrV4) -> Option<SocketAddrV4> {
-        self.peers.iter().find(|(r, _)| *r == real).map(|(_, s)| *s)
+        self.peers
+            .iter()
+            .rev()
+            .find(|(r, _)| *r == real)
+            .map(|(_, s)| *s)
+    }
+
+    /// The host-side peer behind an address the guest sends to, if it is a known one.
+    pub fn real_for(&self, seen: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.peers
+            .iter()
+            .rev()
+            .find(|(_, s)| *s == seen)
+            .map(|(r, _)| *r)
     }
 }
 

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use rnat::rootful::{CreateOpts, Engine, NetworkChoice};
+use rnat::rootless::control::Request;
 use rnat::run::RunError;
 use rnat::spec::{self, PortMapping};
 use rnat::state::{Container, StateDirs};
@@ -252,13 +253,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let ports = parse_specs(&publish)?;
             if rootless || !nix::unistd::geteuid().is_root() {
-                if !ports.is_empty() {
-                    anyhow::bail!("-p: published ports are not available in rootless mode yet");
+                if network.is_some() {
+                    anyhow::bail!("--network applies to rootful mode only");
                 }
-                if network.is_some() || name.is_some() {
-                    anyhow::bail!("--network and --name apply to rootful mode only");
+                if let Some(n) = &name {
+                    rnat::rootful::validate_name(n)?;
                 }
-                let status = rnat::rootless::session::run(&rootless_opts.options(), &cmd)?;
+                let mut opts = rootless_opts.options();
+                opts.ports = ports;
+                opts.name = name;
+                let status = rnat::rootless::session::run(&opts, &cmd)?;
                 return Ok(u8::try_from(status).unwrap_or(EXIT_ERROR));
             }
             let mut engine = Engine::open(dirs)?;
@@ -291,6 +295,46 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let status =
                 rnat::rootless::session::attach(&opts, &target, userns.as_deref(), configure)?;
             Ok(u8::try_from(status).unwrap_or(EXIT_ERROR))
+        }
+        Cmd::Publish { name, specs } if !nix::unistd::geteuid().is_root() => {
+            parse_specs(&specs)?;
+            let v = rootless_call(
+                name.as_deref(),
+                Request::Publish {
+                    specs: specs.clone(),
+                },
+            )?;
+            println!(
+                "{}: published {} spec(s)",
+                v["name"].as_str().unwrap_or("?"),
+                specs.len()
+            );
+            Ok(0)
+        }
+        Cmd::Unpublish { name, specs } if !nix::unistd::geteuid().is_root() => {
+            parse_specs(&specs)?;
+            let v = rootless_call(
+                name.as_deref(),
+                Request::Unpublish {
+                    specs: specs.clone(),
+                },
+            )?;
+            println!(
+                "{}: unpublished {} spec(s)",
+                v["name"].as_str().unwrap_or("?"),
+                specs.len()
+            );
+            Ok(0)
+        }
+        Cmd::Ps { json } if !nix::unistd::geteuid().is_root() => {
+            let mut list = Vec::new();
+            for (_, path) in rnat::rootless::control::instances() {
+                if let Ok(Ok(v)) = rnat::rootless::control::call(&path, &Request::Ps) {
+                    list.push(v);
+                }
+            }
+            print_rootless_ps(&list, json)?;
+            Ok(0)
         }
         Cmd::Publish { name, specs } => {
             let ports = parse_specs(&specs)?;
@@ -376,6 +420,87 @@ fn network(dirs: StateDirs, cmd: NetCmd) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Sends a request to the rootless instance NAME (or the only one running) and returns its answer.
+fn rootless_call(name: Option<&str>, req: Request) -> anyhow::Result<serde_json::Value> {
+    use rnat::rootless::control;
+    let path = match name {
+        Some(n) => {
+            rnat::rootful::validate_name(n)?;
+            control::dir().join(format!("{n}.sock"))
+        }
+        None => {
+            let all = control::instances();
+            match all.as_slice() {
+                [(_, p)] => p.clone(),
+                [] => anyhow::bail!("no rootless instance is running"),
+                _ => anyhow::bail!(
+                    "{} rootless instances are running: say which with --name ({})",
+                    all.len(),
+                    all.iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
+    };
+    let answer = control::call(&path, &req).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            anyhow::anyhow!(
+                "no rootless instance named {:?} is running",
+                name.unwrap_or("?")
+            )
+        }
+        _ => anyhow::Error::new(e).context(format!("talking to {}", path.display())),
+    })?;
+    answer.map_err(|e| anyhow::anyhow!(e))
+}
+
+fn print_rootless_ps(list: &[serde_json::Value], json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, list)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<14} {:<16} {:<12} {:<15} {:<8} PORTS",
+        "ID", "NAME", "NETWORK", "IP", "PID"
+    )?;
+    for c in list {
+        let ports: Vec<String> = c["ports"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| {
+                        format!(
+                            "{}:{}->{}/{}",
+                            p["host_ip"].as_str().unwrap_or(""),
+                            p["host_port"],
+                            p["container_port"],
+                            p["protocol"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let s = |k: &str| c[k].as_str().unwrap_or("-").to_string();
+        let pid = c["pid"].as_i64().map_or("-".to_string(), |p| p.to_string());
+        writeln!(
+            out,
+            "{:<14} {:<16} {:<12} {:<15} {:<8} {}",
+            s("id"),
+            s("name"),
+            s("network"),
+            s("ip"),
+            pid,
+            ports.join(", ")
+        )?;
+    }
+    Ok(())
 }
 
 fn print_ps(containers: &[Container], json: bool) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use super::core::{Core, FlowId, Host, Peek, Ready, RxMeta, TxMeta};
 use super::sys;
 
-/// Tokens above the flow ids.
+/// Tokens above the flow ids: the TAP, then the callers' (`Wake::Token`).
 const TAP: u64 = 1 << 40;
 /// Frames read from the TAP before host sockets get a turn.
 const TAP_BUDGET: usize = 256;
@@ -30,7 +30,7 @@ const FALLBACK_MAX_INFLIGHT: usize = 1 << 20;
 /// The core's window on the kernel: sockets by flow id, the TAP, and the epoll set.
 pub struct KernelHost {
     epoll: Epoll,
-    tap: OwnedFd,
+    tap: Option<OwnedFd>,
     vnet_hdr: bool,
     socks: Vec<Option<Socket>>,
     /// Whether TCP honours `SO_PEEK_OFF` (Linux 6.9 and later); `None` until the first connect.
@@ -52,15 +52,13 @@ fn sock(socks: &[Option<Socket>], id: FlowId) -> io::Result<&Socket> {
 }
 
 impl KernelHost {
-    pub fn new(tap: OwnedFd, vnet_hdr: bool) -> io::Result<KernelHost> {
+    /// A host without its TAP yet (see `attach_tap`): ports can be bound before the container
+    /// exists.
+    pub fn new(vnet_hdr: bool) -> io::Result<KernelHost> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        epoll.add(
-            &tap,
-            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, TAP),
-        )?;
         Ok(KernelHost {
             epoll,
-            tap,
+            tap: None,
             vnet_hdr,
             socks: Vec::new(),
             peek_off: std::env::var_os("RNAT_NO_PEEK_OFF").map(|_| false),
@@ -71,10 +69,27 @@ impl KernelHost {
         })
     }
 
+    /// Starts serving the TAP.
+    pub fn attach_tap(&mut self, tap: OwnedFd) -> io::Result<()> {
+        self.epoll.add(
+            &tap,
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, TAP),
+        )?;
+        self.tap = Some(tap);
+        Ok(())
+    }
+
     /// Adds another fd to wake the loop, with a token the caller's handler recognises.
     pub fn watch(&self, fd: BorrowedFd, token: u64) -> io::Result<()> {
         self.epoll
             .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+            .map_err(io::Error::from)
+    }
+
+    /// Registers an fd of the caller's (a listener, a spliced socket) with its own token.
+    pub fn register(&self, fd: BorrowedFd, token: u64, flags: EpollFlags) -> io::Result<()> {
+        self.epoll
+            .add(fd, EpollEvent::new(flags, token))
             .map_err(io::Error::from)
     }
 
@@ -101,6 +116,7 @@ impl KernelHost {
 
 impl Host for KernelHost {
     fn emit(&mut self, frame: &[u8], meta: TxMeta) {
+        let Some(tap) = &self.tap else { return };
         let r = if self.vnet_hdr {
             let mut h = [0u8; VNET_HDR_LEN];
             if let Some((start, off)) = meta.csum {
@@ -115,9 +131,9 @@ impl Host for KernelHost {
                 h[2..4].copy_from_slice(&54u16.to_ne_bytes());
                 h[4..6].copy_from_slice(&mss.to_ne_bytes());
             }
-            nix::sys::uio::writev(&self.tap, &[IoSlice::new(&h), IoSlice::new(frame)])
+            nix::sys::uio::writev(tap, &[IoSlice::new(&h), IoSlice::new(frame)])
         } else {
-            nix::unistd::write(&self.tap, frame)
+            nix::unistd::write(tap, frame)
         };
         if r.is_err() {
             self.tx_dropped += 1;
@@ -311,6 +327,13 @@ impl KernelHost {
         Ok(())
     }
 
+    /// Drops a staged socket the core did not take, resetting its peer.
+    pub fn drop_staged_with_reset(&mut self) {
+        if let Some((s, _)) = self.staged.take() {
+            let _ = s.set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+
     /// Stages a bound UDP socket for `Core::udp_publish`.
     pub fn stage_bound_udp(&mut self, s: Socket) {
         self.staged = Some((s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET));
@@ -364,7 +387,7 @@ pub enum Wake {
 pub fn serve(
     core: &mut Core,
     host: &mut KernelHost,
-    mut on_wake: impl FnMut(&mut Core, Wake) -> bool,
+    mut on_wake: impl FnMut(&mut Core, &mut KernelHost, Wake, Instant) -> bool,
 ) -> io::Result<()> {
     let mut events = vec![EpollEvent::empty(); 256];
     let mut frame = vec![0u8; VNET_HDR_LEN + super::core::frame::MAX_FRAME];
@@ -398,7 +421,7 @@ pub fn serve(
             match ev.data() {
                 TAP => tap_more = true,
                 t if t >= TAP => {
-                    if !on_wake(core, Wake::Token(t)) {
+                    if !on_wake(core, host, Wake::Token(t), now) {
                         return Ok(());
                     }
                 }
@@ -415,7 +438,8 @@ pub fn serve(
         if tap_more {
             tap_more = false;
             for _ in 0..TAP_BUDGET {
-                match nix::unistd::read(host.tap.as_fd(), &mut frame) {
+                let Some(tap) = &host.tap else { break };
+                match nix::unistd::read(tap.as_fd(), &mut frame) {
                     Ok(len) => {
                         let (rx, body) = if host.vnet_hdr {
                             if len < VNET_HDR_LEN {
@@ -443,7 +467,7 @@ pub fn serve(
                     }
                     Err(nix::errno::Errno::EINTR) => {}
                     Err(_) => {
-                        on_wake(core, Wake::TapGone);
+                        on_wake(core, host, Wake::TapGone, now);
                         return Ok(());
                     }
                 }

@@ -2,8 +2,11 @@
 //! ordinary host sockets. `core` is the protocol engine (no I/O); the rest attaches it to the
 //! kernel.
 
+pub mod control;
 pub mod core;
 pub mod driver;
+pub mod keeper;
 pub mod ns;
+pub mod publish;
 pub mod session;
 pub mod sys;

@@ -11,13 +11,22 @@ use std::process::Command;
 use ipnet::Ipv4Net;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use std::cell::Cell;
+use std::os::unix::net::UnixListener;
+use std::rc::Rc;
+use std::time::Instant;
+
+use super::control;
 use super::core::{Config, Core};
 use super::driver::{self, KernelHost, Wake};
 use super::ns::{self, Enter, TapAddress, TapPlan};
+use super::publish::Ports;
 use super::sys::{self, IfName};
+use crate::spec::PortMapping;
 
 const SIGNAL_TOKEN: u64 = (1 << 40) + 1;
 const EXIT_TOKEN: u64 = (1 << 40) + 2;
+const CONTROL_TOKEN: u64 = (1 << 40) + 3;
 
 impl From<ns::TapError> for Error {
     fn from(e: ns::TapError) -> Error {
@@ -37,6 +46,10 @@ pub struct Options {
     /// Use the TAP's virtio header for checksum and segmentation offload.
     pub offload: bool,
     pub tap_name: String,
+    /// Ports to publish from the start.
+    pub ports: Vec<PortMapping>,
+    /// The instance's name (its control socket's); default `rnat-PID`.
+    pub name: Option<String>,
 }
 
 impl Default for Options {
@@ -47,6 +60,8 @@ impl Default for Options {
             allow_host_loopback: false,
             offload: std::env::var_os("RNAT_NO_OFFLOAD").is_none(),
             tap_name: "tap0".into(),
+            ports: Vec::new(),
+            name: None,
         }
     }
 }
@@ -209,21 +224,34 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
     let cfg = build_config(opts)?;
     check_tun()?;
     IfName::new(&opts.tap_name).map_err(Error::Invalid)?;
+    let (prog, args) = argv
+        .split_first()
+        .ok_or_else(|| Error::Invalid("no command given".into()))?;
+    // Ports and the control socket come first: if one cannot be had, nothing has started.
+    let child_pid = Rc::new(Cell::new(0));
+    let target_pid = child_pid.clone();
+    let mut inst = Instance::new(
+        cfg,
+        opts,
+        Box::new(move || {
+            let pid = target_pid.get();
+            let open =
+                |ns: &str| std::fs::File::open(format!("/proc/{pid}/ns/{ns}")).map(OwnedFd::from);
+            Ok((Some(open("user")?), open("net")?))
+        }),
+    )?;
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let resolv_file = write_resolv(&container_resolv(&host_resolv, cfg.dns))?;
+    let resolv_file = write_resolv(&container_resolv(&host_resolv, inst.core.config().dns))?;
+    let tap_addr = tap_address(inst.core.config(), opts);
     let plan = TapPlan::new_namespaces(
         Some(resolv_file.path()),
         &opts.tap_name,
         opts.offload,
-        Some(tap_address(&cfg, opts)),
+        Some(tap_addr),
     )
     .map_err(io_err("preparing the namespaces"))?;
     let (ours, theirs) = ns::fd_channel().map_err(io_err("creating a socket pair"))?;
-    let signals = SignalPipe::new().map_err(io_err("installing signal handlers"))?;
 
-    let (prog, args) = argv
-        .split_first()
-        .ok_or_else(|| Error::Invalid("no command given".into()))?;
     let mut cmd = Command::new(prog);
     cmd.args(args);
     let theirs_fd = theirs.as_raw_fd();
@@ -252,7 +280,18 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
     drop(resolv_file);
     let tap = ns::recv_tap(ours.as_raw_fd());
     match (spawned, tap) {
-        (Ok(child), Ok(tap)) => serve_child(cfg, opts, tap, child, signals),
+        (Ok(mut child), Ok(tap)) => {
+            child_pid.set(child.id() as i32);
+            let served = inst.serve_child(tap, &mut child);
+            if served.is_err() {
+                let _ = child.kill();
+            }
+            let status = child.wait().map_err(io_err("waiting for the command"))?;
+            served?;
+            Ok(status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        }
         (Ok(mut child), Err(e)) => {
             let _ = child.kill();
             let _ = child.wait();
@@ -274,41 +313,214 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
     }
 }
 
-fn serve_child(
-    cfg: Config,
-    opts: &Options,
-    tap: OwnedFd,
-    mut child: std::process::Child,
+/// A running rootless engine: the core, its host sockets, the published ports and the control
+/// socket.
+struct Instance {
+    core: Core,
+    host: KernelHost,
+    ports: Ports,
+    name: String,
+    control: Option<(UnixListener, PathBuf)>,
     signals: SignalPipe,
-) -> Result<i32, Error> {
-    let pid = child.id() as libc::pid_t;
-    let pidfd = sys::pidfd_open(pid).map_err(io_err("watching the container's process"))?;
-    let mut host =
-        KernelHost::new(tap, opts.offload).map_err(io_err("setting up the event loop"))?;
-    host.watch(signals.read.as_fd(), SIGNAL_TOKEN)
-        .map_err(io_err("setting up the event loop"))?;
-    host.watch(pidfd.as_fd(), EXIT_TOKEN)
-        .map_err(io_err("setting up the event loop"))?;
-    let mut core = Core::new(cfg);
-    let served = driver::serve(&mut core, &mut host, |_, wake| match wake {
-        Wake::Token(SIGNAL_TOKEN) => {
-            for sig in signals.drain() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::try_from(sig).ok(),
-                );
-            }
-            true
+    started: std::time::SystemTime,
+    child: i32,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some((_, path)) = &self.control {
+            let _ = std::fs::remove_file(path);
         }
-        Wake::Token(EXIT_TOKEN) | Wake::TapGone => false,
-        Wake::Token(_) => true,
-    });
-    tracing::debug!(stats = ?core.stats(), "rootless engine stopped");
-    let status = child.wait().map_err(io_err("waiting for the command"))?;
-    served.map_err(io_err("serving the container's network"))?;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    }
+}
+
+impl Instance {
+    fn new(
+        cfg: Config,
+        opts: &Options,
+        keeper_target: Box<dyn Fn() -> io::Result<(Option<OwnedFd>, OwnedFd)>>,
+    ) -> Result<Instance, Error> {
+        let setup = io_err("setting up the event loop");
+        let mut host = KernelHost::new(opts.offload).map_err(setup)?;
+        let signals = SignalPipe::new().map_err(io_err("installing signal handlers"))?;
+        host.watch(signals.read.as_fd(), SIGNAL_TOKEN)
+            .map_err(io_err("setting up the event loop"))?;
+        // Splices use 6 fds each (two sockets, two pipes): keep a quarter of the budget for them.
+        let max_splices = cfg.max_flows / 4;
+        let mut core = Core::new(cfg);
+        let mut ports = Ports::new(max_splices, keeper_target);
+        let now = Instant::now();
+        for m in &opts.ports {
+            ports
+                .publish(&mut core, &mut host, m, now)
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+        }
+        let name = match &opts.name {
+            Some(n) => n.clone(),
+            None => format!("rnat-{}", std::process::id()),
+        };
+        let control = match control::listen(&name) {
+            Ok((l, path)) => {
+                host.watch(l.as_fd(), CONTROL_TOKEN)
+                    .map_err(io_err("setting up the event loop"))?;
+                Some((l, path))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                return Err(Error::Invalid(e.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "no control socket ({e}): rnat publish and ps will not see this instance"
+                );
+                None
+            }
+        };
+        Ok(Instance {
+            core,
+            host,
+            ports,
+            name,
+            control,
+            signals,
+            started: std::time::SystemTime::now(),
+            child: 0,
+        })
+    }
+
+    /// Serves until `child` exits; signals are passed on to it.
+    fn serve_child(&mut self, tap: OwnedFd, child: &mut std::process::Child) -> Result<(), Error> {
+        let pid = child.id() as libc::pid_t;
+        self.child = pid;
+        let pidfd = sys::pidfd_open(pid).map_err(io_err("watching the container's process"))?;
+        self.host
+            .attach_tap(tap)
+            .map_err(io_err("setting up the event loop"))?;
+        self.host
+            .watch(pidfd.as_fd(), EXIT_TOKEN)
+            .map_err(io_err("setting up the event loop"))?;
+        let stop_on_signal = false;
+        self.serve(stop_on_signal)
+    }
+
+    /// Runs the loop until the watched process exits or the TAP goes away (or, with
+    /// `stop_on_signal`, a signal arrives; otherwise signals go to the child).
+    fn serve(&mut self, stop_on_signal: bool) -> Result<(), Error> {
+        let Instance {
+            core,
+            host,
+            ports,
+            name,
+            control,
+            signals,
+            started,
+            child,
+        } = self;
+        let result = driver::serve(core, host, |core, host, wake, now| match wake {
+            Wake::Token(SIGNAL_TOKEN) => {
+                let sigs = signals.drain();
+                if stop_on_signal {
+                    return sigs.is_empty();
+                }
+                for sig in sigs {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(*child),
+                        nix::sys::signal::Signal::try_from(sig).ok(),
+                    );
+                }
+                true
+            }
+            Wake::Token(EXIT_TOKEN) | Wake::TapGone => false,
+            Wake::Token(CONTROL_TOKEN) => {
+                if let Some((l, _)) = control {
+                    while let Ok((conn, _)) = l.accept() {
+                        let result = match control::read_request(&conn) {
+                            Ok(req) => handle(core, host, ports, name, *started, *child, req, now),
+                            Err(e) => Err(format!("bad request: {e}")),
+                        };
+                        control::reply(&conn, result);
+                    }
+                }
+                true
+            }
+            Wake::Token(t) => {
+                ports.on_event(core, host, t, now);
+                true
+            }
+        });
+        tracing::debug!(stats = ?self.core.stats(), ports = ?self.ports.stats(), "rootless engine stopped");
+        result.map_err(io_err("serving the container's network"))
+    }
+}
+
+/// Answers one control request.
+#[allow(clippy::too_many_arguments)]
+fn handle(
+    core: &mut Core,
+    host: &mut KernelHost,
+    ports: &mut Ports,
+    name: &str,
+    started: std::time::SystemTime,
+    child: i32,
+    req: control::Request,
+    now: Instant,
+) -> Result<serde_json::Value, String> {
+    match req {
+        control::Request::Ps => Ok(describe(core, ports, name, started, child)),
+        control::Request::Publish { specs } => {
+            let maps = crate::spec::expand_all(&specs).map_err(|e| e.to_string())?;
+            let mut done = Vec::new();
+            for m in &maps {
+                if let Err(e) = ports.publish(core, host, m, now) {
+                    // All or nothing: take back what this request published.
+                    for d in &done {
+                        let _ = ports.unpublish(core, host, d);
+                    }
+                    return Err(e.to_string());
+                }
+                done.push(*m);
+            }
+            Ok(describe(core, ports, name, started, child))
+        }
+        control::Request::Unpublish { specs } => {
+            let maps = crate::spec::expand_all(&specs).map_err(|e| e.to_string())?;
+            let listed = ports.list();
+            if let Some(m) = maps.iter().find(|m| !listed.contains(m)) {
+                return Err(format!("{m}: not published"));
+            }
+            for m in &maps {
+                ports.unpublish(core, host, m).map_err(|e| e.to_string())?;
+            }
+            Ok(describe(core, ports, name, started, child))
+        }
+    }
+}
+
+/// What `rnat ps` shows of a rootless instance.
+fn describe(
+    core: &Core,
+    ports: &Ports,
+    name: &str,
+    started: std::time::SystemTime,
+    child: i32,
+) -> serde_json::Value {
+    let cfg = core.config();
+    serde_json::json!({
+        "id": format!("rl-{}", std::process::id()),
+        "name": name,
+        "mode": "rootless",
+        "network": "rootless",
+        "ip": cfg.guest.to_string(),
+        "pid": (child > 0).then_some(child),
+        "netns": (child > 0).then(|| format!("/proc/{child}/ns/net")),
+        "rnat_pid": std::process::id(),
+        "started": started.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "ports": ports.list().iter().map(|p| serde_json::json!({
+            "host_ip": p.host_ip.map_or("0.0.0.0".to_string(), |i| i.to_string()),
+            "host_port": p.host_port, "container_port": p.container_port, "protocol": p.protocol,
+        })).collect::<Vec<_>>(),
+        "stats": core.stats(),
+        "port_stats": ports.stats(),
+    })
 }
 
 /// A resolv.conf for the container, in a file that is removed when dropped (the bind mount keeps
@@ -420,24 +632,27 @@ pub fn attach(
         txqlen_msg: sys::txqlen_request(&opts.tap_name, ns::TXQUEUELEN),
     };
     let tap = ns::tap_in_existing(&plan)?;
-    drop(plan);
-    let signals = SignalPipe::new().map_err(io_err("installing signal handlers"))?;
-    let mut host =
-        KernelHost::new(tap, opts.offload).map_err(io_err("setting up the event loop"))?;
-    host.watch(signals.read.as_fd(), SIGNAL_TOKEN)
+    let Enter::Join { userns, netns } = plan.enter else {
+        unreachable!("attach joins namespaces")
+    };
+    // The keeper (made on the first loopback client of a published port) joins the same ones.
+    let keeper_ns = (userns, netns);
+    let keeper_target: Box<dyn Fn() -> io::Result<(Option<OwnedFd>, OwnedFd)>> =
+        Box::new(move || {
+            Ok((
+                keeper_ns.0.as_ref().map(OwnedFd::try_clone).transpose()?,
+                keeper_ns.1.try_clone()?,
+            ))
+        });
+    let mut inst = Instance::new(cfg, opts, keeper_target)?;
+    inst.host
+        .attach_tap(tap)
         .map_err(io_err("setting up the event loop"))?;
     if let Some(p) = &pidfd {
-        host.watch(p.as_fd(), EXIT_TOKEN)
+        inst.host
+            .watch(p.as_fd(), EXIT_TOKEN)
             .map_err(io_err("setting up the event loop"))?;
     }
-    let mut core = Core::new(cfg);
-    driver::serve(&mut core, &mut host, |_, wake| {
-        !matches!(
-            wake,
-            Wake::Token(SIGNAL_TOKEN) | Wake::Token(EXIT_TOKEN) | Wake::TapGone
-        )
-    })
-    .map_err(io_err("serving the namespace's network"))?;
-    tracing::debug!(stats = ?core.stats(), "rootless engine stopped");
+    inst.serve(true)?;
     Ok(0)
 }

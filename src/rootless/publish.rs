@@ -1,0 +1,462 @@
+//! Published ports in rootless mode: a listening socket on the host per port, and for each client
+//! the cheaper of two paths.
+//!
+//! - A client on the host's loopback goes kernel to kernel: the keeper makes a socket inside the
+//!   container that connects to its 127.0.0.1, and `splice(2)` moves bytes between the two sockets
+//!   through pipes, never through rnat's memory.
+//! - Any other client goes through the engine (`Core::tcp_inbound`), so the container sees the
+//!   client's real address and port. UDP always goes through the engine.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use nix::fcntl::{splice, SpliceFFlags};
+use nix::sys::epoll::EpollFlags;
+use slab::Slab;
+use socket2::{Domain, Protocol as SockProto, SockAddr, Socket, Type};
+
+use super::core::Core;
+use super::driver::KernelHost;
+use super::keeper::Keeper;
+use crate::spec::{PortMapping, Protocol};
+
+/// Listener tokens start here; spliced connections' at `SPLICE_BASE`.
+pub const LISTEN_BASE: u64 = 1 << 41;
+pub const SPLICE_BASE: u64 = 1 << 42;
+/// Connections accepted per readiness event of a listener before others get a turn.
+const ACCEPT_BUDGET: usize = 64;
+const PIPE_SIZE: libc::c_int = 256 << 10;
+
+/// Why a port could not be published or unpublished.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error("{0}: IPv6 host addresses are not supported in rootless mode")]
+    Ipv6(PortMapping),
+    #[error("{0}: host port {1} is below net.ipv4.ip_unprivileged_port_start ({2}); lower that sysctl or use a higher port")]
+    Privileged(PortMapping, u16, u16),
+    #[error("{0}: already published")]
+    Published(PortMapping),
+    #[error("{0}: not published")]
+    NotPublished(PortMapping),
+    #[error("{0}: {1}")]
+    Io(PortMapping, #[source] io::Error),
+}
+
+struct Entry {
+    mapping: PortMapping,
+    /// TCP: the listener. UDP: the socket belongs to the engine's flow.
+    listener: Option<Socket>,
+}
+
+/// One direction of a spliced connection: source socket → pipe → destination socket.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    held: usize,
+    eof: bool,
+    shut: bool,
+}
+
+struct Splice {
+    client: Socket,
+    inner: Socket,
+    connected: bool,
+    /// 0: client → container, 1: container → client.
+    pipes: [Pipe; 2],
+}
+
+/// Counters of the published-port paths.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct PortStats {
+    pub accepted: u64,
+    pub spliced: u64,
+    pub via_engine: u64,
+    pub refused: u64,
+    pub splices_open: usize,
+}
+
+pub struct Ports {
+    entries: Vec<Option<Entry>>,
+    splices: Slab<Splice>,
+    max_splices: usize,
+    /// Opens the namespaces the keeper joins (made on the first loopback client).
+    keeper_target: Box<dyn Fn() -> io::Result<(Option<OwnedFd>, OwnedFd)>>,
+    keeper: Option<Keeper>,
+    stats: PortStats,
+}
+
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
+    let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+    Ok((r, w))
+}
+
+impl Ports {
+    pub fn new(
+        max_splices: usize,
+        keeper_target: Box<dyn Fn() -> io::Result<(Option<OwnedFd>, OwnedFd)>>,
+    ) -> Ports {
+        Ports {
+            entries: Vec::new(),
+            splices: Slab::new(),
+            max_splices,
+            keeper_target,
+            keeper: None,
+            stats: PortStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> PortStats {
+        let mut s = self.stats.clone();
+        s.splices_open = self.splices.len();
+        s
+    }
+
+    /// The published ports, in the order they were published.
+    pub fn list(&self) -> Vec<PortMapping> {
+        self.entries.iter().flatten().map(|e| e.mapping).collect()
+    }
+
+    /// Publishes `m`: binds its host socket (nothing changes if that fails).
+    pub fn publish(
+        &mut self,
+        core: &mut Core,
+        host: &mut KernelHost,
+        m: &PortMapping,
+        now: Instant,
+    ) -> Result<(), PortError> {
+        if self
+            .entries
+            .iter()
+            .flatten()
+            .any(|e| e.mapping.conflicts_with(m))
+        {
+            return Err(PortError::Published(*m));
+        }
+        let ip = match m.host_ip {
+            None => Ipv4Addr::UNSPECIFIED,
+            Some(IpAddr::V4(ip)) => ip,
+            Some(IpAddr::V6(_)) => return Err(PortError::Ipv6(*m)),
+        };
+        let addr = SockAddr::from(SocketAddrV4::new(ip, m.host_port));
+        let io = |e: io::Error| {
+            let start = unprivileged_port_start();
+            if e.raw_os_error() == Some(libc::EACCES) && m.host_port < start {
+                PortError::Privileged(*m, m.host_port, start)
+            } else {
+                PortError::Io(*m, e)
+            }
+        };
+        let slot = self
+            .entries
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.entries.len());
+        let token = LISTEN_BASE + slot as u64;
+        let entry = match m.protocol {
+            Protocol::Tcp => {
+                let s = Socket::new(
+                    Domain::IPV4,
+                    Type::STREAM.nonblocking().cloexec(),
+                    Some(SockProto::TCP),
+                )
+                .map_err(io)?;
+                s.set_reuse_address(true).map_err(io)?;
+                s.bind(&addr).map_err(io)?;
+                s.listen(4096).map_err(io)?;
+                host.register(s.as_fd(), token, EpollFlags::EPOLLIN)
+                    .map_err(io)?;
+                Entry {
+                    mapping: *m,
+                    listener: Some(s),
+                }
+            }
+            Protocol::Udp => {
+                let s = Socket::new(
+                    Domain::IPV4,
+                    Type::DGRAM.nonblocking().cloexec(),
+                    Some(SockProto::UDP),
+                )
+                .map_err(io)?;
+                s.bind(&addr).map_err(io)?;
+                host.stage_bound_udp(s);
+                core.udp_publish(host, m.container_port, now)
+                    .map_err(|e| match e {
+                        super::core::PublishError::Published => PortError::Published(*m),
+                        super::core::PublishError::Host(e) => PortError::Io(*m, e),
+                    })?;
+                Entry {
+                    mapping: *m,
+                    listener: None,
+                }
+            }
+        };
+        if slot == self.entries.len() {
+            self.entries.push(Some(entry));
+        } else {
+            self.entries[slot] = Some(entry);
+        }
+        Ok(())
+    }
+
+    /// Stops publishing `m`; connections already made go on.
+    pub fn unpublish(
+        &mut self,
+        core: &mut Core,
+        host: &mut KernelHost,
+        m: &PortMapping,
+    ) -> Result<(), PortError> {
+        let slot = self
+            .entries
+            .iter()
+            .position(|e| e.as_ref().is_some_and(|e| &e.mapping == m))
+            .ok_or(PortError::NotPublished(*m))?;
+        let entry = self.entries[slot]
+            .take()
+            .ok_or(PortError::NotPublished(*m))?;
+        if entry.mapping.protocol == Protocol::Udp {
+            core.udp_unpublish(host, entry.mapping.container_port);
+        }
+        Ok(()) // dropping the listener closes it (and takes it out of epoll)
+    }
+
+    /// Handles a token of ours; false if it is not one.
+    pub fn on_event(
+        &mut self,
+        core: &mut Core,
+        host: &mut KernelHost,
+        token: u64,
+        now: Instant,
+    ) -> bool {
+        if (LISTEN_BASE..SPLICE_BASE).contains(&token) {
+            self.accept(core, host, (token - LISTEN_BASE) as usize, now);
+            true
+        } else if (SPLICE_BASE..SPLICE_BASE * 2).contains(&token) {
+            self.pump((token - SPLICE_BASE) as usize >> 1);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn accept(&mut self, core: &mut Core, host: &mut KernelHost, slot: usize, now: Instant) {
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(Some(entry)) = self.entries.get(slot) else {
+                return;
+            };
+            let Some(listener) = &entry.listener else {
+                return;
+            };
+            let guest_port = entry.mapping.container_port;
+            let (sock, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(_) => return, // EAGAIN, or EMFILE: the next readiness retries
+            };
+            self.stats.accepted += 1;
+            let Some(SocketAddr::V4(peer)) = peer.as_socket() else {
+                continue;
+            };
+            if peer.ip().is_loopback() && self.splices.len() < self.max_splices {
+                match self.splice_to(host, sock, guest_port) {
+                    Ok(()) => {
+                        self.stats.spliced += 1;
+                        continue;
+                    }
+                    Err(sock) => {
+                        // No keeper (or no fds): the engine carries it instead.
+                        if let Some(sock) = sock {
+                            self.via_engine(core, host, sock, peer, guest_port, now);
+                        }
+                        continue;
+                    }
+                }
+            }
+            self.via_engine(core, host, sock, peer, guest_port, now);
+        }
+    }
+
+    fn via_engine(
+        &mut self,
+        core: &mut Core,
+        host: &mut KernelHost,
+        sock: Socket,
+        peer: SocketAddrV4,
+        guest_port: u16,
+        now: Instant,
+    ) {
+        if host.stage_accepted(sock).is_err() {
+            self.stats.refused += 1;
+            return;
+        }
+        match core.tcp_inbound(host, peer, guest_port, now) {
+            Some(_) => self.stats.via_engine += 1,
+            None => {
+                host.drop_staged_with_reset();
+                self.stats.refused += 1;
+            }
+        }
+    }
+
+    /// Sets up a spliced connection; on failure gives the client socket back (if still usable).
+    fn splice_to(
+        &mut self,
+        host: &mut KernelHost,
+        client: Socket,
+        guest_port: u16,
+    ) -> Result<(), Option<Socket>> {
+        if self.keeper.is_none() {
+            let keeper = (self.keeper_target)().and_then(|(u, n)| Keeper::spawn(u, n));
+            match keeper {
+                Ok(k) => self.keeper = Some(k),
+                Err(e) => {
+                    tracing::warn!("no socket maker in the container ({e}): loopback clients go through the engine");
+                    self.max_splices = 0;
+                    return Err(Some(client));
+                }
+            }
+        }
+        let Some(keeper) = &self.keeper else {
+            return Err(Some(client));
+        };
+        let inner = match keeper.connect_local(guest_port) {
+            Ok(fd) => Socket::from(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                let _ = client.set_linger(Some(std::time::Duration::ZERO));
+                self.stats.refused += 1;
+                return Err(None);
+            }
+            Err(_) => return Err(Some(client)),
+        };
+        let (Ok(a), Ok(b)) = (pipe(), pipe()) else {
+            return Err(Some(client));
+        };
+        if client.set_nonblocking(true).is_err() {
+            return Err(Some(client));
+        }
+        let _ = client.set_tcp_nodelay(true);
+        let entry = self.splices.vacant_entry();
+        let idx = entry.key() as u64;
+        let flags = EpollFlags::EPOLLIN
+            | EpollFlags::EPOLLOUT
+            | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLET;
+        if host
+            .register(client.as_fd(), SPLICE_BASE + (idx << 1), flags)
+            .is_err()
+            || host
+                .register(inner.as_fd(), SPLICE_BASE + (idx << 1) + 1, flags)
+                .is_err()
+        {
+            return Err(None);
+        }
+        entry.insert(Splice {
+            client,
+            inner,
+            connected: false,
+            pipes: [
+                Pipe {
+                    r: a.0,
+                    w: a.1,
+                    held: 0,
+                    eof: false,
+                    shut: false,
+                },
+                Pipe {
+                    r: b.0,
+                    w: b.1,
+                    held: 0,
+                    eof: false,
+                    shut: false,
+                },
+            ],
+        });
+        Ok(())
+    }
+
+    /// Moves whatever can move in both directions of spliced connection `idx`.
+    fn pump(&mut self, idx: usize) {
+        let Some(s) = self.splices.get_mut(idx) else {
+            return;
+        };
+        if !s.connected {
+            match s.inner.take_error() {
+                Ok(None) if s.inner.peer_addr().is_ok() => s.connected = true,
+                Ok(None) => return, // still connecting
+                _ => {
+                    let _ = s.client.set_linger(Some(std::time::Duration::ZERO));
+                    self.splices.remove(idx);
+                    return;
+                }
+            }
+        }
+        let mut failed = false;
+        for dir in 0..2 {
+            let (src, dst) = if dir == 0 {
+                (&s.client, &s.inner)
+            } else {
+                (&s.inner, &s.client)
+            };
+            if pump_one(&mut s.pipes[dir], src, dst).is_err() {
+                failed = true;
+            }
+        }
+        if failed {
+            let _ = s.client.set_linger(Some(std::time::Duration::ZERO));
+            self.splices.remove(idx);
+        } else if s.pipes.iter().all(|p| p.shut) {
+            self.splices.remove(idx);
+        }
+    }
+}
+
+/// One direction: socket → pipe → socket until either side would block.
+fn pump_one(p: &mut Pipe, src: &Socket, dst: &Socket) -> io::Result<()> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        let mut moved = false;
+        if !p.eof && p.held < PIPE_SIZE as usize {
+            match splice(
+                src.as_fd(),
+                None,
+                p.w.as_fd(),
+                None,
+                PIPE_SIZE as usize - p.held,
+                flags,
+            ) {
+                Ok(0) => p.eof = true,
+                Ok(n) => {
+                    p.held += n;
+                    moved = true;
+                }
+                Err(nix::errno::Errno::EAGAIN) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if p.held > 0 {
+            match splice(p.r.as_fd(), None, dst.as_fd(), None, p.held, flags) {
+                Ok(n) => {
+                    p.held -= n;
+                    moved |= n > 0;
+                }
+                Err(nix::errno::Errno::EAGAIN) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if p.eof && p.held == 0 && !p.shut {
+            let _ = dst.shutdown(std::net::Shutdown::Write);
+            p.shut = true;
+        }
+        if !moved {
+            return Ok(());
+        }
+    }
+}

@@ -378,3 +378,285 @@ fn attach_serves_a_namespace_made_by_someone_else() {
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
+
+// ---- Published ports (issue 5) ----
+
+use crate::harness::{C_IP, H_CLIENT_SIDE_IP};
+
+/// A python3 helper: `echo PORT` serves a TCP echo on PORT for many clients at once; `clients
+/// HOST PORT N` opens N connections together, sends a distinct line on each, checks each echo,
+/// and prints `ok=<count>`.
+const PY_HELPER: &str = r#"
+import asyncio, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+async def echo(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    finally:
+        w.close()
+
+async def serve(port):
+    srv = await asyncio.start_server(echo, "0.0.0.0", port, backlog=4096)
+    async with srv:
+        await asyncio.sleep(120)
+
+async def one(host, port, i):
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+    line = f"conn-{i}\n".encode()
+    w.write(line)
+    await w.drain()
+    got = await asyncio.wait_for(r.readline(), 30)
+    w.close()
+    return got == line
+
+async def clients(host, port, n):
+    sem = asyncio.Semaphore(n)
+    results = await asyncio.gather(*(one(host, port, i) for i in range(n)), return_exceptions=True)
+    errors = [r for r in results if r is not True]
+    print(f"ok={len(results) - len(errors)}")
+    for e in errors[:5]:
+        print("error:", repr(e))
+
+if sys.argv[1] == "echo":
+    asyncio.run(serve(int(sys.argv[2])))
+else:
+    asyncio.run(clients(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+"#;
+
+impl Rig {
+    /// `rnat run --name NAME [FLAGS] -- sh -c SCRIPT` as the test user, in the background.
+    fn run_bg(&self, name: &str, flags: &[&str], script: &str) -> crate::procs::BgProc {
+        let mut argv = vec![self.rnat.as_str(), "run", "--name", name];
+        argv.extend_from_slice(flags);
+        argv.extend(["--", "sh", "-c", script]);
+        self.t.spawn_command(self.as_user(&argv))
+    }
+
+    /// `rnat ARGS` (publish, unpublish, ps) as the test user.
+    fn rnat_user(&self, args: &[&str]) -> Finished {
+        let mut argv = vec![self.rnat.as_str()];
+        argv.extend_from_slice(args);
+        procs::run_bounded(self.as_user(&argv), None, RUN_TIMEOUT)
+    }
+
+    /// Waits until instance NAME lists PORT (as `HOST->CONTAINER/PROTO`) in `rnat ps`.
+    fn wait_published(&self, name: &str, port: &str) {
+        let found = procs::poll(|| {
+            let out = self.rnat_user(&["ps"]);
+            out.stdout_str()
+                .lines()
+                .any(|l| l.contains(name) && l.contains(port))
+                .then_some(())
+        });
+        assert!(
+            found.is_some(),
+            "instance {name} never listed {port}\n{}",
+            self.rnat_user(&["ps"]).describe()
+        );
+    }
+
+    fn helper(&self) -> String {
+        let p = self.t.work_file("helper.py", PY_HELPER.as_bytes());
+        p.to_str().expect("UTF-8 path").to_string()
+    }
+}
+
+/// Waits until a TCP client from NS to ADDR:PORT gets an answer (the container's server is up).
+fn wait_answer(t: &Topology, ns: &str, addr: &str, port: u16) {
+    let target = format!("TCP:{addr}:{port},connect-timeout=2");
+    let ok = procs::poll(|| {
+        let out = t.exec_input(
+            ns,
+            &["socat", "-T", "3", "-", &target],
+            b"probe\n",
+            Duration::from_secs(10),
+        );
+        (out.success() && !out.stdout_str().is_empty()).then_some(())
+    });
+    assert!(ok.is_some(), "no answer from {addr}:{port} in {ns}");
+}
+
+#[test]
+fn published_ports_carry_bytes_and_the_clients_address() {
+    let t = topology!("rl_publish");
+    let r = rig(t);
+    let script = "socat TCP-LISTEN:80,fork,reuseaddr EXEC:cat & \
+                  socat TCP-LISTEN:81,fork,reuseaddr SYSTEM:'echo peer=$SOCAT_PEERADDR' & \
+                  socat UDP-RECVFROM:53,fork SYSTEM:'read l; echo peer=$SOCAT_PEERADDR' & \
+                  sleep 60";
+    let mut bg = r.run_bg(
+        "web",
+        &["-p", "8080:80", "-p", "8081:81", "-p", "5353:53/udp"],
+        script,
+    );
+    r.wait_published("web", "8080->80/tcp");
+    wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8080);
+    let data = payload(4 << 20, 21);
+    // An external client goes through the engine; a loopback client is spliced.
+    assert_tcp_echo(
+        &r.t,
+        &r.t.c,
+        H_CLIENT_SIDE_IP,
+        8080,
+        &data,
+        "external client, engine path",
+    );
+    assert_tcp_echo(
+        &r.t,
+        &r.t.h,
+        "127.0.0.1",
+        8080,
+        &data,
+        "loopback client, splice path",
+    );
+    let peer = tcp_exchange(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8081, b"");
+    assert_eq!(
+        peer_lines(&peer.stdout_str()),
+        vec![C_IP.to_string()],
+        "the container sees the external client\n{}",
+        peer.describe()
+    );
+    let peer = udp_exchange(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 5353, b"hello\n");
+    assert_eq!(
+        peer_lines(&peer.stdout_str()),
+        vec![C_IP.to_string()],
+        "UDP keeps the client address\n{}",
+        peer.describe()
+    );
+    bg.signal("TERM");
+    let done = bg.wait_exit(Duration::from_secs(20));
+    assert!(!done.timed_out(), "{}", done.describe());
+}
+
+#[test]
+fn publish_and_unpublish_on_a_running_instance_spare_open_connections() {
+    let t = topology!("rl_republish");
+    let r = rig(t);
+    let mut bg = r.run_bg(
+        "app",
+        &[],
+        "socat TCP-LISTEN:80,fork,reuseaddr EXEC:cat & sleep 60",
+    );
+    let published = procs::poll(|| {
+        r.rnat_user(&["publish", "--name", "app", "9090:80"])
+            .success()
+            .then_some(())
+    });
+    assert!(
+        published.is_some(),
+        "publish on a running instance failed\n{}",
+        r.rnat_user(&["publish", "--name", "app", "9090:80"])
+            .describe()
+    );
+    wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 9090);
+    // A connection that stays open across the unpublish.
+    let target = format!("TCP:{H_CLIENT_SIDE_IP}:9090");
+    let mut long = r.t.spawn(
+        &r.t.c,
+        &[
+            "sh",
+            "-c",
+            &format!("(echo before; sleep 3; echo after) | socat -T 10 - {target}"),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = r.rnat_user(&["unpublish", "--name", "app", "9090:80"]);
+    assert!(out.success(), "{}", out.describe());
+    let refused = tcp_exchange(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 9090, b"x\n");
+    assert!(
+        !refused.success() || refused.stdout_str().is_empty(),
+        "port still answers after unpublish\n{}",
+        refused.describe()
+    );
+    let done = long.wait_exit(Duration::from_secs(20));
+    assert_eq!(
+        done.stdout_str(),
+        "before\nafter\n",
+        "the open connection went on\n{}",
+        done.describe()
+    );
+    // Unpublishing again names the problem.
+    let again = r.rnat_user(&["unpublish", "--name", "app", "9090:80"]);
+    assert_eq!(again.code(), Some(125));
+    assert!(
+        again.stderr_str().contains("not published"),
+        "{}",
+        again.describe()
+    );
+    bg.signal("TERM");
+    let _ = bg.wait_exit(Duration::from_secs(20));
+}
+
+#[test]
+fn a_port_in_use_or_privileged_fails_before_the_command_runs() {
+    let t = topology!("rl_inuse");
+    let r = rig(t);
+    let _taken = r.t.server(
+        &r.t.h,
+        &strings(&["socat", "TCP-LISTEN:8085,reuseaddr,fork", "EXEC:cat"]),
+        "tcp",
+        8085,
+    );
+    let marker = r.t.work_path("ran");
+    let script = format!("touch {}", marker.display());
+    for (spec, want) in [
+        ("8085:80", "Address already in use"),
+        ("80:80", "ip_unprivileged_port_start"),
+    ] {
+        let out = r.run(&["-p", spec], &script);
+        assert_eq!(out.code(), Some(125), "{}", out.describe());
+        assert!(
+            out.stderr_str().contains(want),
+            "{spec}: {}",
+            out.describe()
+        );
+        assert_eq!(
+            out.stderr_str().lines().count(),
+            1,
+            "one line: {}",
+            out.describe()
+        );
+        assert!(!marker.exists(), "the command ran although {spec} failed");
+    }
+}
+
+#[test]
+fn two_thousand_concurrent_connections_through_a_published_port() {
+    let t = topology!("rl_many");
+    let r = rig(t);
+    let helper = r.helper();
+    let mut bg = r.run_bg(
+        "many",
+        &["-p", "8090:80"],
+        &format!("python3 {helper} echo 80"),
+    );
+    r.wait_published("many", "8090->80/tcp");
+    wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8090);
+    let out = procs::run_bounded(
+        r.t.ns_command(
+            &r.t.c,
+            &[
+                "python3",
+                &helper,
+                "clients",
+                H_CLIENT_SIDE_IP,
+                "8090",
+                "2000",
+            ],
+        ),
+        None,
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        out.stdout_str().lines().next(),
+        Some("ok=2000"),
+        "{}",
+        out.describe()
+    );
+    bg.signal("TERM");
+    let _ = bg.wait_exit(Duration::from_secs(20));
+}

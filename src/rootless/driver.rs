@@ -147,17 +147,7 @@ impl Host for KernelHost {
             Some(Protocol::TCP),
         )?;
         s.set_tcp_nodelay(true)?;
-        if self.peek_off != Some(false) {
-            match sys::set_peek_off(s.as_raw_fd(), 0) {
-                Ok(()) => self.peek_off = Some(true),
-                Err(e) => {
-                    tracing::info!(
-                        "TCP has no SO_PEEK_OFF here ({e}): peeking past sent data instead"
-                    );
-                    self.peek_off = Some(false);
-                }
-            }
-        }
+        self.enable_peek_off(&s);
         match s.connect(&SockAddr::from(dst)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -312,13 +302,25 @@ impl Host for KernelHost {
 }
 
 impl KernelHost {
+    /// Turns on the socket's peek offset, learning on the first socket whether TCP has one.
+    fn enable_peek_off(&mut self, s: &Socket) {
+        if self.peek_off == Some(false) {
+            return;
+        }
+        match sys::set_peek_off(s.as_raw_fd(), 0) {
+            Ok(()) => self.peek_off = Some(true),
+            Err(e) => {
+                tracing::info!("TCP has no SO_PEEK_OFF here ({e}): peeking past sent data instead");
+                self.peek_off = Some(false);
+            }
+        }
+    }
+
     /// Stages an accepted TCP socket for `Core::tcp_inbound`.
     pub fn stage_accepted(&mut self, s: Socket) -> io::Result<()> {
         s.set_nonblocking(true)?;
         s.set_tcp_nodelay(true)?;
-        if self.peek_off == Some(true) {
-            sys::set_peek_off(s.as_raw_fd(), 0)?;
-        }
+        self.enable_peek_off(&s);
         let flags = EpollFlags::EPOLLIN
             | EpollFlags::EPOLLOUT
             | EpollFlags::EPOLLRDHUP

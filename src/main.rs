@@ -91,6 +91,17 @@ Serves until killed, until the process given by --pid exits, or until the namesp
         #[command(flatten)]
         rootless_opts: RootlessArgs,
     },
+    /// slirp4netns 1.2's command line and API socket, served by rnat's engine (also when rnat is
+    /// invoked under the name `slirp4netns`); `rnat slirp4netns --help` lists the options
+    #[command(disable_help_flag = true)]
+    Slirp4netns {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
     /// Publish more ports on a running container
     #[command(
         after_help = "Example:\n  rnat publish --name web 8443:443 127.0.0.1:9000-9009:9000-9009"
@@ -191,6 +202,16 @@ fn main() -> ExitCode {
     if std::env::var_os("CNI_COMMAND").is_some() {
         return ExitCode::from(rnat::cni::main());
     }
+    // Invoked as slirp4netns (a runtime's network_cmd_path, or a symlink): its command line only.
+    let argv: Vec<String> = std::env::args().collect();
+    let invoked_as = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if invoked_as == "slirp4netns" {
+        return slirp4netns(&argv[1..]);
+    }
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code),
@@ -198,6 +219,16 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("Error: {}", one_line(&e));
             ExitCode::from(status_of(&e))
+        }
+    }
+}
+
+fn slirp4netns(args: &[String]) -> ExitCode {
+    match rnat::rootless::slirp::main(args) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("Error: {}", one_line(&anyhow::Error::new(e)));
+            ExitCode::from(1)
         }
     }
 }
@@ -295,6 +326,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             let status =
                 rnat::rootless::session::attach(&opts, &target, userns.as_deref(), configure)?;
             Ok(u8::try_from(status).unwrap_or(EXIT_ERROR))
+        }
+        Cmd::Slirp4netns { args } => {
+            let code = rnat::rootless::slirp::main(&args)?;
+            Ok(u8::try_from(code).unwrap_or(1))
         }
         Cmd::Publish { name, specs } if !nix::unistd::geteuid().is_root() => {
             parse_specs(&specs)?;

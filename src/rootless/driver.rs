@@ -38,6 +38,8 @@ pub struct KernelHost {
     /// Without `SO_PEEK_OFF`: per flow, the bytes already peeked (skipped by the next peek).
     peeked: Vec<usize>,
     scratch: Vec<u8>,
+    /// The address outbound sockets are bound to (slirp4netns' `--outbound-addr`).
+    pub outbound: Option<std::net::Ipv4Addr>,
     /// A socket accepted or bound for a published port, waiting for the core to adopt it.
     staged: Option<(Socket, EpollFlags)>,
     /// Frames the TAP refused (its queue full).
@@ -65,6 +67,7 @@ impl KernelHost {
             peeked: Vec::new(),
             scratch: Vec::new(),
             staged: None,
+            outbound: None,
             tx_dropped: 0,
         })
     }
@@ -147,6 +150,11 @@ impl Host for KernelHost {
             Some(Protocol::TCP),
         )?;
         s.set_tcp_nodelay(true)?;
+        // A connection to the host's loopback (the gateway, when allowed) cannot leave from
+        // another address.
+        if !dst.ip().is_loopback() {
+            self.bind_outbound(&s)?;
+        }
         self.enable_peek_off(&s);
         match s.connect(&SockAddr::from(dst)) {
             Ok(()) => {}
@@ -302,6 +310,13 @@ impl Host for KernelHost {
 }
 
 impl KernelHost {
+    fn bind_outbound(&self, s: &Socket) -> io::Result<()> {
+        match self.outbound {
+            Some(ip) => s.bind(&SockAddr::from(SocketAddrV4::new(ip, 0))),
+            None => Ok(()),
+        }
+    }
+
     /// Turns on the socket's peek offset, learning on the first socket whether TCP has one.
     fn enable_peek_off(&mut self, s: &Socket) {
         if self.peek_off == Some(false) {

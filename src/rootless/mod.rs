@@ -9,4 +9,5 @@ pub mod keeper;
 pub mod ns;
 pub mod publish;
 pub mod session;
+pub mod slirp;
 pub mod sys;

@@ -21,12 +21,14 @@ use super::core::{Config, Core};
 use super::driver::{self, KernelHost, Wake};
 use super::ns::{self, Enter, TapAddress, TapPlan};
 use super::publish::Ports;
+use super::slirp;
 use super::sys::{self, IfName};
 use crate::spec::PortMapping;
 
 const SIGNAL_TOKEN: u64 = (1 << 40) + 1;
 const EXIT_TOKEN: u64 = (1 << 40) + 2;
 const CONTROL_TOKEN: u64 = (1 << 40) + 3;
+const API_TOKEN: u64 = (1 << 40) + 4;
 
 impl From<ns::TapError> for Error {
     fn from(e: ns::TapError) -> Error {
@@ -50,6 +52,25 @@ pub struct Options {
     pub ports: Vec<PortMapping>,
     /// The instance's name (its control socket's); default `rnat-PID`.
     pub name: Option<String>,
+    /// The TAP's MAC address (when configured).
+    pub mac: Option<[u8; 6]>,
+    /// Forward DNS at the DNS address to the host's resolvers.
+    pub dns: bool,
+    /// Bind outbound sockets to this address.
+    pub outbound: Option<Ipv4Addr>,
+}
+
+/// What `rnat attach` does besides serving (slirp4netns' conventions).
+#[derive(Debug, Default)]
+pub struct AttachExtras {
+    /// A slirp4netns-style JSON API socket (add_hostfwd, list_hostfwd, remove_hostfwd).
+    pub api_socket: Option<PathBuf>,
+    /// Exit when this fd becomes readable or reaches EOF.
+    pub exit_fd: Option<OwnedFd>,
+    /// Write "1" here once the network is up, then close it.
+    pub ready_fd: Option<OwnedFd>,
+    /// After set-up, leave every file behind: a new mount namespace whose root is an empty tmpfs.
+    pub sandbox: bool,
 }
 
 impl Default for Options {
@@ -62,6 +83,9 @@ impl Default for Options {
             tap_name: "tap0".into(),
             ports: Vec::new(),
             name: None,
+            mac: None,
+            dns: true,
+            outbound: None,
         }
     }
 }
@@ -144,7 +168,9 @@ fn build_config(opts: &Options) -> Result<Config, Error> {
     cfg.mtu = opts.mtu;
     cfg.allow_host_loopback = opts.allow_host_loopback;
     cfg.offload = opts.offload;
-    cfg.resolvers = resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+    if opts.dns {
+        cfg.resolvers = resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+    }
     let nofile = sys::raise_nofile();
     cfg.max_flows = cfg
         .max_flows
@@ -162,7 +188,7 @@ fn tap_address(cfg: &Config, opts: &Options) -> TapAddress {
         prefix: cfg.cidr.prefix_len(),
         gateway: cfg.gateway,
         mtu: opts.mtu,
-        mac: None,
+        mac: opts.mac,
     }
 }
 
@@ -324,11 +350,14 @@ struct Instance {
     signals: SignalPipe,
     started: std::time::SystemTime,
     child: i32,
+    /// The slirp4netns API socket, and the forwards made through it.
+    api: Option<(UnixListener, PathBuf)>,
+    hostfwds: Vec<slirp::HostFwd>,
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        if let Some((_, path)) = &self.control {
+        for (_, path) in [&self.control, &self.api].into_iter().flatten() {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -384,6 +413,8 @@ impl Instance {
             signals,
             started: std::time::SystemTime::now(),
             child: 0,
+            api: None,
+            hostfwds: Vec::new(),
         })
     }
 
@@ -414,6 +445,8 @@ impl Instance {
             signals,
             started,
             child,
+            api,
+            hostfwds,
         } = self;
         let result = driver::serve(core, host, |core, host, wake, now| match wake {
             Wake::Token(SIGNAL_TOKEN) => {
@@ -442,6 +475,20 @@ impl Instance {
                 }
                 true
             }
+            Wake::Token(API_TOKEN) => {
+                if let Some((l, _)) = api {
+                    while let Ok((conn, _)) = l.accept() {
+                        let reply = match read_api_request(&conn) {
+                            Ok(body) => handle_api(core, host, ports, hostfwds, &body, now),
+                            Err(_) => {
+                                serde_json::json!({"error": {"desc": "bad request: cannot read request"}})
+                            }
+                        };
+                        let _ = std::io::Write::write_all(&mut &conn, reply.to_string().as_bytes());
+                    }
+                }
+                true
+            }
             Wake::Token(t) => {
                 ports.on_event(core, host, t, now);
                 true
@@ -449,6 +496,66 @@ impl Instance {
         });
         tracing::debug!(stats = ?self.core.stats(), ports = ?self.ports.stats(), "rootless engine stopped");
         result.map_err(io_err("serving the container's network"))
+    }
+}
+
+/// Reads one API request: up to EOF (the client shuts down its side) or 4 KiB and a bit.
+fn read_api_request(conn: &std::os::unix::net::UnixStream) -> io::Result<Vec<u8>> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+    let mut body = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match io::Read::read(&mut &*conn, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                body.extend_from_slice(&buf[..n]);
+                // A whole JSON object may come without EOF (a client that waits for the reply).
+                if body.len() > 4096 || serde_json::from_slice::<serde_json::Value>(&body).is_ok() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !body.is_empty() => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(body)
+}
+
+/// Answers one slirp4netns API request.
+fn handle_api(
+    core: &mut Core,
+    host: &mut KernelHost,
+    ports: &mut Ports,
+    fwds: &mut Vec<slirp::HostFwd>,
+    body: &[u8],
+    now: Instant,
+) -> serde_json::Value {
+    let guest = core.config().guest;
+    match slirp::parse_request(body, guest) {
+        Err(e) => e,
+        Ok(slirp::ApiOp::List) => slirp::list_reply(fwds, guest),
+        Ok(slirp::ApiOp::Add(m)) => match ports.publish(core, host, &m, now) {
+            Ok(()) => {
+                let id = fwds.iter().map(|f| f.id).max().unwrap_or(0) + 1;
+                fwds.push(slirp::HostFwd { id, mapping: m });
+                serde_json::json!({"return": {"id": id}})
+            }
+            Err(e) => {
+                tracing::info!("add_hostfwd: {e}");
+                serde_json::json!({"error": {"desc": "bad request: add_hostfwd: slirp_add_hostfwd failed"}})
+            }
+        },
+        Ok(slirp::ApiOp::Remove(id)) => match fwds.iter().position(|f| f.id == id) {
+            Some(i) => {
+                let f = fwds.remove(i);
+                let _ = ports.unpublish(core, host, &f.mapping);
+                serde_json::json!({"return": {}})
+            }
+            None => {
+                serde_json::json!({"error": {"desc": "bad request: remove_hostfwd: bad arguments.id"}})
+            }
+        },
     }
 }
 
@@ -590,6 +697,17 @@ pub fn attach(
     userns: Option<&Path>,
     configure: bool,
 ) -> Result<i32, Error> {
+    attach_with(opts, target, userns, configure, AttachExtras::default())
+}
+
+/// `attach` with slirp4netns' extras: an API socket, ready and exit fds, a sandbox.
+pub fn attach_with(
+    opts: &Options,
+    target: &Target,
+    userns: Option<&Path>,
+    configure: bool,
+    extras: AttachExtras,
+) -> Result<i32, Error> {
     let cfg = build_config(opts)?;
     check_tun()?;
     let tap_name = IfName::new(&opts.tap_name).map_err(Error::Invalid)?;
@@ -653,6 +771,41 @@ pub fn attach(
             .watch(p.as_fd(), EXIT_TOKEN)
             .map_err(io_err("setting up the event loop"))?;
     }
+    if let Some(path) = &extras.api_socket {
+        let l = bind_api_socket(path)?;
+        inst.host
+            .watch(l.as_fd(), API_TOKEN)
+            .map_err(io_err("setting up the event loop"))?;
+        inst.api = Some((l, path.clone()));
+    }
+    // The exit fd wakes the loop on data or EOF alike: either means stop.
+    if let Some(fd) = &extras.exit_fd {
+        inst.host
+            .watch(fd.as_fd(), EXIT_TOKEN)
+            .map_err(io_err("watching the exit fd"))?;
+    }
+    if extras.sandbox {
+        sys::enter_sandbox().map_err(io_err("entering the sandbox (--enable-sandbox)"))?;
+    }
+    if let Some(fd) = extras.ready_fd {
+        let mut f = std::fs::File::from(fd);
+        let _ = std::io::Write::write_all(&mut f, b"1");
+    }
     inst.serve(true)?;
+    drop(extras.exit_fd);
     Ok(0)
+}
+
+/// Binds the slirp4netns API socket at `path` (mode 0600), replacing a dead one.
+fn bind_api_socket(path: &Path) -> Result<UnixListener, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    let l = UnixListener::bind(path)
+        .map_err(io_err(format!("binding the API socket {}", path.display())))?;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    l.set_nonblocking(true)
+        .map_err(io_err("binding the API socket"))?;
+    Ok(l)
 }

@@ -353,6 +353,81 @@ pub fn peer_closed(fd: RawFd) -> bool {
     r == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
 }
 
+/// slirp4netns' `--enable-sandbox`: a private mount namespace whose root is an empty tmpfs (no
+/// file of the host is reachable any more), and no capability but CAP_NET_BIND_SERVICE.
+pub fn enter_sandbox() -> io::Result<()> {
+    let c = |r: libc::c_int| cvt(r).map(drop);
+    // SAFETY: unshare/mount/mkdir/pivot_root/chdir/umount2 with constant NUL-terminated strings.
+    unsafe {
+        c(libc::unshare(libc::CLONE_NEWNS))?;
+        c(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        c(libc::mount(
+            c"tmpfs".as_ptr(),
+            c"/tmp".as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"size=64k,mode=0700".as_ptr().cast(),
+        ))?;
+        c(libc::mkdir(c"/tmp/old".as_ptr(), 0o700))?;
+        c(
+            libc::syscall(libc::SYS_pivot_root, c"/tmp".as_ptr(), c"/tmp/old".as_ptr())
+                as libc::c_int,
+        )?;
+        c(libc::chdir(c"/".as_ptr()))?;
+        c(libc::umount2(c"/old".as_ptr(), libc::MNT_DETACH))?;
+        libc::rmdir(c"/old".as_ptr());
+    }
+    // Capabilities: only binding low ports stays (what slirp4netns keeps).
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    for cap in 0..64 {
+        if cap != CAP_NET_BIND_SERVICE {
+            // SAFETY: prctl with integer arguments; an unknown cap number fails harmlessly.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        }
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut h = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let keep = 1u32 << CAP_NET_BIND_SERVICE;
+    let mut d = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget/capset with a v3 header and two data structs, as the kernel expects.
+    unsafe {
+        c(libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()) as libc::c_int)?;
+        for x in d.iter_mut() {
+            x.inheritable = 0;
+        }
+        d[0].effective &= keep;
+        d[0].permitted &= keep;
+        d[1].effective = 0;
+        d[1].permitted = 0;
+        c(libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) as libc::c_int)?;
+    }
+    Ok(())
+}
+
 /// A pidfd for `pid` (readable once the process has exited).
 pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.

@@ -1,0 +1,431 @@
+//! slirp4netns compatibility: `rnat slirp4netns ARGS` (or rnat invoked as `slirp4netns`) takes
+//! slirp4netns 1.2's command line and serves its API socket, so that Podman, RootlessKit and
+//! Docker's rootless mode can drive rnat as they drive slirp4netns.
+//!
+//! Runtimes decide which flags to pass by looking for `--flag` in the `--help` output, so the
+//! help lists with dashes exactly the flags rnat honours; the ones it cannot honour are listed by
+//! name in a section of their own and refused with a clear error if passed anyway.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+use serde_json::{json, Value};
+
+use super::session::{self, AttachExtras, Options, Target};
+use crate::spec::{PortMapping, Protocol};
+
+pub const HELP: &str = "Usage: slirp4netns [OPTION]... PID|PATH [TAPNAME]
+User-mode networking for unprivileged network namespaces (rnat's engine, slirp4netns 1.2 compatible).
+
+-c, --configure          bring up the interface
+-e, --exit-fd=FD         specify the FD for terminating slirp4netns
+-r, --ready-fd=FD        specify the FD to write to when the network is configured
+-m, --mtu=MTU            specify MTU (default=1500, max=65521)
+-a, --api-socket=PATH    specify API socket path
+--cidr=CIDR              specify network address CIDR (default=10.0.2.0/24)
+--disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
+--netns-type=TYPE        specify network namespace type ([path|pid], default=pid)
+--userns-path=PATH       specify user namespace path
+--enable-sandbox         create a new mount namespace whose root is an empty tmpfs, and drop all
+                         capabilities except CAP_NET_BIND_SERVICE
+--outbound-addr=IPv4     sets outbound ipv4 address to bound to
+--disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
+--macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
+--target-type=TYPE       specify the target type ([netns], default=netns)
+-h, --help               show this help and exit
+-v, --version            show version and exit
+
+Accepted but refused, because rnat cannot honour them (it exits with an error naming the flag):
+  enable-ipv6 (-6)       rnat's engine is IPv4 only
+  outbound-addr6         rnat's engine is IPv4 only
+  enable-seccomp         no seccomp filter yet
+  target-type=bess       only network namespaces are served
+";
+
+/// What the command line asks for.
+#[derive(Debug, Default)]
+struct Args {
+    configure: bool,
+    exit_fd: Option<i32>,
+    ready_fd: Option<i32>,
+    mtu: Option<u16>,
+    api_socket: Option<PathBuf>,
+    cidr: Option<Ipv4Net>,
+    disable_host_loopback: bool,
+    netns_type: Option<String>,
+    userns_path: Option<PathBuf>,
+    sandbox: bool,
+    outbound: Option<Ipv4Addr>,
+    disable_dns: bool,
+    mac: Option<[u8; 6]>,
+    positional: Vec<String>,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("--macaddress {s}: not a MAC address"))?;
+    <[u8; 6]>::try_from(parts).map_err(|_| format!("--macaddress {s}: not a MAC address"))
+}
+
+fn parse(argv: &[String]) -> Result<Option<Args>, String> {
+    let mut a = Args::default();
+    let mut i = 0;
+    while i < argv.len() {
+        let arg = &argv[i];
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = |name: &str| -> Result<String, String> {
+            if let Some(v) = &inline {
+                return Ok(v.clone());
+            }
+            i += 1;
+            argv.get(i)
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        let num = |name: &str, v: String| {
+            v.parse::<i32>()
+                .map_err(|_| format!("{name} {v}: not a number"))
+        };
+        match flag {
+            "-h" | "--help" => return Ok(None),
+            "-v" | "--version" => {
+                println!(
+                    "slirp4netns version 1.2.0 (rnat {})",
+                    env!("CARGO_PKG_VERSION")
+                );
+                return Ok(None);
+            }
+            "-c" | "--configure" => a.configure = true,
+            "-e" | "--exit-fd" => a.exit_fd = Some(num("--exit-fd", value("--exit-fd")?)?),
+            "-r" | "--ready-fd" => a.ready_fd = Some(num("--ready-fd", value("--ready-fd")?)?),
+            "-m" | "--mtu" => {
+                let v = value("--mtu")?;
+                let m: u32 = v.parse().map_err(|_| format!("--mtu {v}: not a number"))?;
+                // slirp4netns accepts up to 65521; rnat's TAP takes up to 65520.
+                a.mtu = Some(m.min(65520) as u16);
+            }
+            "-a" | "--api-socket" => a.api_socket = Some(value("--api-socket")?.into()),
+            "--cidr" => {
+                let v = value("--cidr")?;
+                a.cidr = Some(
+                    v.parse()
+                        .map_err(|_| format!("--cidr {v}: not an IPv4 CIDR"))?,
+                );
+            }
+            "--disable-host-loopback" => a.disable_host_loopback = true,
+            "--netns-type" => a.netns_type = Some(value("--netns-type")?),
+            "--userns-path" => a.userns_path = Some(value("--userns-path")?.into()),
+            "--enable-sandbox" => a.sandbox = true,
+            "--outbound-addr" => {
+                let v = value("--outbound-addr")?;
+                a.outbound = Some(
+                    v.parse()
+                        .map_err(|_| format!("--outbound-addr {v}: not an IPv4 address"))?,
+                );
+            }
+            "--disable-dns" => a.disable_dns = true,
+            "--macaddress" => a.mac = Some(parse_mac(&value("--macaddress")?)?),
+            "--target-type" => {
+                let v = value("--target-type")?;
+                if v != "netns" {
+                    return Err(format!(
+                        "--target-type={v}: rnat serves network namespaces only"
+                    ));
+                }
+            }
+            "-6" | "--enable-ipv6" => {
+                return Err(format!(
+                    "{flag}: rnat's engine is IPv4 only (refused, not ignored)"
+                ))
+            }
+            "--outbound-addr6" => return Err("--outbound-addr6: rnat's engine is IPv4 only".into()),
+            "--enable-seccomp" => {
+                return Err("--enable-seccomp: rnat has no seccomp filter yet".into())
+            }
+            f if f.starts_with('-') && f.len() > 1 => return Err(format!("unknown option {f}")),
+            _ => a.positional.push(arg.clone()),
+        }
+        i += 1;
+    }
+    Ok(Some(a))
+}
+
+/// Runs slirp4netns-compatible mode; returns the exit status.
+pub fn main(argv: &[String]) -> Result<i32, session::Error> {
+    let a = match parse(argv).map_err(session::Error::Invalid)? {
+        Some(a) => a,
+        None => {
+            if argv.iter().any(|x| x == "-h" || x == "--help") {
+                print!("{HELP}");
+            }
+            return Ok(0);
+        }
+    };
+    let (target, tap) = match a.positional.as_slice() {
+        [t] => (t.clone(), "tap0".to_string()),
+        [t, tap] => (t.clone(), tap.clone()),
+        _ => {
+            return Err(session::Error::Invalid(format!(
+                "expected PID|PATH [TAPNAME]\n{HELP}"
+            )))
+        }
+    };
+    let target = match a.netns_type.as_deref().unwrap_or("pid") {
+        "pid" => Target::Pid(target.parse().map_err(|_| {
+            session::Error::Invalid(format!(
+                "{target}: not a PID (use --netns-type=path for a path)"
+            ))
+        })?),
+        "path" => Target::Netns(target.into()),
+        other => {
+            return Err(session::Error::Invalid(format!(
+                "--netns-type={other}: must be pid or path"
+            )))
+        }
+    };
+    if a.mac.is_some() && !a.configure {
+        return Err(session::Error::Invalid(
+            "--macaddress is only valid with --configure".into(),
+        ));
+    }
+    let mut opts = Options {
+        mtu: a.mtu.unwrap_or(1500),
+        allow_host_loopback: !a.disable_host_loopback,
+        tap_name: tap,
+        mac: a.mac,
+        dns: !a.disable_dns,
+        outbound: a.outbound,
+        ..Options::default()
+    };
+    if let Some(c) = a.cidr {
+        opts.cidr = c;
+    }
+    // SAFETY: the caller handed these fds over on the command line; we take ownership of them
+    // (as slirp4netns does) and nothing else in this process uses them.
+    let take = |fd: i32| unsafe { OwnedFd::from_raw_fd(fd) };
+    let extras = AttachExtras {
+        api_socket: a.api_socket,
+        exit_fd: a.exit_fd.filter(|fd| *fd >= 0 && fd_is_open(*fd)).map(take),
+        ready_fd: a
+            .ready_fd
+            .filter(|fd| *fd >= 0 && fd_is_open(*fd))
+            .map(take),
+        sandbox: a.sandbox,
+    };
+    session::attach_with(
+        &opts,
+        &target,
+        a.userns_path.as_deref(),
+        a.configure,
+        extras,
+    )
+}
+
+fn fd_is_open(fd: i32) -> bool {
+    nix::fcntl::fcntl(
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .is_ok()
+}
+
+/// A port forward made through the API.
+#[derive(Debug, Clone, Copy)]
+pub struct HostFwd {
+    pub id: u64,
+    pub mapping: PortMapping,
+}
+
+/// What the API asks of the instance.
+pub enum ApiOp {
+    Add(PortMapping),
+    List,
+    Remove(u64),
+}
+
+/// Parses one API request; `Err` is the error JSON to send back.
+pub fn parse_request(body: &[u8], guest: Ipv4Addr) -> Result<ApiOp, Value> {
+    let bad = |d: &str| json!({"error": {"desc": format!("bad request: {d}")}});
+    if body.len() > 4096 {
+        return Err(bad("too large message"));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|_| bad("cannot parse JSON"))?;
+    let Some(exec) = v.get("execute").and_then(Value::as_str) else {
+        return Err(bad("no execute found"));
+    };
+    let args = v.get("arguments").cloned().unwrap_or(Value::Null);
+    match exec {
+        "add_hostfwd" => {
+            let protocol = match args.get("proto").and_then(Value::as_str) {
+                Some("tcp") => Protocol::Tcp,
+                Some("udp") => Protocol::Udp,
+                _ => return Err(bad("add_hostfwd: bad arguments.proto")),
+            };
+            let host_addr = match args.get("host_addr").and_then(Value::as_str).unwrap_or("") {
+                "" | "0.0.0.0" => None,
+                s => match s.parse::<Ipv4Addr>() {
+                    Ok(ip) => Some(IpAddr::V4(ip)),
+                    Err(_) => return Err(bad("add_hostfwd: bad arguments.host_addr")),
+                },
+            };
+            match args.get("guest_addr").and_then(Value::as_str).unwrap_or("") {
+                "" => {}
+                s if s.parse::<Ipv4Addr>() == Ok(guest) => {}
+                _ => return Err(bad("add_hostfwd: bad arguments.guest_addr")),
+            }
+            let port = |k: &str| {
+                args.get(k)
+                    .and_then(Value::as_u64)
+                    .and_then(|p| u16::try_from(p).ok())
+            };
+            let (Some(host_port), Some(container_port)) = (port("host_port"), port("guest_port"))
+            else {
+                return Err(bad(
+                    "add_hostfwd: bad arguments.host_port or arguments.guest_port",
+                ));
+            };
+            Ok(ApiOp::Add(PortMapping {
+                host_ip: host_addr,
+                host_port,
+                container_port,
+                protocol,
+            }))
+        }
+        "list_hostfwd" => Ok(ApiOp::List),
+        "remove_hostfwd" => match args.get("id").and_then(Value::as_u64) {
+            Some(id) => Ok(ApiOp::Remove(id)),
+            None => Err(bad("remove_hostfwd: bad arguments.id")),
+        },
+        _ => Err(bad("unknown execute")),
+    }
+}
+
+/// `list_hostfwd`'s answer.
+pub fn list_reply(fwds: &[HostFwd], guest: Ipv4Addr) -> Value {
+    let entries: Vec<Value> = fwds
+        .iter()
+        .map(|f| {
+            json!({
+                "id": f.id,
+                "proto": match f.mapping.protocol { Protocol::Tcp => "tcp", Protocol::Udp => "udp" },
+                "host_addr": f.mapping.host_ip.map_or("0.0.0.0".to_string(), |i| i.to_string()),
+                "host_port": f.mapping.host_port,
+                "guest_addr": guest.to_string(),
+                "guest_port": f.mapping.container_port,
+            })
+        })
+        .collect();
+    json!({"return": {"entries": entries}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
+
+    #[test]
+    fn podmans_command_line_parses_and_refused_flags_say_why() {
+        let argv: Vec<String> = "--disable-host-loopback --mtu=65520 --enable-sandbox -c -e 3 -r 4 --api-socket /run/x.sock --netns-type=path /run/user/1000/netns/cni-x tap0"
+            .split(' ')
+            .map(String::from)
+            .collect();
+        let a = parse(&argv).expect("parses").expect("not help");
+        assert!(a.configure && a.disable_host_loopback && a.sandbox);
+        assert_eq!(
+            (a.exit_fd, a.ready_fd, a.mtu),
+            (Some(3), Some(4), Some(65520))
+        );
+        assert_eq!(a.positional, vec!["/run/user/1000/netns/cni-x", "tap0"]);
+        for flag in [
+            "--enable-ipv6",
+            "-6",
+            "--enable-seccomp",
+            "--outbound-addr6=::1",
+            "--target-type=bess",
+            "--bogus",
+        ] {
+            let err = parse(&[flag.to_string()]).expect_err(flag);
+            assert!(
+                err.contains(flag.split('=').next().unwrap_or(flag)) || err.contains("unknown"),
+                "{flag}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn help_lists_with_dashes_only_what_is_honoured() {
+        for honoured in [
+            "--configure",
+            "--exit-fd",
+            "--ready-fd",
+            "--mtu",
+            "--api-socket",
+            "--cidr",
+            "--disable-host-loopback",
+            "--netns-type",
+            "--userns-path",
+            "--enable-sandbox",
+            "--outbound-addr",
+            "--disable-dns",
+            "--macaddress",
+        ] {
+            assert!(HELP.contains(honoured), "{honoured}");
+        }
+        for refused in ["--enable-ipv6", "--enable-seccomp", "--outbound-addr6"] {
+            assert!(!HELP.contains(refused), "{refused} must not look supported");
+            assert!(HELP.contains(&refused[2..]), "{refused} is still listed");
+        }
+    }
+
+    #[test]
+    fn api_requests_and_errors_match_slirp4netns() {
+        let add = br#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"0.0.0.0","host_port":8091,"guest_addr":"","guest_port":80}}"#;
+        match parse_request(add, GUEST) {
+            Ok(ApiOp::Add(m)) => assert_eq!(
+                (m.host_ip, m.host_port, m.container_port, m.protocol),
+                (None, 8091, 80, Protocol::Tcp)
+            ),
+            _ => panic!("add_hostfwd"),
+        }
+        let desc = |body: &[u8]| match parse_request(body, GUEST) {
+            Err(v) => v["error"]["desc"].as_str().unwrap_or("").to_string(),
+            Ok(_) => "ok".into(),
+        };
+        assert_eq!(desc(b"{"), "bad request: cannot parse JSON");
+        assert_eq!(
+            desc(br#"{"unexpectedjson": 42}"#),
+            "bad request: no execute found"
+        );
+        assert_eq!(
+            desc(br#"{"execute": "bad"}"#),
+            "bad request: unknown execute"
+        );
+        assert_eq!(
+            desc(br#"{"execute":"add_hostfwd","arguments":{"proto":"sctp"}}"#),
+            "bad request: add_hostfwd: bad arguments.proto"
+        );
+        assert_eq!(desc(&[b'x'; 5000]), "bad request: too large message");
+        let fwds = [HostFwd {
+            id: 1,
+            mapping: PortMapping {
+                host_ip: None,
+                host_port: 8091,
+                container_port: 80,
+                protocol: Protocol::Udp,
+            },
+        }];
+        assert_eq!(
+            list_reply(&fwds, GUEST),
+            json!({"return":{"entries":[{"id":1,"proto":"udp","host_addr":"0.0.0.0","host_port":8091,"guest_addr":"10.0.2.100","guest_port":80}]}})
+        );
+    }
+}

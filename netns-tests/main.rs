@@ -25,12 +25,14 @@
 //! - `smoke`    — tests of the harness itself (no rnat needed)
 //! - `rootful`  — the rnat tests (`traffic`, `resolv`, `lifecycle`, `errors`)
 //! - `rootless` — rootless `rnat run` and `rnat attach` as an unprivileged user
+//! - `podman_rootless` — rootless Podman with rnat as its slirp4netns
 
 mod cni;
 mod dns;
 mod fixtures;
 mod harness;
 mod podman;
+mod podman_rootless;
 mod procs;
 mod readback;
 mod rnat;

@@ -308,11 +308,28 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
     match (spawned, tap) {
         (Ok(mut child), Ok(tap)) => {
             child_pid.set(child.id() as i32);
+            // The container's network namespace, while the command holds it: what is left in it
+            // when the command ends (daemons it started) is ended too, as in rootful mode.
+            let netns_ino = std::fs::metadata(format!("/proc/{}/ns/net", child.id()))
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
             let served = inst.serve_child(tap, &mut child);
             if served.is_err() {
                 let _ = child.kill();
             }
             let status = child.wait().map_err(io_err("waiting for the command"))?;
+            drop(inst); // the keeper, if any, goes first
+            if let Some(ino) = netns_ino {
+                let own = std::fs::metadata("/proc/self/ns/net")
+                    .ok()
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+                if own != Some(ino) {
+                    let n = crate::process::kill_netns_processes(ino);
+                    if n > 0 {
+                        tracing::debug!("ended {n} process(es) left in the container");
+                    }
+                }
+            }
             served?;
             Ok(status
                 .code()
@@ -532,6 +549,7 @@ fn handle_api(
     now: Instant,
 ) -> serde_json::Value {
     let guest = core.config().guest;
+    tracing::debug!(request = %String::from_utf8_lossy(body), "API request");
     match slirp::parse_request(body, guest) {
         Err(e) => e,
         Ok(slirp::ApiOp::List) => slirp::list_reply(fwds, guest),

@@ -12,8 +12,10 @@ PACKAGES=(
   # run and test: nft reads the ruleset back, ip builds test topologies, socat and busybox are the
   # test servers and clients, setpriv drops privileges for the privilege test
   nftables iproute2 socat busybox-static util-linux procps
+  # rootless tests: python3 drives 2,000 concurrent connections
+  python3
   # benchmarks: the peers rnat is measured against, and the load tools
-  containernetworking-plugins netavark iperf3 wrk jq
+  containernetworking-plugins netavark slirp4netns passt iperf3 wrk jq nginx-light
 )
 
 install_missing setup "${PACKAGES[@]}"

@@ -116,7 +116,9 @@ fn exhausted_subnet_is_rejected() {
 }
 
 #[test]
-fn unprivileged_run_fails_cleanly() {
+/// An ordinary user gets rootless mode, where a rootful network (`--network`) is refused: one
+/// line, nothing left, the command never runs.
+fn unprivileged_run_with_a_rootful_network_fails_cleanly() {
     let t = topology!("unprivileged");
     t.network_create(NET, SUBNET, &[]);
     let marker = t.work_path("ran-unprivileged");

@@ -38,6 +38,11 @@ pub struct KernelHost {
     /// Without `SO_PEEK_OFF`: per flow, the bytes already peeked (skipped by the next peek).
     peeked: Vec<usize>,
     scratch: Vec<u8>,
+    /// Datagrams queued by `udp_send` until `flush`: (flow, destination, range in `udp_arena`).
+    udp_queue: Vec<(FlowId, SocketAddrV4, std::ops::Range<usize>)>,
+    udp_arena: Vec<u8>,
+    /// Datagrams the host's socket buffers refused.
+    pub udp_dropped: u64,
     /// The address outbound sockets are bound to (slirp4netns' `--outbound-addr`).
     pub outbound: Option<std::net::Ipv4Addr>,
     /// A socket accepted or bound for a published port, waiting for the core to adopt it.
@@ -68,6 +73,9 @@ impl KernelHost {
             scratch: Vec::new(),
             staged: None,
             outbound: None,
+            udp_queue: Vec::new(),
+            udp_arena: Vec::new(),
+            udp_dropped: 0,
             tx_dropped: 0,
         })
     }
@@ -261,9 +269,39 @@ impl Host for KernelHost {
     }
 
     fn udp_send(&mut self, id: FlowId, dst: SocketAddrV4, data: &[u8]) -> io::Result<()> {
-        sock(&self.socks, id)?
-            .send_to(data, &SockAddr::from(dst))
-            .map(drop)
+        sock(&self.socks, id)?;
+        // Queued for one sendmmsg per flow at the end of the batch; the arena is bounded by
+        // what one batch of frames can carry.
+        let start = self.udp_arena.len();
+        self.udp_arena.extend_from_slice(data);
+        self.udp_queue.push((id, dst, start..self.udp_arena.len()));
+        if self.udp_arena.len() > (4 << 20) {
+            self.flush();
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        let mut i = 0;
+        while i < self.udp_queue.len() {
+            let id = self.udp_queue[i].0;
+            let mut j = i;
+            while j < self.udp_queue.len() && self.udp_queue[j].0 == id {
+                j += 1;
+            }
+            let msgs: Vec<(SocketAddrV4, &[u8])> = self.udp_queue[i..j]
+                .iter()
+                .map(|(_, dst, r)| (*dst, &self.udp_arena[r.clone()]))
+                .collect();
+            let sent = match sock(&self.socks, id) {
+                Ok(s) => sys::send_datagrams(s.as_raw_fd(), &msgs),
+                Err(_) => 0,
+            };
+            self.udp_dropped += (msgs.len() - sent) as u64;
+            i = j;
+        }
+        self.udp_queue.clear();
+        self.udp_arena.clear();
     }
 
     fn udp_recv(

@@ -340,6 +340,58 @@ pub fn set_peek_off(sock: RawFd, off: libc::c_int) -> io::Result<()> {
     .map(drop)
 }
 
+/// Sends datagrams `(destination, bytes)` on UDP socket `fd` with one `sendmmsg(2)` per 64;
+/// returns how many the kernel took (it stops at the first one it refuses, e.g. a full buffer).
+pub fn send_datagrams(fd: RawFd, msgs: &[(std::net::SocketAddrV4, &[u8])]) -> usize {
+    let mut sent = 0;
+    for chunk in msgs.chunks(64) {
+        let mut addrs: Vec<libc::sockaddr_in> = chunk
+            .iter()
+            .map(|(a, _)| libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            })
+            .collect();
+        let mut iovs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|(_, d)| libc::iovec {
+                iov_base: d.as_ptr() as *mut libc::c_void,
+                iov_len: d.len(),
+            })
+            .collect();
+        let mut hdrs: Vec<libc::mmsghdr> = (0..chunk.len())
+            .map(|i| {
+                // SAFETY: msghdr is plain old data; the fields set point into `addrs` and `iovs`,
+                // which outlive the call below.
+                let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+                h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+                h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                h.msg_iov = &mut iovs[i];
+                h.msg_iovlen = 1;
+                libc::mmsghdr {
+                    msg_hdr: h,
+                    msg_len: 0,
+                }
+            })
+            .collect();
+        // SAFETY: `hdrs` holds `len` initialised headers whose buffers are alive.
+        let n =
+            unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), hdrs.len() as u32, libc::MSG_DONTWAIT) };
+        if n <= 0 {
+            break;
+        }
+        sent += n as usize;
+        if (n as usize) < chunk.len() {
+            break;
+        }
+    }
+    sent
+}
+
 /// Whether the peer of stream socket `fd` has shut down its sending side (POLLRDHUP, which nix's
 /// poll flags do not carry).
 pub fn peer_closed(fd: RawFd) -> bool {

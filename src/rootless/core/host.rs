@@ -86,6 +86,9 @@ pub trait Host {
     /// Closes a UDP or ICMP socket.
     fn dgram_close(&mut self, flow: FlowId);
 
+    /// Called at the end of every batch: sends whatever the host queued (datagrams are batched).
+    fn flush(&mut self) {}
+
     /// Takes the socket the driver has just accepted (TCP) or bound (UDP) for a published port
     /// as the socket of `flow`.
     fn adopt(&mut self, flow: FlowId) -> io::Result<()> {

@@ -796,6 +796,7 @@ impl Core {
         if self.acks.is_empty() {
             self.acks = acks;
         }
+        host.flush();
     }
 
     /// Runs what is due at `now`; returns when to call again.

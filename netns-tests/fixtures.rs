@@ -179,3 +179,48 @@ pub fn peer_lines(output: &str) -> Vec<String> {
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
+
+/// Creates system user NAME if missing (with a home directory and subordinate ids when
+/// `login`, as rootless Podman needs), for tests that run tools unprivileged.
+pub fn ensure_user(name: &str, login: bool) {
+    let known = std::process::Command::new("id")
+        .args(["-u", name])
+        .output()
+        .expect("run id");
+    if known.status.success() {
+        return;
+    }
+    let mut cmd = std::process::Command::new("useradd");
+    if login {
+        cmd.args(["-m", "-s", "/bin/sh", name]);
+    } else {
+        cmd.args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ]);
+    }
+    let out = cmd.output().expect("run useradd");
+    assert!(
+        out.status.success(),
+        "useradd {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes /dev/net/tun usable by everyone (mode 0666, as most distributions ship it): rootless
+/// TAP creation needs it.
+pub fn open_tun_to_all() {
+    use std::os::unix::fs::PermissionsExt;
+    let tun = std::path::Path::new("/dev/net/tun");
+    let mode = std::fs::metadata(tun)
+        .expect("/dev/net/tun exists")
+        .permissions()
+        .mode();
+    if mode & 0o666 != 0o666 {
+        std::fs::set_permissions(tun, std::fs::Permissions::from_mode(0o666))
+            .expect("chmod /dev/net/tun");
+    }
+}

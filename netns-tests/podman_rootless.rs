@@ -18,30 +18,8 @@ use crate::rnat::RNAT;
 const USER: &str = "rnat-podman";
 
 fn prepare_user() {
-    let known = Command::new("id")
-        .args(["-u", USER])
-        .output()
-        .expect("run id");
-    if !known.status.success() {
-        let out = Command::new("useradd")
-            .args(["-m", "-s", "/bin/sh", USER])
-            .output()
-            .expect("useradd");
-        assert!(
-            out.status.success(),
-            "useradd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let tun = std::path::Path::new("/dev/net/tun");
-    let mode = std::fs::metadata(tun)
-        .expect("/dev/net/tun")
-        .permissions()
-        .mode();
-    if mode & 0o666 != 0o666 {
-        std::fs::set_permissions(tun, std::fs::Permissions::from_mode(0o666))
-            .expect("chmod /dev/net/tun");
-    }
+    crate::fixtures::ensure_user(USER, true);
+    crate::fixtures::open_tun_to_all();
 }
 
 fn chown_r(path: &std::path::Path) {

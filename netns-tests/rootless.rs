@@ -24,36 +24,8 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 fn prepare_host() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let known = Command::new("id")
-            .args(["-u", USER])
-            .output()
-            .expect("run id");
-        if !known.status.success() {
-            let out = Command::new("useradd")
-                .args([
-                    "--system",
-                    "--no-create-home",
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    USER,
-                ])
-                .output()
-                .expect("run useradd");
-            assert!(
-                out.status.success(),
-                "useradd {USER}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let tun = std::path::Path::new("/dev/net/tun");
-        let mode = std::fs::metadata(tun)
-            .expect("/dev/net/tun exists")
-            .permissions()
-            .mode();
-        if mode & 0o666 != 0o666 {
-            std::fs::set_permissions(tun, std::fs::Permissions::from_mode(0o666))
-                .expect("chmod /dev/net/tun");
-        }
+        ensure_user(USER, false);
+        open_tun_to_all();
     });
 }
 

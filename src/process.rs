@@ -46,15 +46,7 @@ pub fn spawn_in(mut cmd: Command, netns: &NetNs, resolv: Option<&Path>) -> io::R
                     std::ptr::null(),
                 );
             }
-            if libc::umount2(c"/sys".as_ptr(), libc::MNT_DETACH) == 0 {
-                libc::mount(
-                    c"sysfs".as_ptr(),
-                    c"/sys".as_ptr(),
-                    c"sysfs".as_ptr(),
-                    0,
-                    std::ptr::null(),
-                );
-            }
+            remount_sys();
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -65,6 +57,24 @@ pub fn spawn_in(mut cmd: Command, netns: &NetNs, resolv: Option<&Path>) -> io::R
         });
     }
     cmd.spawn()
+}
+
+/// Mounts a fresh sysfs over /sys (in a private mount namespace), so that /sys shows the links of
+/// the network namespace the caller is in, as `ip netns exec` does. Best effort; async-signal-safe
+/// (it runs between fork and exec).
+pub fn remount_sys() {
+    // SAFETY: umount2/mount with constant NUL-terminated strings and null data.
+    unsafe {
+        if libc::umount2(c"/sys".as_ptr(), libc::MNT_DETACH) == 0 {
+            libc::mount(
+                c"sysfs".as_ptr(),
+                c"/sys".as_ptr(),
+                c"sysfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            );
+        }
+    }
 }
 
 /// PIDs of every process whose network namespace has inode `ino` (except this one).

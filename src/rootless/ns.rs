@@ -198,19 +198,7 @@ pub fn enter_and_make_tap(plan: &TapPlan, sock: RawFd) -> Result<(), (Step, io::
     }
     sys::send_fd(sock, tap.as_raw_fd()).map_err(at(Step::SendFd))?;
     if matches!(plan.enter, Enter::New { .. }) {
-        // Let /sys show the container's links, as `ip netns exec` does. Best effort.
-        // SAFETY: umount2/mount with constant NUL-terminated strings.
-        unsafe {
-            if libc::umount2(c"/sys".as_ptr(), libc::MNT_DETACH) == 0 {
-                libc::mount(
-                    c"sysfs".as_ptr(),
-                    c"/sys".as_ptr(),
-                    c"sysfs".as_ptr(),
-                    0,
-                    std::ptr::null(),
-                );
-            }
-        }
+        crate::process::remount_sys();
     }
     Ok(())
 }

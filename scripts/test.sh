@@ -10,3 +10,5 @@ echo "== unit tests"
 cargo test --locked --lib --bins
 echo "== kernel tests (netns-tests/)"
 RNAT_NETNS_REQUIRE_ROOT=1 cargo test --locked --test netns -- --test-threads=2
+echo "== fuzzing the rootless core for ${FUZZ_SECONDS:=60}s (scripts/fuzz.sh; longer runs: FUZZ_SECONDS=600)"
+FUZZ_SECONDS=$FUZZ_SECONDS bash scripts/fuzz.sh

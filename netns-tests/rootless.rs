@@ -393,7 +393,36 @@ async def clients(host, port, n):
     for e in errors[:5]:
         print("error:", repr(e))
 
-if sys.argv[1] == "echo":
+def udp_sink(port, n):
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind(("0.0.0.0", port))
+    s.settimeout(20)
+    good = bad = 0
+    try:
+        while good + bad < n:
+            d, _ = s.recvfrom(65536)
+            i = int.from_bytes(d[:4], "big")
+            if len(d) == 1000 and d == i.to_bytes(4, "big") + bytes([i % 251]) * 996:
+                good += 1
+            else:
+                bad += 1
+    except socket.timeout:
+        pass
+    print(f"good={good} bad={bad}", flush=True)
+
+def udp_burst(host, port, n):
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(n):
+        s.sendto(i.to_bytes(4, "big") + bytes([i % 251]) * 996, (host, port))
+
+if sys.argv[1] == "udpsink":
+    udp_sink(int(sys.argv[2]), int(sys.argv[3]))
+elif sys.argv[1] == "udpburst":
+    udp_burst(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+elif sys.argv[1] == "echo":
     asyncio.run(serve(int(sys.argv[2])))
 else:
     asyncio.run(clients(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
@@ -631,4 +660,25 @@ fn two_thousand_concurrent_connections_through_a_published_port() {
     );
     bg.signal("TERM");
     let _ = bg.wait_exit(Duration::from_secs(20));
+}
+
+#[test]
+fn a_burst_of_datagrams_keeps_every_boundary() {
+    // A burst goes out as runs under UDP segmentation offload: each datagram must still arrive
+    // whole and alone.
+    let t = topology!("rl_udp_burst");
+    let r = rig(t);
+    let helper = r.helper();
+    let mut sink =
+        r.t.spawn(&r.t.u, &["python3", &helper, "udpsink", "7300", "300"]);
+    r.t.wait_listening(&r.t.u, "udp", 7300);
+    let out = r.run(&[], &format!("python3 {helper} udpburst {U_IP} 7300 300"));
+    assert!(out.success(), "{}", out.describe());
+    let done = sink.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        done.stdout_str().trim(),
+        "good=300 bad=0",
+        "{}",
+        done.describe()
+    );
 }

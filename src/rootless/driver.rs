@@ -41,6 +41,8 @@ pub struct KernelHost {
     /// Datagrams queued by `udp_send` until `flush`: (flow, destination, range in `udp_arena`).
     udp_queue: Vec<(FlowId, SocketAddrV4, std::ops::Range<usize>)>,
     udp_arena: Vec<u8>,
+    /// Whether UDP segmentation offload works here (turned off at its first failure).
+    udp_gso: bool,
     /// Datagrams the host's socket buffers refused.
     pub udp_dropped: u64,
     /// The address outbound sockets are bound to (slirp4netns' `--outbound-addr`).
@@ -75,6 +77,7 @@ impl KernelHost {
             outbound: None,
             udp_queue: Vec::new(),
             udp_arena: Vec::new(),
+            udp_gso: std::env::var_os("RNAT_NO_UDP_GSO").is_none(),
             udp_dropped: 0,
             tx_dropped: 0,
         })
@@ -289,15 +292,69 @@ impl Host for KernelHost {
             while j < self.udp_queue.len() && self.udp_queue[j].0 == id {
                 j += 1;
             }
-            let msgs: Vec<(SocketAddrV4, &[u8])> = self.udp_queue[i..j]
-                .iter()
-                .map(|(_, dst, r)| (*dst, &self.udp_arena[r.clone()]))
-                .collect();
-            let sent = match sock(&self.socks, id) {
-                Ok(s) => sys::send_datagrams(s.as_raw_fd(), &msgs),
-                Err(_) => 0,
+            let fd = match sock(&self.socks, id) {
+                Ok(s) => s.as_raw_fd(),
+                Err(_) => {
+                    self.udp_dropped += (j - i) as u64;
+                    i = j;
+                    continue;
+                }
             };
-            self.udp_dropped += (msgs.len() - sent) as u64;
+            if !self.udp_gso {
+                let msgs: Vec<(SocketAddrV4, &[u8])> = self.udp_queue[i..j]
+                    .iter()
+                    .map(|(_, d, r)| (*d, &self.udp_arena[r.clone()]))
+                    .collect();
+                self.udp_dropped += (msgs.len() - sys::send_datagrams(fd, &msgs)) as u64;
+                i = j;
+                continue;
+            }
+            let mut k = i;
+            while k < j {
+                // A run of datagrams to one destination, all of one size but the last: one send
+                // with UDP segmentation offload (the kernel cuts it as late as it can).
+                let (dst, size) = (self.udp_queue[k].1, self.udp_queue[k].2.len());
+                let mut end = k + 1;
+                let mut bytes = size;
+                while end < j
+                    && end - k < 64
+                    && self.udp_queue[end].1 == dst
+                    && self.udp_queue[end - 1].2.len() == size
+                    && self.udp_queue[end].2.len() <= size
+                    && bytes + self.udp_queue[end].2.len() <= 65000
+                {
+                    bytes += self.udp_queue[end].2.len();
+                    end += 1;
+                }
+                if end - k == 1 || size == 0 {
+                    let one = [(dst, &self.udp_arena[self.udp_queue[k].2.clone()])];
+                    self.udp_dropped += (1 - sys::send_datagrams(fd, &one)) as u64;
+                    k += 1;
+                    continue;
+                }
+                // The arena holds a run's datagrams back to back.
+                let range = self.udp_queue[k].2.start..self.udp_queue[end - 1].2.end;
+                match sys::send_segmented(fd, dst, &self.udp_arena[range], size as u16) {
+                    Ok(_) => k = end,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.udp_dropped += (end - k) as u64;
+                        k = end;
+                    }
+                    Err(e) => {
+                        // No GSO here (or not for this route): one by one from now on.
+                        tracing::info!(
+                            "UDP segmentation offload refused ({e}): sending datagrams one by one"
+                        );
+                        self.udp_gso = false;
+                        let msgs: Vec<(SocketAddrV4, &[u8])> = self.udp_queue[k..j]
+                            .iter()
+                            .map(|(_, d, r)| (*d, &self.udp_arena[r.clone()]))
+                            .collect();
+                        self.udp_dropped += (msgs.len() - sys::send_datagrams(fd, &msgs)) as u64;
+                        k = j;
+                    }
+                }
+            }
             i = j;
         }
         self.udp_queue.clear();

@@ -392,6 +392,56 @@ pub fn send_datagrams(fd: RawFd, msgs: &[(std::net::SocketAddrV4, &[u8])]) -> us
     sent
 }
 
+/// `SOL_UDP` / `UDP_SEGMENT` (linux/udp.h): send a buffer as datagrams of the given size.
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+
+/// Sends `data` to `dst` as datagrams of `size` bytes (the last may be shorter) in one
+/// `sendmsg(2)` with UDP generic segmentation offload. Returns the datagrams sent.
+pub fn send_segmented(
+    fd: RawFd,
+    dst: std::net::SocketAddrV4,
+    data: &[u8],
+    size: u16,
+) -> io::Result<usize> {
+    let mut addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: dst.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*dst.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is plain old data; its pointers reference locals alive during the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE/CMSG_LEN are pure; the control buffer has room for one u16 option, so
+    // CMSG_FIRSTHDR is non-null.
+    unsafe {
+        msg.msg_controllen = libc::CMSG_SPACE(2) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+    }
+    // SAFETY: msg describes valid buffers for the duration of the call.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(data.len().div_ceil(usize::from(size)))
+}
+
 /// Whether the peer of stream socket `fd` has shut down its sending side (POLLRDHUP, which nix's
 /// poll flags do not carry).
 pub fn peer_closed(fd: RawFd) -> bool {

@@ -3,10 +3,11 @@
 # vs slirp4netns vs pasta, with the kernel's veth + masquerade path as the
 # ceiling, all measured in the same run.
 #
-#   sudo benches/rootless.sh              # full run (ROUNDS=3, SECS=5; ~15 minutes)
-#   sudo QUICK=1 benches/rootless.sh      # smoke run (1 round, 2-second runs; ~3 minutes)
+#   sudo benches/rootless.sh              # full run (ROUNDS=3, SECS=5; ~25 minutes)
+#   sudo QUICK=1 benches/rootless.sh      # smoke run (1 round, 2-second runs; ~5 minutes)
+#   sudo QUICK=1 SECTIONS=pub benches/rootless.sh   # one section only
 #
-# Sections (SECTIONS="tcp http udp mem" by default):
+# Sections (SECTIONS="tcp http udp mem pub" by default):
 #   tcp   TCP bulk (iperf3), container -> server and server -> container (-R),
 #         at MTU 65520 and at MTU 1500 (the container's interface)
 #   http  new connections/s container -> server: wrk with 'Connection: close'
@@ -15,6 +16,12 @@
 #         (-b 0, received Mbit/s)
 #   mem   VmRSS of the forwarding process idle, then holding CONNS concurrent
 #         idle TCP connections from the container to a server
+#   pub   published ports (host port -> container port), servers inside the
+#         container: iperf3 from the host namespace's loopback (127.0.0.1) and
+#         from upstream (198.51.100.2 -> 198.51.100.1), whether the container
+#         saw the upstream client's address, wrk with 'Connection: close' and
+#         with PUB_KA_CONNS keep-alive connections against nginx in the
+#         container, and VmRSS holding CONNS connections from upstream
 #
 # Environment knobs (defaults in brackets; QUICK=1 changes the starred ones):
 #   RNAT [target/release/rnat]       copied before the run (the tree may be rebuilt meanwhile)
@@ -22,6 +29,7 @@
 #   SECS* [5 | 2]  OMIT* [1 | 0]     iperf3/wrk duration; iperf3 seconds omitted first (slow start)
 #   CONNS [10000]  CONN_SECS [60]    concurrent connections in `mem`; time allowed to open them
 #   WRK_CONNS [8]                    wrk concurrency (each request on a new connection)
+#   PUB_KA_CONNS [1000]              keep-alive connections of the `pub` section's second wrk
 #   UDP_LEN [1400]                   UDP payload per datagram
 #   UPLINK_MTU [1500]                MTU of the host <-> upstream link
 #   FWD_NOFILE [524288:524288]       RLIMIT_NOFILE soft:hard the forwarders start with. Podman
@@ -29,7 +37,7 @@
 #                                    slirp4netns or pasta; 1024:524288 is a login shell's default,
 #                                    with which slirp4netns holds ~1,000 connections and resets
 #                                    new ones under the HTTP load (rnat raises its own limit)
-#   TOOLS ["rnat slirp4netns pasta kernel"]   SECTIONS ["tcp http udp mem"]
+#   TOOLS ["rnat slirp4netns pasta kernel"]   SECTIONS ["tcp http udp mem pub"]
 #   OUT [benches/results/rootless-YYYYmmdd-HHMM[-quick].md] (a .csv of the medians goes next to it)
 #   SVG [docs/rootless-throughput.svg; with QUICK: next to OUT]  (benches/plot_rootless.py)
 #   PYTHON [/usr/bin/python3]  KEEP_WORK=1 keeps the logs
@@ -39,6 +47,11 @@
 #   container ns --(tap0 10.0.2.100, tool)--> host ns rnbr-host-PID --veth--> upstream rnbr-up-PID
 #                                             198.51.100.1                    198.51.100.2: iperf3,
 #                                                                             httpd, hold server
+#
+# `pub` turns it around: the servers (iperf3, nginx, the hold server) run in
+# the container, the tool publishes host ports 9201, 9080, 9700 of the host
+# namespace to container ports 5201, 80, 7000, and the clients run in the host
+# namespace (to 127.0.0.1) and in upstream (to 198.51.100.1).
 #
 # The rootless tools run inside the host namespace as the unprivileged user
 # rnat-test (setpriv), so their host sockets leave from 198.51.100.1. The
@@ -73,6 +86,10 @@ DNS_IP=10.0.2.3
 IPERF_PORT=5201
 HTTP_PORT=8080
 HOLD_PORT=7000
+# pub: host port (in the host namespace) -> container port
+PUB_IPERF=9201 CT_IPERF=5201
+PUB_HTTP=9080 CT_HTTP=80
+PUB_HOLD=9700 CT_HOLD=7000
 CLEAN_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 log() { printf '[rootless %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -135,7 +152,8 @@ if [[ ${QUICK:-0} == 1 ]]; then
 fi
 : "${ROUNDS:=3}" "${SECS:=5}" "${OMIT:=1}" "${CONNS:=10000}" "${CONN_SECS:=60}" "${WRK_CONNS:=8}"
 : "${UDP_LEN:=1400}" "${UPLINK_MTU:=1500}" "${FWD_NOFILE:=524288:524288}"
-: "${TOOLS:=rnat slirp4netns pasta kernel}" "${SECTIONS:=tcp http udp mem}"
+: "${PUB_KA_CONNS:=1000}"
+: "${TOOLS:=rnat slirp4netns pasta kernel}" "${SECTIONS:=tcp http udp mem pub}"
 STAMP=$(date +%Y%m%d-%H%M)
 # a smoke run must not pass for a real one in results/
 OUT=$(realpath -m "${OUT:-$ROOT/benches/results/rootless-$STAMP$QSUFFIX.md}")
@@ -147,7 +165,7 @@ else
 fi
 RNAT_SRC=$(realpath -m "${RNAT:-$ROOT/target/release/rnat}")
 
-for v in ROUNDS SECS CONNS CONN_SECS WRK_CONNS UDP_LEN UPLINK_MTU; do
+for v in ROUNDS SECS CONNS CONN_SECS WRK_CONNS UDP_LEN UPLINK_MTU PUB_KA_CONNS; do
 	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "$v must be a positive integer" >&2; exit 2; }
 done
 [[ $OMIT =~ ^[0-9]+$ ]] || { echo "OMIT must be a non-negative integer" >&2; exit 2; }
@@ -157,13 +175,13 @@ for t in $TOOLS; do
 	[[ $t =~ ^(rnat|slirp4netns|pasta|kernel)$ ]] || { echo "unknown tool in TOOLS: $t" >&2; exit 2; }
 done
 for s in $SECTIONS; do
-	[[ $s =~ ^(tcp|http|udp|mem)$ ]] || { echo "unknown section in SECTIONS: $s" >&2; exit 2; }
+	[[ $s =~ ^(tcp|http|udp|mem|pub)$ ]] || { echo "unknown section in SECTIONS: $s" >&2; exit 2; }
 done
 [[ $(id -u) == 0 ]] || { echo "must run as root (it builds namespaces; the tools run as $USER_NAME)" >&2; exit 2; }
 # shellcheck source=../scripts/lib.sh
 source "$(dirname "$0")/../scripts/lib.sh"
 install_missing rootless.sh iperf3 wrk jq nginx-light slirp4netns passt nftables
-for c in ip nsenter unshare setpriv prlimit nft iperf3 wrk jq timeout ss nginx; do
+for c in ip nsenter unshare setpriv prlimit nft iperf3 wrk jq timeout ss nginx sysctl; do
 	command -v "$c" >/dev/null || { echo "missing: $c" >&2; exit 2; }
 done
 for f in "$BUSYBOX" "$PYTHON"; do [[ -x $f ]] || { echo "missing: $f" >&2; exit 2; }; done
@@ -185,6 +203,9 @@ PIDS=()          # long-lived helpers (servers), stopped at exit
 IPERF_PID="" HTTPD_PID=""
 FWD_PID="" SLEEPER_PID="" CT_NS="" CT_ERR=""
 CLIENT_PID="" HOLD_PID=""   # the mem section's client and server
+PUBLISH=0        # 1: start_ct publishes the pub section's ports and starts servers in the container
+CT_IPERF_PID="" CT_HTTPD_PID=""   # those servers, stopped with their container
+PUB_KERNEL=0     # 1 while the kernel row's DNAT table and route_localnet are in place
 NOTES=()
 # a tool that fails at start fails the same way in every case and round: once is enough
 note() {
@@ -201,6 +222,8 @@ cleanup() {
 	trap '' PIPE INT HUP
 	stop_tree "$CLIENT_PID" 1
 	stop_tree "$HOLD_PID" 1
+	stop_tree "$CT_IPERF_PID" 1
+	stop_tree "$CT_HTTPD_PID" 1
 	stop_tree "$FWD_PID" 2
 	stop_tree "$SLEEPER_PID" 1
 	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_tree "${PIDS[i]}" 2; done
@@ -293,6 +316,8 @@ topology() {
 	# connections, from the host namespace in the user-space cases
 	ip netns exec "$HOSTNS" sysctl -qw net.ipv4.ping_group_range="0 2147483647" \
 		net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
+	# in pub the clients are upstream: the same client-side settings there
+	! want pub || ip netns exec "$UPNS" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
 	if have kernel; then
 		ip netns exec "$HOSTNS" sysctl -qw net.ipv4.ip_forward=1
 		ip netns exec "$HOSTNS" nft -f - <<-EOF
@@ -308,15 +333,22 @@ topology() {
 }
 
 # wait_listen PORT PROTO(t|u) PID: until the server in upstream listens
-wait_listen() {
+wait_listen() { wait_listen_in up "$@"; }
+# wait_listen_in WHERE(up|ct) PORT PROTO PID: the same in upstream or in the container
+wait_listen_in() {
 	local i
 	for ((i = 0; i < 100; i++)); do
-		alive "$3" || return 1
-		[[ -z $(ip netns exec "$UPNS" ss -Hl"$2"n "sport = :$1") ]] || return 0
+		alive "$4" || return 1
+		[[ -z $("in_$1" ss -Hl"$3"n "sport = :$2") ]] || return 0
 		sleep 0.05
 	done
 	return 1
 }
+# where clients and servers run: the container's network namespace (as root,
+# through nsenter), upstream, the host namespace (the pub section's loopback client)
+in_ct() { nsenter --net="$CT_NS" "$@"; }
+in_up() { ip netns exec "$UPNS" "$@"; }
+in_host() { ip netns exec "$HOSTNS" "$@"; }
 
 start_iperf() {
 	ip netns exec "$UPNS" iperf3 -s -p "$IPERF_PORT" </dev/null >>"$WORK/iperf3-server.log" 2>&1 &
@@ -330,20 +362,18 @@ restart_iperf() {
 	start_iperf
 }
 
-start_servers() {
-	start_iperf
-	mkdir -p "$WORK/www"
-	# a small page: the test is about connections, not bytes
-	head -c 600 /dev/zero | tr '\0' 'x' >"$WORK/www/index.html"
-	# nginx, one worker: a server that does not fork per connection, so the
-	# forwarder (not the server) limits the connection rate. busybox httpd
-	# capped every path, the kernel's included, near 3,000 req/s.
-	cat >"$WORK/nginx.conf" <<-CONF
+# nginx_conf NAME LISTEN [NOFILE]: $WORK/NAME.conf (pid NAME.pid, errors in NAME.err).
+# nginx, one worker: a server that does not fork per connection, so the
+# forwarder (not the server) limits the connection rate. busybox httpd
+# capped every path, the kernel's included, near 3,000 req/s.
+nginx_conf() {
+	cat >"$WORK/$1.conf" <<-CONF
 		daemon off;
 		user root;
-		worker_processes 1;
-		pid $WORK/nginx.pid;
-		error_log $WORK/nginx.err;
+		worker_processes 1;${3:+
+		worker_rlimit_nofile $3;}
+		pid $WORK/$1.pid;
+		error_log $WORK/$1.err;
 		events { worker_connections 16384; }
 		http {
 			access_log off;
@@ -352,9 +382,21 @@ start_servers() {
 			fastcgi_temp_path $WORK/nginx-tmp;
 			uwsgi_temp_path $WORK/nginx-tmp;
 			scgi_temp_path $WORK/nginx-tmp;
-			server { listen $UP_IP:$HTTP_PORT backlog=4096; root $WORK/www; }
+			server { listen $2 backlog=4096; root $WORK/www; }
 		}
 	CONF
+}
+
+start_servers() {
+	start_iperf
+	mkdir -p "$WORK/www"
+	# a small page: the test is about connections, not bytes
+	head -c 600 /dev/zero | tr '\0' 'x' >"$WORK/www/index.html"
+	nginx_conf nginx "$UP_IP:$HTTP_PORT"
+	# pub: the same server inside the container, on all its addresses (rnat's
+	# and pasta's loopback clients arrive on the container's 127.0.0.1)
+	# (and room for PUB_KA_CONNS connections)
+	! want pub || nginx_conf nginx-ct "$CT_HTTP" $((PUB_KA_CONNS + 1024))
 	mkdir -p "$WORK/nginx-tmp"
 	ip netns exec "$UPNS" nginx -c "$WORK/nginx.conf" </dev/null >>"$WORK/httpd.log" 2>&1 &
 	HTTPD_PID=$!
@@ -367,7 +409,9 @@ start_servers() {
 # "OPEN ACCEPTED" to a status file; `client` opens N connections (at most
 # WINDOW connects in flight, each given up after 10 s; it stops early when
 # none has succeeded for 20 s), writes "HELD n failed started seconds" and
-# keeps them open for HOLD seconds. Both stop at their
+# keeps them open for HOLD seconds; with a last argument "send" it sends one
+# byte on each connection once established (pasta forwards an inbound
+# connection only once the client has sent something). Both stop at their
 # deadlines whatever happens.
 write_hold_py() {
 	cat >"$WORK/hold.py" <<-'PY'
@@ -432,10 +476,15 @@ write_hold_py() {
 		            put(status, f"{nopen} {accepted}")
 		            last = now
 
-		def client(host, port, n, secs, hold, status):
+		def bump(errs, err):
+		    k = err if isinstance(err, str) else errno.errorcode.get(err, str(err))
+		    errs[k] = errs.get(k, 0) + 1
+
+		def client(host, port, n, secs, hold, status, send):
 		    nofile(n)
 		    sel = selectors.DefaultSelector()
 		    est, pending = [], {}
+		    errs = {}  # errno name -> count, for the status line
 		    failed = started = last_est = 0
 		    t0 = last_progress = time.monotonic()
 		    end = t0 + secs
@@ -447,6 +496,7 @@ write_hold_py() {
 		            err = s.connect_ex((host, port))
 		            if err not in (0, errno.EINPROGRESS):
 		                failed += 1
+		                bump(errs, err)
 		                s.close()
 		                continue
 		            pending[s] = time.monotonic()
@@ -455,10 +505,17 @@ write_hold_py() {
 		            s = key.fileobj
 		            sel.unregister(s)
 		            del pending[s]
-		            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+		            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+		            if err == 0:
 		                est.append(s)
+		                if send:
+		                    try:
+		                        s.send(b"x")
+		                    except OSError:
+		                        pass
 		            else:
 		                failed += 1
+		                bump(errs, err)
 		                s.close()
 		        now = time.monotonic()
 		        if len(est) > last_est:
@@ -469,18 +526,20 @@ write_hold_py() {
 		                del pending[s]
 		                s.close()
 		                failed += 1
+		                bump(errs, "timeout")
 		        # a path that stopped taking connections (e.g. out of fds) would
 		        # only burn the time budget on timeouts
 		        if failed and now - last_progress > STALL:
 		            break
-		    put(status, f"HELD {len(est)} {failed} {started} {time.monotonic() - t0:.1f}")
+		    why = ",".join(f"{k}:{v}" for k, v in sorted(errs.items()))
+		    put(status, f"HELD {len(est)} {failed} {started} {time.monotonic() - t0:.1f} {why}".rstrip())
 		    time.sleep(hold)
 
 		if sys.argv[1] == "serve":
 		    serve(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5]))
 		else:
 		    client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
-		           float(sys.argv[6]), sys.argv[7])
+		           float(sys.argv[6]), sys.argv[7], sys.argv[8:] == ["send"])
 	PY
 }
 
@@ -498,9 +557,15 @@ start_ct() {
 	log=$CT_LOG
 	CT_NS="" FWD_PID="" SLEEPER_PID="" CT_ERR=""
 	: >"$log"
+	if ((PUBLISH)) && have kernel; then
+		local e
+		e=$(ct_flush 2>&1) || note "pub: could not flush the host netns's conntrack table ($e): a reused client port may meet a stale entry"
+	fi
 	case $tool in
 	rnat)
-		host_user "$RNAT" run --mtu "$mtu" -- sleep "$LIFE" </dev/null >>"$log" 2>&1 &
+		local pub=()
+		((PUBLISH == 0)) || pub=(-p "$PUB_IPERF:$CT_IPERF" -p "$PUB_HTTP:$CT_HTTP" -p "$PUB_HOLD:$CT_HOLD")
+		host_user "$RNAT" run --mtu "$mtu" "${pub[@]}" -- sleep "$LIFE" </dev/null >>"$log" 2>&1 &
 		FWD_PID=$!
 		;;
 	slirp4netns | pasta)
@@ -515,13 +580,25 @@ start_ct() {
 		done
 		CT_NS=/proc/$SLEEPER_PID/ns/net
 		if [[ $tool == slirp4netns ]]; then
-			set -- "$SLIRP4NETNS" --configure --mtu="$mtu" --disable-host-loopback "$SLEEPER_PID" tap0
+			local api=()
+			if ((PUBLISH)); then
+				# slirp4netns publishes through its API socket (pub_setup); the
+				# directory is the unprivileged user's, the socket its
+				SLIRP_API=$WORK/slirp-api-$CASE_N
+				install -d -m 700 -o "$USER_NAME" -g "$USER_NAME" "$SLIRP_API"
+				SLIRP_API+=/api.sock
+				api=(--api-socket "$SLIRP_API")
+			fi
+			set -- "$SLIRP4NETNS" --configure --mtu="$mtu" --disable-host-loopback "${api[@]}" "$SLEEPER_PID" tap0
 		else
 			# our addresses instead of the host's (-a/-n/-g), no gateway-to-host
 			# mapping (the counterpart of --disable-host-loopback), no port
-			# forwarding either way, IPv4 only like the others
+			# forwarding either way (pub: the section's ports host -> container),
+			# IPv4 only like the others
+			local tcp=(-t none)
+			((PUBLISH == 0)) || tcp=(-t "$PUB_IPERF:$CT_IPERF" -t "$PUB_HTTP:$CT_HTTP" -t "$PUB_HOLD:$CT_HOLD")
 			set -- "$PASTA" -f -q --config-net -4 -I tap0 -a "$GUEST_IP" -n 24 -g "$GW_IP" \
-				--no-map-gw --dns-forward "$DNS_IP" -m "$mtu" -t none -u none -T none -U none "$SLEEPER_PID"
+				--no-map-gw --dns-forward "$DNS_IP" -m "$mtu" "${tcp[@]}" -u none -T none -U none "$SLEEPER_PID"
 		fi
 		host_user "$@" </dev/null >>"$log" 2>&1 &
 		FWD_PID=$!
@@ -562,6 +639,7 @@ start_ct() {
 			# (ip, not /sys: nsenter --net keeps the root namespace's sysfs)
 			got=$(nsenter --net="$CT_NS" ip -o link show tap0 | sed -n 's/.* mtu \([0-9]*\).*/\1/p')
 			[[ $got == "$mtu" ]] || note "$tool: tap0 MTU is $got, asked for $mtu"
+			((PUBLISH == 0)) || pub_setup "$tool" || return 1
 			return 0
 		fi
 		sleep 0.1
@@ -571,6 +649,14 @@ start_ct() {
 }
 
 stop_ct() {
+	stop_tree "$CT_IPERF_PID" 2
+	stop_tree "$CT_HTTPD_PID" 2
+	CT_IPERF_PID="" CT_HTTPD_PID=""
+	if ((PUB_KERNEL)); then
+		ip netns exec "$HOSTNS" nft delete table ip rnbr_pub 2>/dev/null || true
+		ip netns exec "$HOSTNS" sysctl -qw net.ipv4.conf.all.route_localnet=0 || true
+		PUB_KERNEL=0
+	fi
 	# TERM the forwarder first: rnat forwards it to its container
 	stop_tree "$FWD_PID" 5
 	stop_tree "$SLEEPER_PID" 2
@@ -584,8 +670,6 @@ rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null; }
 # Each prints its figure(s) or nothing, and appends to the tool's log.
 RAW=$WORK/raw
 rec() { echo "$1 $2 $3" >>"$RAW"; }   # METRIC TOOL VALUE
-
-in_ct() { nsenter --net="$CT_NS" "$@"; }
 
 # iperf_json LOG ARGS...: one iperf3 client run -> its JSON in $J, or return 1
 # with the reason in IPERF_ERR (not in a subshell: restart_iperf updates state)
@@ -646,23 +730,32 @@ m_udp() { # TOOL
 }
 
 m_mem() { # TOOL: a fresh container; idle RSS, then CONNS held connections
-	local tool=$1 i held srv line st
-	st=$WORK/hold-$tool
+	hold_measure "$1" mem "" up "$HOLD_PORT" ct "$UP_IP" "$HOLD_PORT"
+}
+
+# hold_measure TOOL SECTION PREFIX SRV_WHERE SRV_PORT CL_WHERE DST_IP DST_PORT [send]:
+# idle RSS of the forwarder, then the hold server in SRV_WHERE (up|ct) and the
+# hold client in CL_WHERE connecting CONNS times to DST_IP:DST_PORT (sending a
+# byte on each with "send"); records PREFIXrss_idle, PREFIXrss_conns, PREFIXconns_held
+hold_measure() {
+	local tool=$1 sec=$2 pfx=$3 sw=$4 sport=$5 cw=$6 dip=$7 dport=$8 send=${9:-} i held srv line st
+	st=$WORK/hold-$sec-$tool
 	if [[ -n $FWD_PID ]]; then
 		sleep 1
-		rec rss_idle "$tool" "$(rss_kb "$FWD_PID")"
+		rec "${pfx}rss_idle" "$tool" "$(rss_kb "$FWD_PID")"
 	fi
 	rm -f "$st.srv" "$st.cl"
-	ip netns exec "$UPNS" "$PYTHON" "$WORK/hold.py" serve "$HOLD_PORT" "$CONNS" "$st.srv" $((CONN_SECS + 60)) \
+	"in_$sw" "$PYTHON" "$WORK/hold.py" serve "$sport" "$CONNS" "$st.srv" $((CONN_SECS + 60)) \
 		</dev/null >>"$WORK/hold-server.log" 2>&1 &
 	HOLD_PID=$!
-	if ! wait_listen "$HOLD_PORT" t "$HOLD_PID"; then
-		note "mem ($tool): the hold server did not start: $(tail -n 2 "$WORK/hold-server.log" | tr '\n' ' ')"
+	if ! wait_listen_in "$sw" "$sport" t "$HOLD_PID"; then
+		note "$sec ($tool): the hold server did not start: $(tail -n 2 "$WORK/hold-server.log" | tr '\n' ' ')"
 		stop_tree "$HOLD_PID" 1
+		HOLD_PID=""
 		return 0
 	fi
-	in_ct timeout -k 5 $((CONN_SECS + 30)) "$PYTHON" "$WORK/hold.py" client "$UP_IP" "$HOLD_PORT" "$CONNS" \
-		"$CONN_SECS" 20 "$st.cl" </dev/null >>"$WORK/hold-client.log" 2>&1 &
+	"in_$cw" timeout -k 5 $((CONN_SECS + 30)) "$PYTHON" "$WORK/hold.py" client "$dip" "$dport" "$CONNS" \
+		"$CONN_SECS" 20 "$st.cl" ${send:+"$send"} </dev/null >>"$WORK/hold-client.log" 2>&1 &
 	CLIENT_PID=$!
 	for ((i = 0; i < (CONN_SECS + 15) * 10; i++)); do
 		[[ ! -s $st.cl ]] || break
@@ -673,28 +766,221 @@ m_mem() { # TOOL: a fresh container; idle RSS, then CONNS held connections
 	if [[ $line == HELD* ]]; then
 		# let the forwarder finish its side of the last handshakes
 		sleep 1
-		[[ -z $FWD_PID ]] || rec rss_conns "$tool" "$(rss_kb "$FWD_PID")"
+		[[ -z $FWD_PID ]] || rec "${pfx}rss_conns" "$tool" "$(rss_kb "$FWD_PID")"
 		srv=$(awk '{print $1}' "$st.srv" 2>/dev/null || true)
 		srv=${srv:-0}
 		held=$(awk '{print $2}' <<<"$line")
 		# what reached the server and is still open is what the path holds
-		rec conns_held "$tool" "$srv"
-		echo "$tool $line server_open=$srv" >>"$WORK/hold-client.log"
-		((srv == held)) || note "mem ($tool): the client saw $held connections established, the server $srv open"
+		rec "${pfx}conns_held" "$tool" "$srv"
+		echo "$sec $tool $line server_open=$srv" >>"$WORK/hold-client.log"
+		((srv == held)) || note "$sec ($tool): the client saw $held connections established, the server $srv open"
 		if ((srv < CONNS)); then
 			local why lim=""
 			why=$(grep -v 'Failed to send' "$CT_LOG" 2>/dev/null | grep -i -m1 -E 'too many|emfile|error|fail' || true)
 			# whether the tool raised its own fd limit explains most shortfalls
 			[[ -z $FWD_PID ]] || lim=$(awk '/^Max open files/{print $4":"$5}' "/proc/$FWD_PID/limits" 2>/dev/null || true)
-			note "mem ($tool): held $srv of $CONNS connections (client: $(awk '{print $3" failed of "$4" started in "$5" s"}' <<<"$line"))${lim:+; its RLIMIT_NOFILE soft:hard was $lim}${why:+; its log: $why}"
+			note "$sec ($tool): held $srv of $CONNS connections (client: $(awk '{print $3" failed of "$4" started in "$5" s"($6 ? " ("$6")" : "")}' <<<"$line"))${lim:+; its RLIMIT_NOFILE soft:hard was $lim}${why:+; its log: $why}"
 		fi
 	else
-		note "mem ($tool): the client did not report: $(tail -n 2 "$WORK/hold-client.log" | tr '\n' ' ')"
+		note "$sec ($tool): the client did not report: $(tail -n 2 "$WORK/hold-client.log" | tr '\n' ' ')"
 	fi
 	stop_tree "$CLIENT_PID" 2
 	CLIENT_PID=""
 	stop_tree "$HOLD_PID" 2
 	HOLD_PID=""
+}
+
+# ------------------------------------------------------------------ pub -----
+# pub_setup TOOL (from start_ct, PUBLISH=1): publish host ports PUB_* to the
+# container's CT_* (slirp4netns: through its API socket; kernel: DNAT in the
+# host namespace; rnat and pasta were given them on their command line), start
+# iperf3 and nginx in the container, and wait until nginx answers through the
+# published port from upstream. On failure returns 1 with the reason in CT_ERR.
+pub_setup() {
+	local tool=$1 i pair reply got
+	local pairs=("$PUB_IPERF:$CT_IPERF" "$PUB_HTTP:$CT_HTTP" "$PUB_HOLD:$CT_HOLD")
+	case $tool in
+	slirp4netns)
+		for pair in "${pairs[@]}"; do
+			reply=$(timeout 10 "$PYTHON" -c '
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\n")
+s.shutdown(socket.SHUT_WR)
+print(s.recv(65536).decode().strip())' "$SLIRP_API" \
+				"{\"execute\":\"add_hostfwd\",\"arguments\":{\"proto\":\"tcp\",\"host_addr\":\"0.0.0.0\",\"host_port\":${pair%:*},\"guest_port\":${pair#*:}}}" \
+				2>&1) || true
+			echo "== add_hostfwd $pair: $reply" >>"$CT_LOG"
+			if ! jq -e '.return' <<<"$reply" >/dev/null 2>&1; then
+				CT_ERR="slirp4netns add_hostfwd $pair failed: $(tail -n 1 <<<"${reply:-no reply}")"
+				return 1
+			fi
+		done
+		;;
+	kernel)
+		# upstream clients: DNAT on the uplink. Loopback clients: DNAT in
+		# output, and a 127.0.0.1 source may leave lo only with route_localnet
+		# (then masqueraded to the veth's address)
+		PUB_KERNEL=1
+		if ! reply=$({
+			echo "table ip rnbr_pub {"
+			echo "  chain pre { type nat hook prerouting priority dstnat; policy accept;"
+			for pair in "${pairs[@]}"; do
+				echo "    iifname \"rnbr-up0\" ip daddr $HOST_IP tcp dport ${pair%:*} dnat to $GUEST_IP:${pair#*:}"
+			done
+			echo "  }"
+			echo "  chain out { type nat hook output priority -100; policy accept;"
+			for pair in "${pairs[@]}"; do
+				echo "    ip daddr 127.0.0.1 tcp dport ${pair%:*} dnat to $GUEST_IP:${pair#*:}"
+			done
+			echo "  }"
+			echo "  chain post { type nat hook postrouting priority srcnat; policy accept;"
+			echo "    ip saddr 127.0.0.0/8 oifname \"rnbr-k0\" masquerade"
+			echo "  }"
+			echo "}"
+		} | ip netns exec "$HOSTNS" nft -f - 2>&1); then
+			CT_ERR="kernel: the DNAT table failed: $reply"
+			return 1
+		fi
+		ip netns exec "$HOSTNS" sysctl -qw net.ipv4.conf.all.route_localnet=1
+		;;
+	esac
+	CT_IPERF_LOG=$WORK/case$CASE_N-$tool-ct-iperf3.log
+	start_ct_iperf || { CT_ERR="$tool: iperf3 -s in the container did not start: $(tail -n 2 "$CT_IPERF_LOG" | tr '\n' ' ')"; return 1; }
+	nsenter --net="$CT_NS" nginx -c "$WORK/nginx-ct.conf" </dev/null >>"$CT_LOG" 2>&1 &
+	CT_HTTPD_PID=$!
+	if ! wait_listen_in ct "$CT_HTTP" t "$CT_HTTPD_PID"; then
+		CT_ERR="$tool: nginx in the container did not start: $(tail -n 2 "$WORK/nginx-ct.err" | tr '\n' ' ')"
+		return 1
+	fi
+	for ((i = 0; i < 50; i++)); do
+		got=$(in_up timeout 2 bash -c "exec 3<>/dev/tcp/$HOST_IP/$PUB_HTTP && printf 'GET / HTTP/1.0\r\n\r\n' >&3 && head -c 12 <&3" 2>/dev/null) || true
+		[[ $got != "HTTP/1.1 200" ]] || return 0
+		sleep 0.1
+	done
+	CT_ERR="$tool: nginx in the container did not answer through $HOST_IP:$PUB_HTTP from upstream: $(grep -v 'Failed to send' "$CT_LOG" | tail -n 3 | tr '\n' ' ')"
+	return 1
+}
+
+# ct_flush: empty the host namespace's conntrack table (ctnetlink; no
+# conntrack(8) needed). pub cases use the same host ports for every tool: an
+# entry a user-space tool's connection left (ESTABLISHED for days when the tool
+# was killed with the connection open) has no NAT binding, and a kernel-row SYN
+# that reuses its tuple would skip the DNAT and be refused; the kernel row's
+# entries would DNAT a later tool's connections to the deleted container.
+ct_flush() {
+	ip netns exec "$HOSTNS" "$PYTHON" -c '
+import os, socket, struct, sys
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+s.settimeout(5)
+# IPCTNL_MSG_CT_DELETE (2) of NFNL_SUBSYS_CTNETLINK (1), no attributes: flush
+body = struct.pack("=BBH", socket.AF_INET, 0, 0)
+s.send(struct.pack("=LHHLL", 16 + len(body), (1 << 8) | 2, 0x1 | 0x4, 1, 0) + body)
+r = s.recv(65536)
+if struct.unpack("=H", r[4:6])[0] == 2:  # NLMSG_ERROR; error 0 is the ACK
+    err = struct.unpack("=i", r[16:20])[0]
+    if err:
+        sys.exit("conntrack flush: " + os.strerror(-err))
+'
+}
+
+start_ct_iperf() {
+	nsenter --net="$CT_NS" iperf3 -s -p "$CT_IPERF" --forceflush --logfile "$CT_IPERF_LOG" </dev/null >>"$CT_LOG" 2>&1 &
+	CT_IPERF_PID=$!
+	wait_listen_in ct "$CT_IPERF" t "$CT_IPERF_PID"
+}
+
+# pub_iperf TOOL WHERE(host|up) ADDR METRIC: iperf3 from WHERE to
+# ADDR:PUB_IPERF, the client sending; records METRIC (Gbit/s) and sets PEER to
+# the address the container's iperf3 saw the client come from ("" on failure)
+pub_iperf() {
+	local tool=$1 where=$2 addr=$3 m=$4 rc=0 n0 err
+	PEER=""
+	n0=$(wc -l <"$CT_IPERF_LOG" 2>/dev/null || echo 0)
+	"in_$where" timeout $((SECS + OMIT + 20)) iperf3 -c "$addr" -p "$PUB_IPERF" -t "$SECS" -O "$OMIT" -J \
+		>"$WORK/iperf.json" 2>&1 || rc=$?
+	J=$(<"$WORK/iperf.json")
+	printf '%s\n' "== iperf3 from $where to $addr:$PUB_IPERF" "$J" >>"$CT_LOG"
+	if ((rc != 0)) || ! jq -e '.end.sum_received' <<<"$J" >/dev/null 2>&1; then
+		err=$(jq -r '.error // empty' <<<"$J" 2>/dev/null | head -n 1 || true)
+		[[ -n $err ]] || err="exit $rc: $(tail -n 2 <<<"$J" | tr '\n' ' ')"
+		note "pub: iperf3 from $where to $addr:$PUB_IPERF ($tool) failed: $err"
+		# a server whose client vanished mid-test stays busy
+		stop_tree "$CT_IPERF_PID" 2
+		start_ct_iperf || note "pub ($tool): iperf3 -s in the container did not restart"
+		return 0
+	fi
+	rec "$m" "$tool" "$(jq '.end.sum_received.bits_per_second / 1e9' <<<"$J")"
+	PEER=$(tail -n +"$((n0 + 1))" "$CT_IPERF_LOG" 2>/dev/null |
+		sed -n 's/.*Accepted connection from \([0-9.]*\),.*/\1/p' | tail -n 1)
+}
+
+# listen_overflows WHERE: TcpExt ListenOverflows of that namespace (/proc/net
+# follows the reader's netns; nstat's history file would not)
+listen_overflows() {
+	# shellcheck disable=SC2016 # awk's $, not the shell's
+	"in_$1" awk '$1 == "TcpExt:" { if (!n) { for (i = 2; i <= NF; i++) if ($i == "ListenOverflows") c = i; n = 1 } else print $c + 0 }' \
+		/proc/net/netstat 2>/dev/null || echo 0
+}
+
+# pub_wrk TOOL NAME WRK-ARGS...: wrk from upstream against nginx in the
+# container through HOST_IP:PUB_HTTP; records pub_NAME_rps, _p99 (ms), _err
+pub_wrk() {
+	local tool=$1 name=$2 out rps p99 errs oh oc
+	shift 2
+	oh=$(listen_overflows host) oc=$(listen_overflows ct)
+	out=$(in_up timeout $((SECS + 30)) prlimit --nofile=$((PUB_KA_CONNS + 1024)) -- \
+		wrk "$@" -d"${SECS}s" --latency "http://$HOST_IP:$PUB_HTTP/" 2>&1) || true
+	printf '%s\n' "== wrk $*" "$out" >>"$CT_LOG"
+	# full listen queues make clients retransmit SYNs (1 s), which wrk's p99 shows
+	oh=$(($(listen_overflows host) - oh)) oc=$(($(listen_overflows ct) - oc))
+	echo "== listen-queue overflows during this run: host netns $oh, container $oc" >>"$CT_LOG"
+	rps=$(awk '/^Requests\/sec:/{print $2}' <<<"$out")
+	# wrk prints the percentiles with their own unit: us, ms, s or m
+	p99=$(awk '$1 == "99%" { v = $2
+		if (v ~ /us$/) { sub(/us$/, "", v); print v / 1000 }
+		else if (v ~ /ms$/) { sub(/ms$/, "", v); print v + 0 }
+		else if (v ~ /m$/) { sub(/m$/, "", v); print v * 60000 }
+		else if (v ~ /s$/) { sub(/s$/, "", v); print v * 1000 } }' <<<"$out")
+	errs=$(awk '/Socket errors:/{gsub(",", ""); print $4+$6+$8+$10} /Non-2xx/{print $NF}' <<<"$out" |
+		awk '{s+=$1} END{print s+0}')
+	if [[ -n $rps ]]; then
+		rec "pub_${name}_rps" "$tool" "$rps"
+		[[ -z $p99 ]] || rec "pub_${name}_p99" "$tool" "$p99"
+		rec "pub_${name}_err" "$tool" "$errs"
+		rec "pub_${name}_lqo" "$tool" $((oh + oc))
+		((errs == 0)) || note "pub: wrk $name ($tool): $(grep -E 'Socket errors|Non-2xx' <<<"$out" | tr -s ' ' | tr '\n' ';' | sed 's/;$//')"
+	else
+		note "pub: wrk $name ($tool) failed: $(tail -n 2 <<<"$out" | tr '\n' ' ')"
+	fi
+}
+
+m_pub() { # TOOL: the container's servers through the published ports
+	local tool=$1 backlog
+	# the forwarder's own listen backlog bounds bursts of new connections
+	if [[ $tool != kernel ]]; then
+		backlog=$(in_host ss -Hltn "sport = :$PUB_HTTP" | awk 'NR == 1 {print $3}')
+		[[ -z $backlog ]] || rec pub_backlog "$tool" "$backlog"
+	fi
+	pub_iperf "$tool" host 127.0.0.1 pub_tcp_lo
+	[[ -z $PEER ]] || note "pub ($tool): the container saw the loopback client (127.0.0.1) as $PEER"
+	pub_iperf "$tool" up "$HOST_IP" pub_tcp_ext
+	if [[ -n $PEER ]]; then
+		if [[ $PEER == "$UP_IP" ]]; then
+			rec pub_realaddr "$tool" 1
+		else
+			rec pub_realaddr "$tool" 0
+			note "pub ($tool): the container saw the upstream client ($UP_IP) as $PEER"
+		fi
+	fi
+	pub_wrk "$tool" close -t1 -c"$WRK_CONNS" -H 'Connection: close'
+	pub_wrk "$tool" ka -t2 -c"$PUB_KA_CONNS"
+}
+
+m_pubmem() { # TOOL: a fresh container; CONNS connections from upstream held through the published port
+	hold_measure "$1" pub pub_ ct "$CT_HOLD" up "$HOST_IP" "$PUB_HOLD" send
 }
 
 # ================================================================ RUN ========
@@ -738,6 +1024,12 @@ for ((r = 1; r <= ROUNDS; r++)); do
 		! want tcp || run_case "$t" 1500 m_tcp
 		# a fresh container: the idle figure must not include buffers from earlier traffic
 		! want mem || run_case "$t" 65520 m_mem
+		if want pub; then
+			PUBLISH=1
+			run_case "$t" 65520 m_pub
+			run_case "$t" 65520 m_pubmem
+			PUBLISH=0
+		fi
 	done
 done
 ELAPSED=$((SECONDS - T_START))
@@ -751,9 +1043,15 @@ while read -r m t _; do
 done <"$RAW"
 
 isnum() { [[ ${1:-} =~ ^-?[0-9]+([.][0-9]+)?([eE][-+]?[0-9]+)?$ ]]; }
-fmt() { # VALUE PRINTF-FORMAT
-	# shellcheck disable=SC2059
-	if isnum "${1:-}"; then LC_ALL=C printf "$2" "$1"; else echo "-"; fi
+fmt() { # VALUE PRINTF-FORMAT (or yesno: 1 yes, 0 no, a median between them "mixed")
+	if ! isnum "${1:-}"; then
+		echo "-"
+	elif [[ $2 == yesno ]]; then
+		case $1 in 1) echo yes ;; 0) echo no ;; *) echo mixed ;; esac
+	else
+		# shellcheck disable=SC2059
+		LC_ALL=C printf "$2" "$1"
+	fi
 }
 ratio() { # a b -> a/b or "-"
 	if isnum "${1:-}" && isnum "${2:-}" && awk -v b="$2" 'BEGIN{exit !(b > 0)}'; then
@@ -858,6 +1156,28 @@ report() {
 		row "holding the connections below" rss_conns %.0f lo KB
 		row "connections held open (of $CONNS)" conns_held %.0f hi conns
 	fi
+	if want pub; then
+		SECTION=pub
+		echo
+		echo "## Published ports (host port → container port, servers in the container)"
+		echo
+		header
+		row "TCP, loopback client → container (Gbit/s)" pub_tcp_lo %.2f hi Gbit/s
+		row "TCP, upstream client → container (Gbit/s)" pub_tcp_ext %.2f hi Gbit/s
+		row "container saw the upstream client's address" pub_realaddr yesno none
+		row "listen backlog of the forwarder's published port (ss Send-Q)" pub_backlog %.0f none
+		row "HTTP, new connection per request: requests/s" pub_close_rps %.0f hi req/s
+		row "HTTP, new connection per request: p99 latency (ms)" pub_close_p99 %.2f lo ms
+		row "HTTP, new connection per request: socket errors + non-2xx" pub_close_err %.0f none
+		row "HTTP, new connection per request: listen-queue overflows" pub_close_lqo %.0f none
+		row "HTTP, $PUB_KA_CONNS keep-alive connections: requests/s" pub_ka_rps %.0f hi req/s
+		row "HTTP, $PUB_KA_CONNS keep-alive connections: p99 latency (ms)" pub_ka_p99 %.2f lo ms
+		row "HTTP, $PUB_KA_CONNS keep-alive connections: socket errors + non-2xx" pub_ka_err %.0f none
+		row "HTTP, $PUB_KA_CONNS keep-alive connections: listen-queue overflows" pub_ka_lqo %.0f none
+		row "forwarder VmRSS idle, after start (KB)" pub_rss_idle %.0f lo KB
+		row "forwarder VmRSS holding the connections below (KB)" pub_rss_conns %.0f lo KB
+		row "connections held open through the published port (of $CONNS)" pub_conns_held %.0f hi conns
+	fi
 	echo
 	echo "Notes:"
 	echo
@@ -877,6 +1197,26 @@ report() {
 	want mem && echo "- mem: idle = 1 s after the container answers, in a fresh container; then a python client in the container opens" \
 		"$CONNS connections (at most 256 connects in flight, each given 10 s, ${CONN_SECS} s in all) to a python server in upstream that holds them;" \
 		"\"held\" = connections open at the server 1 s after the client finished. The kernel path has no process (its state is conntrack)."
+	want pub && echo "- pub: the tool publishes host ports $PUB_IPERF, $PUB_HTTP, $PUB_HOLD (all addresses of the host netns) to container ports" \
+		"$CT_IPERF (iperf3 -s), $CT_HTTP (nginx, one worker, the 600-byte file), $CT_HOLD (the hold server), all run as root in the" \
+		"container's netns. rnat: \`rnat run -p $PUB_IPERF:$CT_IPERF -p $PUB_HTTP:$CT_HTTP -p $PUB_HOLD:$CT_HOLD\`;" \
+		"slirp4netns: \`--api-socket\` and one \`add_hostfwd\` (host_addr 0.0.0.0) per port; pasta: \`-t $PUB_IPERF:$CT_IPERF -t $PUB_HTTP:$CT_HTTP -t $PUB_HOLD:$CT_HOLD\`" \
+		"instead of \`-t none\`; kernel: nftables DNAT in the host netns (prerouting on the uplink; output for 127.0.0.1 with" \
+		"\`net.ipv4.conf.all.route_localnet=1\` and masquerade of 127.0.0.0/8 to the veth, so the container sees 10.0.2.2 there)." \
+		"Loopback client: \`iperf3 -c 127.0.0.1 -p $PUB_IPERF\` in the host netns; upstream client: from $UP_IP to $HOST_IP:$PUB_IPERF." \
+		"The client sends; figure = receiver's bits/s. \"saw the address\" = the source address the container's iperf3 logged for the upstream" \
+		"client's connection. HTTP from upstream: \`wrk -t1 -c$WRK_CONNS -H 'Connection: close' --latency\` and" \
+		"\`wrk -t2 -c$PUB_KA_CONNS --latency\` (RLIMIT_NOFILE raised for wrk), ${SECS} s each. p99 is wrk's, which corrects for" \
+		"coordinated omission (interval = run time / requests per connection): a request stalled 1 s (a handshake retried) adds samples from 1 s down, so a handful of" \
+		"stalls set p90 and p99; requests over its 2 s timeout count as socket errors. Listen-queue overflows = TcpExt" \
+		"ListenOverflows of the host netns (the user-space tools' listeners) plus the container's (nginx; the kernel path's only queue)" \
+		"during the run; each overflow drops a handshake that the client retries 1 s later (the kernel row has no forwarder" \
+		"listener: nginx listens with backlog 4096). Memory: a fresh container; idle = 1 s after nginx first answered" \
+		"through the published port; then the hold client in upstream opens $CONNS connections to $HOST_IP:$PUB_HOLD and sends one byte" \
+		"on each (pasta opens the container side of an inbound connection only when the client sends or closes), the hold" \
+		"server in the container holds them (as in mem). The kernel path has no process. Each pub case starts with the host netns's" \
+		"conntrack table flushed (it is loaded for the kernel row's NAT, and stale entries from another tool's case on the same ports" \
+		"would misroute reused client ports)."
 	local n
 	for n in "${NOTES[@]}"; do echo "- $n"; done
 }

@@ -109,6 +109,8 @@ pub struct Stats {
     pub tcp_opened: u64,
     /// Flows opened by host clients of published ports.
     pub tcp_inbound: u64,
+    /// SYNs to the guest sent again at once because an old connection was in TIME_WAIT.
+    pub tcp_syn_after_timewait: u64,
     pub tcp_closed: u64,
     pub tcp_reset: u64,
     pub tcp_reset_by_guest: u64,
@@ -181,6 +183,8 @@ pub struct Core {
     rng: u64,
     buffered: usize,
     next_sweep: Option<Instant>,
+    /// When the ISN clock started.
+    epoch: Option<Instant>,
     /// Datagram flows with something for the guest before its MAC address was known.
     mac_waiters: Vec<FlowId>,
     stats: Stats,
@@ -203,6 +207,7 @@ impl Core {
             ip_id: 0,
             buffered: 0,
             next_sweep: None,
+            epoch: None,
             mac_waiters: Vec::new(),
             stats: Stats::default(),
         }
@@ -219,12 +224,23 @@ impl Core {
         s
     }
 
-    fn next_iss(&mut self) -> u32 {
-        // xorshift64*: unpredictable enough for sequence numbers nobody off-host sees.
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+    /// An initial sequence number as RFC 6528 makes them: a 4 µs clock plus a keyed hash of the
+    /// connection's addresses. A new connection on a 4-tuple the guest still holds in TIME_WAIT
+    /// (a client reusing its port) then starts past the old one, and the guest accepts its SYN.
+    fn next_iss(&mut self, a: SocketAddrV4, b: SocketAddrV4, now: Instant) -> u32 {
+        let epoch = *self.epoch.get_or_insert(now);
+        let clock = (now.saturating_duration_since(epoch).as_micros() / 4) as u32;
+        let mut h = self.rng;
+        for word in [
+            u32::from(*a.ip()),
+            u32::from(a.port()),
+            u32::from(*b.ip()),
+            u32::from(b.port()),
+        ] {
+            h = (h ^ u64::from(word)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            h ^= h >> 29;
+        }
+        clock.wrapping_add((h >> 32) as u32)
     }
 
     fn macs(&self) -> Option<Macs> {
@@ -489,7 +505,7 @@ impl Core {
             self.rst_reply(host, macs, guest, remote, s);
             return;
         };
-        let iss = self.next_iss();
+        let iss = self.next_iss(guest, remote, now);
         let flow = TcpFlow::new(guest, remote, s, iss, &self.cfg);
         let id = self.flows.insert(Flow::Tcp(flow));
         self.tcp.insert((guest, remote), id);
@@ -869,7 +885,7 @@ impl Core {
             self.stats.refused_limit += 1;
             return None;
         }
-        let iss = self.next_iss();
+        let iss = self.next_iss(guest, seen, now);
         let flow = TcpFlow::inbound(guest, seen, iss, &self.cfg);
         let id = self.flows.insert(Flow::Tcp(flow));
         if host.adopt(id).is_err() {

@@ -357,7 +357,18 @@ impl TcpFlow {
                 // Only the guest's SYN-ACK for our SYN moves things on.
                 if seg.flags & (SYN | ACK) != SYN | ACK || seg.ack != self.iss.wrapping_add(1) {
                     if seg.flags & ACK != 0 && seg.flags & SYN == 0 {
+                        // The guest answered our SYN with a bare ACK: an old connection on this
+                        // 4-tuple is in its TIME_WAIT. The RST ends it, and the SYN goes again
+                        // at once rather than after the retransmission timer.
                         self.send_ctl(out, RST, seg.ack, &[]);
+                        self.retries += 1;
+                        if self.retries > 6 {
+                            out.host.tcp_close(id, true);
+                            out.stats.tcp_reset += 1;
+                            return Verdict::Remove;
+                        }
+                        out.stats.tcp_syn_after_timewait += 1;
+                        self.open_to_guest(id, out);
                     }
                     return Verdict::Keep;
                 }

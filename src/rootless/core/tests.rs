@@ -7,7 +7,9 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, EthernetFrame, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket};
 
 use super::frame::{self, Macs, TcpHeader, ACK, FIN, RST, SYN};
+use super::host::Host;
 use super::sim::{Impair, Outcome, Sim, SimHost, GUEST_MAC, SERVER};
+use super::tcp::Verdict;
 use super::{Config, Core, Ready, RxMeta, GATEWAY_MAC};
 
 fn cfg() -> Config {
@@ -888,4 +890,84 @@ fn published_udp_reaches_the_guest_from_the_client_and_replies_go_back() {
     );
     assert!(sim.core.udp_unpublish(&mut sim.host, 5353));
     assert!(sim.host.socks[&id].closed);
+}
+
+#[test]
+fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    let t0 = std::time::Instant::now();
+    let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 40000);
+    let stage = |host: &mut SimHost| {
+        host.staged = Some(super::sim::SimSock {
+            dst: Some(client),
+            connected: true,
+            cap: 1 << 20,
+            ..Default::default()
+        });
+    };
+    // The guest speaks first, so its MAC is known.
+    core.on_frame(
+        &mut host,
+        &guest_udp(5000, SocketAddrV4::new(SERVER, 9), b"x"),
+        RxMeta::default(),
+        t0,
+    );
+    stage(&mut host);
+    core.tcp_inbound(&mut host, client, 80, t0).expect("a flow");
+    let first = tcp_out(&host.to_guest);
+    host.to_guest.clear();
+    assert_eq!(first.len(), 1);
+    let (port, iss1, _, flags, _) = first[0];
+    assert_eq!((port, flags), (80, SYN));
+    // The guest's old connection on this 4-tuple is in TIME_WAIT: it answers with a bare ACK.
+    core.on_frame(
+        &mut host,
+        &guest_tcp(80, client, 5555, 777, ACK, &[], &[]),
+        RxMeta::default(),
+        t0,
+    );
+    let answer = tcp_out(&host.to_guest);
+    assert_eq!(
+        answer,
+        vec![(80, 777, 0, RST, 0), (80, iss1, 0, SYN, 0)],
+        "RST, then the SYN again at once"
+    );
+    assert_eq!(core.stats().tcp_syn_after_timewait, 1);
+    // A second connection on the same 4-tuple a second later starts well past the first.
+    let mut core2 = Core::new(cfg());
+    let mut host2 = SimHost::new();
+    core2.on_frame(
+        &mut host2,
+        &guest_udp(5000, SocketAddrV4::new(SERVER, 9), b"x"),
+        RxMeta::default(),
+        t0,
+    );
+    stage(&mut host2);
+    core2
+        .tcp_inbound(&mut host2, client, 80, t0)
+        .expect("a flow");
+    let a = tcp_out(&host2.to_guest)[0].1;
+    host2.to_guest.clear();
+    let key = (SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 100), 80), client);
+    let id = core2.tcp[&key];
+    core2.with_tcp(&mut host2, id, t0, |_, out| {
+        out.host.tcp_close(id, true);
+        Verdict::Remove
+    });
+    stage(&mut host2);
+    core2
+        .tcp_inbound(
+            &mut host2,
+            client,
+            80,
+            t0 + std::time::Duration::from_secs(1),
+        )
+        .expect("a flow");
+    let b = tcp_out(&host2.to_guest)[0].1;
+    let ahead = b.wrapping_sub(a);
+    assert!(
+        (200_000..300_000).contains(&ahead),
+        "ISN moved by {ahead} in 1 s (a 4 µs clock)"
+    );
 }

@@ -387,11 +387,16 @@ impl TcpFlow {
                 self.state = State::Established;
                 self.timer = None;
                 self.retries = 0;
-                self.send_ack(out);
-                return match self.try_send(id, out) {
-                    Verdict::Remove => Verdict::Remove,
-                    Verdict::Keep => self.check_done(id, out),
-                };
+                // The client's first bytes (often already waiting) carry the ACK of the guest's
+                // SYN-ACK; a pure ACK goes only if there is nothing to send.
+                let before = self.snd_nxt;
+                if let Verdict::Remove = self.try_send(id, out) {
+                    return Verdict::Remove;
+                }
+                if self.snd_nxt == before {
+                    self.send_ack(out);
+                }
+                return self.check_done(id, out);
             }
             State::SynReceived => {
                 if seg.flags & SYN != 0 {

@@ -931,6 +931,7 @@ impl Sim<'_> {
             readable: bits & 1 != 0,
             writable: bits & 2 != 0,
             error: bits & 4 != 0,
+            hup: bits & 8 != 0,
         };
         self.core.on_ready(&mut self.host, id, ready, self.now);
     }

@@ -542,6 +542,7 @@ pub fn serve(
                         readable: flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP),
                         writable: flags.contains(EpollFlags::EPOLLOUT),
                         error: flags.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP),
+                        hup: flags.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP),
                     };
                     core.on_ready(host, id as usize, ready, now);
                 }

@@ -42,6 +42,8 @@ pub struct Ready {
     pub writable: bool,
     /// Error or hang-up.
     pub error: bool,
+    /// The peer shut down its sending side (EPOLLRDHUP): read on to the end of the stream.
+    pub hup: bool,
 }
 
 /// Host socket operations, one socket per flow. Every call is non-blocking.

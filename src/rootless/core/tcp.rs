@@ -112,6 +112,8 @@ pub(super) struct TcpFlow {
     fin_sent: bool,
     fin_acked: bool,
     window_blocked: bool,
+    /// The host peer has shut down its side: peeks go on to the end of the stream.
+    host_hup: bool,
     dupacks: u8,
     rto: Duration,
     retries: u8,
@@ -152,6 +154,7 @@ impl TcpFlow {
             fin_sent: false,
             fin_acked: false,
             window_blocked: false,
+            host_hup: false,
             dupacks: 0,
             rto: RTO_INITIAL,
             retries: 0,
@@ -599,6 +602,11 @@ impl TcpFlow {
                     if self.timer.is_none() {
                         self.arm(id, out, self.rto);
                     }
+                    // A short peek drained the socket: more data will come with a new edge, so
+                    // another peek now would only say EAGAIN. After a hang-up, go on to the end.
+                    if n < room && !self.host_hup {
+                        break;
+                    }
                 }
                 Ok(Peek::Eof) => {
                     self.send_ctl(out, FIN | ACK, self.snd_nxt, &[]);
@@ -654,6 +662,9 @@ impl TcpFlow {
         ready: super::host::Ready,
         out: &mut Out<impl Host>,
     ) -> Verdict {
+        if ready.hup {
+            self.host_hup = true;
+        }
         if self.state == State::Connecting {
             return self.on_connect_ready(id, out);
         }

@@ -313,11 +313,20 @@ topology() {
 	ip -n "$HOSTNS" route add default via "$UP_IP"
 	# ping sockets for the user-space tools' ICMP; the wider port range and
 	# TIME_WAIT reuse because the HTTP test opens tens of thousands of
-	# connections, from the host namespace in the user-space cases
+	# connections, from the host namespace in the user-space cases.
+	# That range holds the published ports: a tool's outgoing connection (mem
+	# opens CONNS of them) that drew one as its source port leaves a TIME_WAIT
+	# socket for 60 s, and the next pub case's listener on that port fails
+	# with "Address already in use" (the tools' outgoing sockets have no
+	# SO_REUSEADDR). Reserved ports are never picked as source ports.
 	ip netns exec "$HOSTNS" sysctl -qw net.ipv4.ping_group_range="0 2147483647" \
-		net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
-	# in pub the clients are upstream: the same client-side settings there
-	! want pub || ip netns exec "$UPNS" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
+		net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1 \
+		net.ipv4.ip_local_reserved_ports="$PUB_IPERF,$PUB_HTTP,$PUB_HOLD"
+	# in pub the clients are upstream: the same client-side settings there,
+	# keeping the ports of upstream's servers (restarted between cases) out
+	# of the range for the same reason
+	! want pub || ip netns exec "$UPNS" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1 \
+		net.ipv4.ip_local_reserved_ports="$IPERF_PORT,$HTTP_PORT,$HOLD_PORT"
 	if have kernel; then
 		ip netns exec "$HOSTNS" sysctl -qw net.ipv4.ip_forward=1
 		ip netns exec "$HOSTNS" nft -f - <<-EOF
@@ -604,15 +613,23 @@ start_ct() {
 		FWD_PID=$!
 		;;
 	kernel)
-		ip netns add "$KNS"
-		ip -n "$KNS" link set lo up
-		ip -n "$HOSTNS" link add rnbr-k0 mtu "$mtu" type veth peer name tap0 netns "$KNS"
-		ip -n "$KNS" link set tap0 mtu "$mtu"
-		ip -n "$HOSTNS" addr add "$GW_IP/24" dev rnbr-k0
-		ip -n "$KNS" addr add "$GUEST_IP/24" dev tap0
-		ip -n "$HOSTNS" link set rnbr-k0 up
-		ip -n "$KNS" link set tap0 up
-		ip -n "$KNS" route add default via "$GW_IP"
+		# (start_ct runs under `if !`, so set -e does not stop at a failed
+		# step here: check them, or the case waits 30 s on a broken path)
+		local e
+		if ! e=$({
+			ip netns add "$KNS" &&
+				ip -n "$KNS" link set lo up &&
+				ip -n "$HOSTNS" link add rnbr-k0 mtu "$mtu" type veth peer name tap0 netns "$KNS" &&
+				ip -n "$KNS" link set tap0 mtu "$mtu" &&
+				ip -n "$HOSTNS" addr add "$GW_IP/24" dev rnbr-k0 &&
+				ip -n "$KNS" addr add "$GUEST_IP/24" dev tap0 &&
+				ip -n "$HOSTNS" link set rnbr-k0 up &&
+				ip -n "$KNS" link set tap0 up &&
+				ip -n "$KNS" route add default via "$GW_IP"
+		} 2>&1); then
+			CT_ERR="kernel: setting up the container's namespace failed: $(tr '\n' ' ' <<<"$e")"
+			return 1
+		fi
 		CT_NS=/run/netns/$KNS
 		;;
 	esac
@@ -660,6 +677,14 @@ stop_ct() {
 	# TERM the forwarder first: rnat forwards it to its container
 	stop_tree "$FWD_PID" 5
 	stop_tree "$SLEEPER_PID" 2
+	# kernel: delete the veth before the namespace. `ip netns del` only drops
+	# the name; the namespace, and with it the veth whose host end is
+	# rnbr-k0, lives on until its last socket is gone, and sockets still
+	# closing (the CONNS held connections of m_mem and m_pubmem) can keep it
+	# for minutes (e.g. when the next pub case's conntrack flush drops the NAT
+	# state their FIN exchange needs). The next kernel case's rnbr-k0 then
+	# exists already ("File exists"). Deleting one end removes the pair at once.
+	ip -n "$HOSTNS" link del rnbr-k0 2>/dev/null || true
 	ip netns del "$KNS" 2>/dev/null || true
 	FWD_PID="" SLEEPER_PID="" CT_NS=""
 }

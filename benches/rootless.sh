@@ -95,33 +95,8 @@ CLEAN_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 log() { printf '[rootless %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 # ---------------------------------------------------------------- processes --
-# (the same helpers as rootful.sh)
-descendants() {
-	local c f kids
-	for f in /proc/"$1"/task/*/children; do
-		kids=()
-		{ read -r -a kids <"$f"; } 2>/dev/null || true
-		for c in "${kids[@]}"; do
-			echo "$c"
-			descendants "$c"
-		done
-	done
-}
-
-kill_tree() {
-	local sig=${2:-TERM} pids
-	[[ -d /proc/$1 ]] || return 0
-	pids="$1 $(descendants "$1" | tr '\n' ' ')"
-	# shellcheck disable=SC2086
-	kill -s "$sig" $pids 2>/dev/null || true
-}
-
-alive() {
-	local st
-	{ read -r st <"/proc/$1/stat"; } 2>/dev/null || return 1
-	st=${st##*) }
-	[[ ${st:0:1} != Z ]]
-}
+# shellcheck source=benches/procs.sh
+. "$(dirname "${BASH_SOURCE[0]}")/procs.sh"
 
 # TERM the process, wait up to $2 seconds, then KILL it and what it left.
 stop_tree() {

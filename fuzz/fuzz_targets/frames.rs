@@ -152,6 +152,9 @@ struct TcpSock {
     avail: usize,
     /// Where the peek offset is (bytes of `avail` already handed out).
     peeked: usize,
+    /// The furthest the peek offset has been since those bytes came (a rewind moves `peeked`
+    /// back, not this): what was sent to the guest at some point and may be acknowledged.
+    sent: usize,
     /// The server closed its side once `avail` is read.
     eof: bool,
     /// The next peek fails once.
@@ -371,6 +374,7 @@ impl Host for FakeHost<'_> {
             let n = buf.len().min(s.avail - s.peeked);
             buf[..n].fill(0x5a);
             s.peeked += n;
+            s.sent = s.sent.max(s.peeked);
             Ok(Peek::Data(n))
         } else if s.eof {
             Ok(Peek::Eof)
@@ -381,13 +385,16 @@ impl Host for FakeHost<'_> {
 
     fn tcp_consume(&mut self, flow: FlowId, n: usize) {
         let s = self.tcp(flow, "tcp_consume");
+        // Acknowledged bytes were sent once, though perhaps before a rewind; as the kernel does,
+        // the peek offset moves back and stops at the front.
         assert!(
-            n <= s.peeked,
+            n <= s.sent,
             "flow {flow}: consumed {n} bytes but only {} were sent",
-            s.peeked
+            s.sent
         );
         s.avail -= n;
-        s.peeked -= n;
+        s.sent -= n;
+        s.peeked = s.peeked.saturating_sub(n);
     }
 
     fn tcp_rewind(&mut self, flow: FlowId) {

@@ -81,6 +81,25 @@ impl Drop for Keeper {
 
 /// The keeper's loop. Raw syscalls only: it runs in a forked child.
 fn serve(userns: Option<&OwnedFd>, netns: &OwnedFd, sock: RawFd) -> i32 {
+    // The fork copied every fd rnat had (the TAP, listeners, flow sockets): keep only ours, or a
+    // closed listener or socket would live on here (and the TAP would pin the namespace).
+    let mut keep = [
+        sock,
+        netns.as_raw_fd(),
+        userns.map_or(sock, |u| u.as_raw_fd()),
+    ];
+    keep.sort_unstable();
+    let mut from: libc::c_uint = 3;
+    for k in keep {
+        let k = k as libc::c_uint;
+        if k > from {
+            // SAFETY: close_range(2) on a range of fd numbers; it only closes.
+            unsafe { libc::syscall(libc::SYS_close_range, from, k - 1, 0) };
+        }
+        from = from.max(k + 1);
+    }
+    // SAFETY: as above, up to the highest fd number.
+    unsafe { libc::syscall(libc::SYS_close_range, from, libc::c_uint::MAX, 0) };
     // SAFETY: prctl/setns with valid arguments; the child is single-threaded.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

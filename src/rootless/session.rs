@@ -171,10 +171,11 @@ fn build_config(opts: &Options) -> Result<Config, Error> {
     if opts.dns {
         cfg.resolvers = resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
     }
+    // File descriptors: a flow takes one, a spliced connection six (two sockets, two pipes).
+    // Four fifths of the budget go to flows, the rest to splices (see Instance::new).
     let nofile = sys::raise_nofile();
-    cfg.max_flows = cfg
-        .max_flows
-        .min(nofile.saturating_sub(64).max(16) as usize);
+    let budget = nofile.saturating_sub(64).max(20) as usize;
+    cfg.max_flows = cfg.max_flows.min(budget * 4 / 5);
     cfg.seed ^= u64::from(std::process::id()) << 20
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -391,8 +392,9 @@ impl Instance {
         let signals = SignalPipe::new().map_err(io_err("installing signal handlers"))?;
         host.watch(signals.read.as_fd(), SIGNAL_TOKEN)
             .map_err(io_err("setting up the event loop"))?;
-        // Splices use 6 fds each (two sockets, two pipes): keep a quarter of the budget for them.
-        let max_splices = cfg.max_flows / 4;
+        // Splices use 6 fds each (two sockets, two pipes), from the fifth of the fd budget that
+        // flows leave (build_config).
+        let max_splices = cfg.max_flows / 4 / 6;
         let mut core = Core::new(cfg);
         let mut ports = Ports::new(max_splices, keeper_target);
         let now = Instant::now();

@@ -59,7 +59,9 @@ pub trait Host {
     fn tcp_send(&mut self, flow: FlowId, data: &[u8]) -> io::Result<usize>;
     /// Copies unread data from the peek offset on, without consuming it.
     fn tcp_peek(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Peek>;
-    /// Consumes (drops) `n` bytes from the front of the unread data; the peek offset moves back.
+    /// Consumes (drops) `n` bytes from the front of the unread data; the peek offset moves back by
+    /// as much, stopping at the front. `n` never exceeds what was peeked at some point (bytes sent
+    /// before a rewind may be acknowledged after it).
     fn tcp_consume(&mut self, flow: FlowId, n: usize);
     /// Moves the peek offset back to the front of the unread data.
     fn tcp_rewind(&mut self, flow: FlowId);

@@ -621,7 +621,7 @@ impl Core {
         if let Some(Flow::Udp(f)) = self.flows.get_mut(id) {
             f.note_peer(real, remote);
             f.last_active = now;
-            if *remote.ip() != self.cfg.dns {
+            if *remote.ip() != self.cfg.dns && !f.published {
                 f.idle_timeout = self.cfg.udp_timeout;
             }
         }

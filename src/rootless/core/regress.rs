@@ -142,3 +142,226 @@ fn many_duplicate_acks_do_not_overflow() {
     assert_eq!(stats.tcp_fast_retransmit, 1);
     assert_eq!(stats.flows, 1);
 }
+// ---- Found by review: a published UDP port expiring, a zero window that never reopened ----
+struct Multi {
+    refuse: Vec<FlowId>,
+    sent: Vec<(FlowId, u32, u8, u16)>, // (dst port as id proxy, seq, flags, window)
+    closed: Vec<FlowId>,
+    adopt_ok: bool,
+}
+impl Host for Multi {
+    fn emit(&mut self, f: &[u8], _meta: TxMeta) {
+        let t = &f[frame::ETH_LEN + frame::IP_LEN..];
+        if f[frame::ETH_LEN + 9] == 6 {
+            self.sent.push((
+                u16::from_be_bytes([t[2], t[3]]) as usize,
+                u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+                t[13],
+                u16::from_be_bytes([t[14], t[15]]),
+            ));
+        }
+    }
+    fn tcp_connect(&mut self, _: FlowId, _: SocketAddrV4) -> io::Result<()> {
+        Ok(())
+    }
+    fn tcp_connect_result(&mut self, _: FlowId) -> io::Result<()> {
+        Ok(())
+    }
+    fn tcp_send(&mut self, id: FlowId, data: &[u8]) -> io::Result<usize> {
+        if self.refuse.contains(&id) {
+            Ok(0)
+        } else {
+            Ok(data.len())
+        }
+    }
+    fn tcp_peek(&mut self, _: FlowId, _buf: &mut [u8]) -> io::Result<Peek> {
+        Ok(Peek::WouldBlock)
+    }
+    fn tcp_consume(&mut self, _: FlowId, _n: usize) {}
+    fn tcp_rewind(&mut self, _: FlowId) {}
+    fn tcp_shutdown(&mut self, _: FlowId) {}
+    fn tcp_close(&mut self, _: FlowId, _: bool) {}
+    fn udp_open(&mut self, _: FlowId) -> io::Result<()> {
+        Ok(())
+    }
+    fn udp_send(&mut self, _: FlowId, _: SocketAddrV4, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn udp_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(SocketAddrV4, usize)>> {
+        Ok(None)
+    }
+    fn ping_open(&mut self, _: FlowId) -> io::Result<()> {
+        Ok(())
+    }
+    fn ping_send(&mut self, _: FlowId, _: Ipv4Addr, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn ping_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>> {
+        Ok(None)
+    }
+    fn dgram_close(&mut self, id: FlowId) {
+        self.closed.push(id);
+    }
+    fn adopt(&mut self, _: FlowId) -> io::Result<()> {
+        if self.adopt_ok {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+    }
+}
+
+fn ip_frame(proto: u8, dst: Ipv4Addr, l4: &[u8]) -> Vec<u8> {
+    let src = Ipv4Addr::new(10, 0, 2, 100);
+    let mut f = Vec::new();
+    f.extend_from_slice(&GATEWAY_MAC);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let sum = csum::finish(csum::add(0, &ip));
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(l4);
+    f
+}
+fn tseg(sport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&80u16.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[8..12].copy_from_slice(&ack.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    t.extend_from_slice(payload);
+    ip_frame(6, Ipv4Addr::new(93, 184, 216, 34), &t) // csum: use trusted rx
+}
+fn useg(sport: u16, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut u = vec![0u8; 8];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(payload);
+    ip_frame(17, *dst.ip(), &u)
+}
+
+#[test]
+fn a_published_udp_port_does_not_expire_after_the_guest_answers() {
+    let cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
+    let mut core = Core::new(cfg);
+    let mut host = Multi {
+        refuse: vec![],
+        sent: vec![],
+        closed: vec![],
+        adopt_ok: true,
+    };
+    let t0 = Instant::now();
+    let rx = RxMeta { csum_trusted: true };
+    let pid = core.udp_publish(&mut host, 5353, t0).expect("published");
+    // The guest answers a client from its published port; and some other UDP flow exists.
+    let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 4444);
+    core.on_frame(&mut host, &useg(5353, client, b"reply"), rx, t0);
+    core.on_frame(
+        &mut host,
+        &useg(7000, SocketAddrV4::new(Ipv4Addr::new(8, 8, 8, 8), 53), b"q"),
+        rx,
+        t0,
+    );
+    let mut t = t0;
+    for _ in 0..70 {
+        t += std::time::Duration::from_secs(1);
+        core.on_timer(&mut host, t);
+    }
+    assert!(
+        !host.closed.contains(&pid),
+        "published UDP socket {pid} closed by the idle sweep: {:?}",
+        host.closed
+    );
+}
+
+#[test]
+fn a_zero_window_probe_is_answered_so_the_window_reopens() {
+    let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
+    cfg.max_buffered = 1000;
+    let mut core = Core::new(cfg);
+    let mut host = Multi {
+        refuse: vec![],
+        sent: vec![],
+        closed: vec![],
+        adopt_ok: false,
+    };
+    let t0 = Instant::now();
+    let rx = RxMeta { csum_trusted: true };
+    let w = Ready {
+        writable: true,
+        ..Ready::default()
+    };
+    // Two flows, A (port 40000, id 0) and B (port 40001, id 1).
+    let mut iss = [0u32; 2];
+    for (i, port) in [40000u16, 40001].into_iter().enumerate() {
+        core.on_frame(&mut host, &tseg(port, 1000, 0, frame::SYN, &[]), rx, t0);
+        core.on_ready(&mut host, i, w, t0);
+        iss[i] = host
+            .sent
+            .iter()
+            .rev()
+            .find(|s| s.0 == port as usize)
+            .unwrap()
+            .1;
+        core.on_frame(
+            &mut host,
+            &tseg(port, 1001, iss[i].wrapping_add(1), frame::ACK, &[]),
+            rx,
+            t0,
+        );
+    }
+    // A's host socket refuses: 2000 bytes queue, the global cap is reached.
+    host.refuse.push(0);
+    core.on_frame(
+        &mut host,
+        &tseg(40000, 1001, iss[0] + 1, frame::ACK, &[7u8; 2000]),
+        rx,
+        t0,
+    );
+    core.flush(&mut host, t0);
+    // B sends while at the cap: nothing accepted, ACK with window 0.
+    core.on_frame(
+        &mut host,
+        &tseg(40001, 1001, iss[1] + 1, frame::ACK, &[8u8; 100]),
+        rx,
+        t0,
+    );
+    core.flush(&mut host, t0);
+    let last_b = *host.sent.iter().rev().find(|s| s.0 == 40001).unwrap();
+    assert_eq!(last_b.3, 0, "B told window 0");
+    // A drains: the cap is lifted.
+    host.refuse.clear();
+    core.on_ready(&mut host, 0, w, t0);
+    core.flush(&mut host, t0);
+    assert_eq!(core.stats().buffered, 0);
+    let before = host.sent.len();
+    // B's zero-window probe (seq = rcv_nxt - 1, no data).
+    core.on_frame(
+        &mut host,
+        &tseg(40001, 1000, iss[1] + 1, frame::ACK, &[]),
+        rx,
+        t0,
+    );
+    core.flush(&mut host, t0);
+    core.on_timer(&mut host, t0 + std::time::Duration::from_secs(5));
+    let b_after: Vec<_> = host.sent[before..]
+        .iter()
+        .filter(|s| s.0 == 40001)
+        .collect();
+    assert!(
+        !b_after.is_empty(),
+        "B never learns its window reopened; frames after: {:?}",
+        &host.sent[before..]
+    );
+}

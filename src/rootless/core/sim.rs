@@ -34,6 +34,8 @@ pub struct SimSock {
     /// Server → guest bytes not yet consumed; `peek` of them already peeked.
     pub rx: Vec<u8>,
     pub peek: usize,
+    /// The furthest `peek` has been (bytes sent at some point, rewinds aside).
+    pub sent: usize,
     /// The server closed its side.
     pub eof: bool,
     /// A socket error (ECONNRESET...) to report on the next operation.
@@ -153,17 +155,16 @@ impl Host for SimHost {
         let n = avail.min(buf.len());
         buf[..n].copy_from_slice(&s.rx[s.peek..s.peek + n]);
         s.peek += n;
+        s.sent = s.sent.max(s.peek);
         Ok(Peek::Data(n))
     }
     fn tcp_consume(&mut self, id: FlowId, n: usize) {
         let s = self.sock(id).expect("consume on a closed socket");
-        assert!(
-            n <= s.peek,
-            "consumed {n} bytes, only {} were peeked",
-            s.peek
-        );
+        // Acknowledged bytes were sent once, though perhaps before a rewind.
+        assert!(n <= s.sent, "consumed {n} bytes, only {} were sent", s.sent);
         s.rx.drain(..n);
-        s.peek -= n;
+        s.sent -= n;
+        s.peek = s.peek.saturating_sub(n);
     }
     fn tcp_rewind(&mut self, id: FlowId) {
         if let Ok(s) = self.sock(id) {

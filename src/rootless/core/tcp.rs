@@ -106,6 +106,10 @@ pub(super) struct TcpFlow {
     iss: u32,
     snd_una: u32,
     snd_nxt: u32,
+    /// The highest sequence number sent (snd_nxt before any rewind).
+    snd_max: u32,
+    /// The sequence number our FIN took, once sent.
+    fin_seq: Option<u32>,
     snd_wnd: u32,
     snd_wscale: u8,
     mss: usize,
@@ -148,6 +152,8 @@ impl TcpFlow {
             iss,
             snd_una: iss,
             snd_nxt: iss,
+            snd_max: iss,
+            fin_seq: None,
             snd_wnd: u32::from(syn.window),
             snd_wscale,
             mss: usize::from(syn.mss.unwrap_or(536)).clamp(64, mtu_mss),
@@ -187,6 +193,7 @@ impl TcpFlow {
         let mss = (usize::from(out.cfg.mtu) - frame::IP_LEN - frame::TCP_LEN).min(65535) as u16;
         let [hi, lo] = mss.to_be_bytes();
         self.snd_nxt = self.iss.wrapping_add(1);
+        self.snd_max = self.snd_nxt;
         // The window in a SYN is never scaled.
         let window = self.window_bytes(out.cfg, *out.buffered).min(65535);
         self.last_window = window;
@@ -234,7 +241,14 @@ impl TcpFlow {
 
     /// Sends a segment with no payload.
     fn send_ctl(&mut self, out: &mut Out<impl Host>, flags: u8, seq: u32, options: &[u8]) {
-        let window = self.window_field(out.cfg, *out.buffered);
+        let window = if flags & SYN != 0 {
+            // The window in a SYN segment is never scaled (RFC 7323 2.2).
+            let bytes = self.window_bytes(out.cfg, *out.buffered).min(65535);
+            self.last_window = bytes;
+            bytes as u16
+        } else {
+            self.window_field(out.cfg, *out.buffered)
+        };
         let h = TcpHeader {
             src: self.remote,
             dst: self.guest,
@@ -305,6 +319,7 @@ impl TcpFlow {
             Ok(()) => {
                 self.state = State::SynReceived;
                 self.snd_nxt = self.iss.wrapping_add(1);
+                self.snd_max = self.snd_nxt;
                 self.send_synack(out);
                 self.arm(id, out, SYNACK_RTO);
                 Verdict::Keep
@@ -449,9 +464,17 @@ impl TcpFlow {
         let wnd = u32::from(seg.window) << self.snd_wscale;
         let ack = seg.ack;
         if seq_gt(ack, self.snd_nxt) {
-            out.stats.tcp_bad_ack += 1;
-            self.queue_ack(id, out);
-            return;
+            if seq_gt(ack, self.snd_max) {
+                out.stats.tcp_bad_ack += 1;
+                self.queue_ack(id, out);
+                return;
+            }
+            // After a rewind the guest acknowledges what it had before: take it, and go on
+            // from there (the consume below moves the peek offset past it).
+            self.snd_nxt = ack;
+            if self.fin_seq == Some(ack.wrapping_sub(1)) {
+                self.fin_sent = true;
+            }
         }
         if seq_gt(ack, self.snd_una) {
             let mut n = ack.wrapping_sub(self.snd_una) as usize;
@@ -499,6 +522,11 @@ impl TcpFlow {
         let mut data = seg.payload;
         let mut fin = seg.flags & FIN != 0;
         if data.is_empty() && !fin {
+            // An empty segment off rcv_nxt (a zero-window probe at rcv_nxt-1) gets an ACK with
+            // the current window (RFC 9293 3.10.7.4): that is how a closed window reopens.
+            if seg.seq != self.rcv_nxt {
+                self.queue_ack(id, out);
+            }
             return Verdict::Keep;
         }
         if self.guest_fin {
@@ -599,6 +627,9 @@ impl TcpFlow {
                     out.stats.tcp_bytes_to_guest += n as u64;
                     self.ack_queued = false;
                     self.snd_nxt = self.snd_nxt.wrapping_add(n as u32);
+                    if seq_gt(self.snd_nxt, self.snd_max) {
+                        self.snd_max = self.snd_nxt;
+                    }
                     if self.timer.is_none() {
                         self.arm(id, out, self.rto);
                     }
@@ -610,7 +641,11 @@ impl TcpFlow {
                 }
                 Ok(Peek::Eof) => {
                     self.send_ctl(out, FIN | ACK, self.snd_nxt, &[]);
+                    self.fin_seq = Some(self.snd_nxt);
                     self.snd_nxt = self.snd_nxt.wrapping_add(1);
+                    if seq_gt(self.snd_nxt, self.snd_max) {
+                        self.snd_max = self.snd_nxt;
+                    }
                     self.fin_sent = true;
                     if self.timer.is_none() {
                         self.arm(id, out, self.rto);

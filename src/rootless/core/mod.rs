@@ -185,6 +185,8 @@ pub struct Core {
     next_sweep: Option<Instant>,
     /// When the ISN clock started.
     epoch: Option<Instant>,
+    /// The global queue cap was reached (windows were shut) and has not lifted yet.
+    cap_hit: bool,
     /// Datagram flows with something for the guest before its MAC address was known.
     mac_waiters: Vec<FlowId>,
     stats: Stats,
@@ -208,6 +210,7 @@ impl Core {
             buffered: 0,
             next_sweep: None,
             epoch: None,
+            cap_hit: false,
             mac_waiters: Vec::new(),
             stats: Stats::default(),
         }
@@ -798,6 +801,27 @@ impl Core {
     /// Sends the ACKs owed for the frames handled since the last call. The driver calls this
     /// after each batch of frames, so that a burst of segments is acknowledged once.
     pub fn flush<H: Host>(&mut self, host: &mut H, now: Instant) {
+        // The global queue cap shuts every flow's window; when it lifts, tell the flows that
+        // were told 0 (their probes would find out too, but only after their backoff).
+        if self.buffered >= self.cfg.max_buffered {
+            self.cap_hit = true;
+        } else if self.cap_hit {
+            self.cap_hit = false;
+            let shut: Vec<FlowId> = self
+                .flows
+                .iter()
+                .filter_map(|(id, f)| match f {
+                    Flow::Tcp(t) if t.told_zero_window() => Some(id),
+                    _ => None,
+                })
+                .collect();
+            for id in shut {
+                self.with_tcp(host, id, now, |f, out| {
+                    f.send_ack(out);
+                    Verdict::Keep
+                });
+            }
+        }
         let acks = std::mem::take(&mut self.acks);
         for &id in &acks {
             self.with_tcp(host, id, now, |f, out| {

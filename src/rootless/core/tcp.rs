@@ -215,6 +215,11 @@ impl TcpFlow {
     }
 
     /// The guest's initial sequence number (for an ICMP error quoting its SYN).
+    /// Whether the guest was last told the window is shut.
+    pub fn told_zero_window(&self) -> bool {
+        self.last_window == 0 && self.state == State::Established
+    }
+
     pub fn guest_isn(&self) -> u32 {
         self.rcv_nxt.wrapping_sub(1)
     }

@@ -285,8 +285,9 @@ fn a_published_udp_port_does_not_expire_after_the_guest_answers() {
     );
 }
 
-#[test]
-fn a_zero_window_probe_is_answered_so_the_window_reopens() {
+/// Two established flows, A (port 40000, id 0) and B (port 40001, id 1), with the global queue
+/// cap reached by A's refused data and B told window 0.
+fn two_flows_at_the_cap() -> (Core, Multi, [u32; 2], Instant) {
     let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
     cfg.max_buffered = 1000;
     let mut core = Core::new(cfg);
@@ -302,7 +303,6 @@ fn a_zero_window_probe_is_answered_so_the_window_reopens() {
         writable: true,
         ..Ready::default()
     };
-    // Two flows, A (port 40000, id 0) and B (port 40001, id 1).
     let mut iss = [0u32; 2];
     for (i, port) in [40000u16, 40001].into_iter().enumerate() {
         core.on_frame(&mut host, &tseg(port, 1000, 0, frame::SYN, &[]), rx, t0);
@@ -338,8 +338,22 @@ fn a_zero_window_probe_is_answered_so_the_window_reopens() {
         t0,
     );
     core.flush(&mut host, t0);
-    let last_b = *host.sent.iter().rev().find(|s| s.0 == 40001).unwrap();
-    assert_eq!(last_b.3, 0, "B told window 0");
+    assert_eq!(
+        host.sent.iter().rev().find(|s| s.0 == 40001).unwrap().3,
+        0,
+        "B told window 0"
+    );
+    (core, host, iss, t0)
+}
+
+#[test]
+fn a_zero_window_probe_is_answered_so_the_window_reopens() {
+    let (mut core, mut host, iss, t0) = two_flows_at_the_cap();
+    let rx = RxMeta { csum_trusted: true };
+    let w = Ready {
+        writable: true,
+        ..Ready::default()
+    };
     // A drains: the cap is lifted.
     host.refuse.clear();
     core.on_ready(&mut host, 0, w, t0);
@@ -368,60 +382,12 @@ fn a_zero_window_probe_is_answered_so_the_window_reopens() {
 
 #[test]
 fn windows_shut_by_the_global_cap_reopen_when_it_lifts() {
-    // As above, but without a probe: lifting the cap itself sends the window update.
-    let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
-    cfg.max_buffered = 1000;
-    let mut core = Core::new(cfg);
-    let mut host = Multi {
-        refuse: vec![],
-        sent: vec![],
-        closed: vec![],
-        adopt_ok: false,
-    };
-    let t0 = Instant::now();
-    let rx = RxMeta { csum_trusted: true };
+    // Without a probe: lifting the cap itself sends the window update.
+    let (mut core, mut host, _, t0) = two_flows_at_the_cap();
     let w = Ready {
         writable: true,
         ..Ready::default()
     };
-    let mut iss = [0u32; 2];
-    for (i, port) in [40000u16, 40001].into_iter().enumerate() {
-        core.on_frame(&mut host, &tseg(port, 1000, 0, frame::SYN, &[]), rx, t0);
-        core.on_ready(&mut host, i, w, t0);
-        iss[i] = host
-            .sent
-            .iter()
-            .rev()
-            .find(|s| s.0 == port as usize)
-            .unwrap()
-            .1;
-        core.on_frame(
-            &mut host,
-            &tseg(port, 1001, iss[i].wrapping_add(1), frame::ACK, &[]),
-            rx,
-            t0,
-        );
-    }
-    host.refuse.push(0);
-    core.on_frame(
-        &mut host,
-        &tseg(40000, 1001, iss[0] + 1, frame::ACK, &[7u8; 2000]),
-        rx,
-        t0,
-    );
-    core.flush(&mut host, t0);
-    core.on_frame(
-        &mut host,
-        &tseg(40001, 1001, iss[1] + 1, frame::ACK, &[8u8; 100]),
-        rx,
-        t0,
-    );
-    core.flush(&mut host, t0);
-    assert_eq!(
-        host.sent.iter().rev().find(|s| s.0 == 40001).unwrap().3,
-        0,
-        "B told window 0"
-    );
     host.refuse.clear();
     let before = host.sent.len();
     core.on_ready(&mut host, 0, w, t0);

@@ -231,6 +231,8 @@ pub fn main(argv: &[String]) -> Result<i32, session::Error> {
 
 fn fd_is_open(fd: i32) -> bool {
     nix::fcntl::fcntl(
+        // SAFETY: the fd is only borrowed for one F_GETFD, which is harmless on any number (an
+        // fd that is not open makes it fail with EBADF, which is the answer sought).
         unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
         nix::fcntl::FcntlArg::F_GETFD,
     )

@@ -64,25 +64,7 @@ snooze() {
 	fi
 }
 
-# TERM the process, wait up to $2 seconds, then KILL it and what it left.
-stop_tree() {
-	local pid=$1 grace=${2:-10} kids i
-	alive "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
-	kids=$(descendants "$pid" | tr '\n' ' ')
-	kill -s TERM "$pid" 2>/dev/null || true
-	for ((i = 0; i < grace * 500; i++)); do
-		alive "$pid" || break
-		snooze 0.002
-	done
-	kill_tree "$pid" KILL
-	# shellcheck disable=SC2086
-	[[ -z ${kids// /} ]] || kill -s KILL $kids 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
-
-median() {
-	sort -n | awk '{a[NR]=$1} END{ if (NR == 0) exit; if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'
-}
+STOP_GRACE=10   # stop_tree (procs.sh): servers here may take a while
 
 # ============================================================ INNER MODE =====
 # Runs as: ip netns exec HOST unshare -m --propagation private bash SELF --inner FN ARGS

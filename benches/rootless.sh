@@ -98,26 +98,6 @@ log() { printf '[rootless %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 # shellcheck source=benches/procs.sh
 . "$(dirname "${BASH_SOURCE[0]}")/procs.sh"
 
-# TERM the process, wait up to $2 seconds, then KILL it and what it left.
-stop_tree() {
-	local pid=$1 grace=${2:-5} kids i
-	[[ -n $pid ]] || return 0
-	alive "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
-	kids=$(descendants "$pid" | tr '\n' ' ')
-	kill -s TERM "$pid" 2>/dev/null || true
-	for ((i = 0; i < grace * 50; i++)); do
-		alive "$pid" || break
-		sleep 0.02
-	done
-	kill_tree "$pid" KILL
-	# shellcheck disable=SC2086
-	[[ -z ${kids// /} ]] || kill -s KILL $kids 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
-
-median() {
-	sort -g | awk '{a[NR]=$1} END{ if (NR == 0) exit; if (NR % 2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'
-}
 
 # ================================================================ SETTINGS ===
 QSUFFIX=""

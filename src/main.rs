@@ -332,34 +332,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             Ok(u8::try_from(code).unwrap_or(1))
         }
         Cmd::Publish { name, specs } if !nix::unistd::geteuid().is_root() => {
-            parse_specs(&specs)?;
-            let v = rootless_call(
-                name.as_deref(),
-                Request::Publish {
-                    specs: specs.clone(),
-                },
-            )?;
-            println!(
-                "{}: published {} spec(s)",
-                v["name"].as_str().unwrap_or("?"),
-                specs.len()
-            );
-            Ok(0)
+            rootless_ports(name.as_deref(), specs, true)
         }
         Cmd::Unpublish { name, specs } if !nix::unistd::geteuid().is_root() => {
-            parse_specs(&specs)?;
-            let v = rootless_call(
-                name.as_deref(),
-                Request::Unpublish {
-                    specs: specs.clone(),
-                },
-            )?;
-            println!(
-                "{}: unpublished {} spec(s)",
-                v["name"].as_str().unwrap_or("?"),
-                specs.len()
-            );
-            Ok(0)
+            rootless_ports(name.as_deref(), specs, false)
         }
         Cmd::Ps { json } if !nix::unistd::geteuid().is_root() => {
             let mut list = Vec::new();
@@ -454,6 +430,20 @@ fn network(dirs: StateDirs, cmd: NetCmd) -> anyhow::Result<u8> {
             }
         }
     }
+    Ok(0)
+}
+
+/// `rnat publish` / `rnat unpublish` for a rootless instance, through its control socket.
+fn rootless_ports(name: Option<&str>, specs: Vec<String>, publish: bool) -> anyhow::Result<u8> {
+    parse_specs(&specs)?;
+    let n = specs.len();
+    let (req, done) = if publish {
+        (Request::Publish { specs }, "published")
+    } else {
+        (Request::Unpublish { specs }, "unpublished")
+    };
+    let v = rootless_call(name, req)?;
+    println!("{}: {done} {n} spec(s)", v["name"].as_str().unwrap_or("?"));
     Ok(0)
 }
 

@@ -8,7 +8,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use netlink_packet_route::link::{InfoBridgePort, InfoData, InfoVeth, LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{
+    AfSpecInet, AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InetDevConf, InfoBridgePort, InfoData,
+    InfoVeth, LinkAttribute, LinkMessage,
+};
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
     RouteMessageBuilder,
@@ -139,6 +142,46 @@ impl Netlink {
                 _ => None,
             })
         }))
+    }
+
+    /// The IPv4 settings (`net.ipv4.conf.NAME.*`) of link `name`, if it exists, read through
+    /// netlink: a path under /proc/sys/net costs a look-up that grows with the number of network
+    /// namespaces on the machine.
+    pub fn inet_conf(&self, name: &str) -> Result<Option<InetDevConf>, LinkError> {
+        Ok(self.link(name)?.and_then(|m| {
+            m.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::AfSpecUnspec(specs) => specs.into_iter().find_map(|s| match s {
+                    AfSpecUnspec::Inet(v) => v.into_iter().find_map(|i| match i {
+                        AfSpecInet::DevConf(c) => Some(c),
+                        _ => None,
+                    }),
+                    _ => None,
+                }),
+                _ => None,
+            })
+        }))
+    }
+
+    /// Keeps IPv6 from giving link `index` any address of its own (no link-local address, so no
+    /// duplicate-address detection, router solicitation or MLD report from it). Must come before
+    /// the link goes up. Nothing to do on a kernel without IPv6.
+    ///
+    /// rnat networks are IPv4: without this, every new bridge port's IPv6 traffic is flooded to
+    /// every other port, so each container would add work to all later ones. Netlink rather than
+    /// `net.ipv6.conf.NAME.disable_ipv6`: a path under /proc/sys/net costs a look-up that grows
+    /// with the number of network namespaces on the machine.
+    pub fn no_ipv6_addresses(&self, index: u32, name: &str) -> Result<(), LinkError> {
+        let msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .index(index)
+            .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]))
+            .build();
+        let h = self.handle.clone();
+        match self.rt.block_on(h.link().set(msg).execute()) {
+            Err(e) if is_errno(&e, libc::EAFNOSUPPORT) => Ok(()),
+            other => other.map_err(nl(format!("turning off IPv6 addresses on {name}"))),
+        }
     }
 
     /// The index of the bridge (or other controller) link `name` is attached to; `Some(0)` when it
@@ -340,10 +383,7 @@ impl Netlink {
                     .execute(),
             )
             .map_err(nl(format!("enabling hairpin on {host}")))?;
-        // rnat networks are IPv4: without this, every new port's IPv6 link-local address, DAD and
-        // MLD reports are flooded by the bridge to every other port, so each container would add
-        // work to all later ones.
-        disable_ipv6(host)?;
+        self.no_ipv6_addresses(index, host)?;
         self.set_up(index, host)
     }
 
@@ -378,6 +418,7 @@ impl Netlink {
             .index(ifname)?
             .ok_or_else(|| LinkError::Missing(ifname.to_string()))?;
         self.add_address(eth, addr.addr(), addr.prefix_len())?;
+        self.no_ipv6_addresses(eth, ifname)?;
         self.set_up(eth, ifname)?;
         if !default_route {
             return Ok(());
@@ -401,14 +442,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, LinkError> {
             what: "tokio runtime".into(),
             source,
         })
-}
-
-/// Turns IPv6 off on a link of the current namespace (nothing to do on a kernel without IPv6).
-pub fn disable_ipv6(ifname: &str) -> Result<(), LinkError> {
-    if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
-        return Ok(());
-    }
-    set_sysctl(&format!("net/ipv6/conf/{ifname}/disable_ipv6"), "1")
 }
 
 /// Writes a sysctl of the current network namespace (`/proc/sys/net/...`).

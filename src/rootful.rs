@@ -266,7 +266,6 @@ impl Engine {
     /// Makes sure the kernel side of a network exists: forwarding, rnat's table, the bridge, the
     /// masquerade rules. Returns the bridge's index.
     fn ensure_dataplane(&mut self, net: &Network) -> Result<u32> {
-        set_sysctl("net.ipv4.ip_forward", "1")?;
         let created_table = self.fw.ensure_table()?;
         let (bridge, created_bridge) =
             self.nl
@@ -275,9 +274,18 @@ impl Engine {
             self.nl
                 .add_address(bridge, pool.gateway, pool.subnet.prefix_len())?;
         }
+        // Read through netlink (a /proc/sys/net path costs a look-up that grows with the number
+        // of network namespaces), written only when they are off. `ip_forward` turns forwarding on
+        // for every link, the bridge included, so the bridge's flag tells whether it is on.
+        let conf = self.nl.inet_conf(&net.bridge)?;
+        if conf.as_ref().is_none_or(|c| c.forwarding != 1) {
+            set_sysctl("net.ipv4.ip_forward", "1")?;
+        }
         // Packets to or from 127.0.0.0/8 may cross the bridge: published on 127.0.0.1 (DNAT in
         // output) and DNS forwarded to a loopback stub (DNAT in prerouting).
-        set_sysctl(&format!("net/ipv4/conf/{}/route_localnet", net.bridge), "1")?;
+        if conf.as_ref().is_none_or(|c| c.route_localnet != 1) {
+            set_sysctl(&format!("net/ipv4/conf/{}/route_localnet", net.bridge), "1")?;
+        }
         if created_table || created_bridge {
             self.fw.set_networks(&masq_nets(&self.networks()?))?;
         }
@@ -329,11 +337,7 @@ impl Engine {
         if matches!(sandbox.owner, Owner::Process { .. }) {
             validate_name(&name)?;
         }
-        if self
-            .dirs
-            .name_owner(&name)
-            .is_some_and(|holder| self.live_ids.contains(&holder))
-        {
+        if live.iter().any(|e| e.name.as_ref() == Some(&name)) {
             return Err(Error::NameTaken(name));
         }
         self.check_ports(&opts.ports)?;
@@ -466,10 +470,6 @@ impl Engine {
         self.put_record(rec)?;
         self.dirs
             .index_ports(&rec.id, &rec.name, &rec.ports, true)?;
-        // CNI attachments are found by id; only `rnat run` containers are looked up by name.
-        if matches!(rec.owner, Owner::Process { .. }) {
-            self.dirs.claim_name(&rec.name, &rec.id)?;
-        }
         crate::timing::mark("record");
         let veth = VethSpec {
             host: &rec.veth,
@@ -480,10 +480,6 @@ impl Engine {
         };
         self.nl.create_veth(&veth, netns, bridge)?;
         crate::timing::mark("veth");
-        let ifname = rec.ifname.clone();
-        netns
-            .run_in(move || crate::link::disable_ipv6(&ifname))
-            .map_err(io_ctx("entering the container's namespace"))??;
         let addr =
             Ipv4Net::new(rec.ip, rec.prefix).map_err(|e| Error::NetworkInvalid(e.to_string()))?;
         inside.configure_container(&rec.ifname, addr, rec.gateway, rec.default_route)?;
@@ -499,8 +495,10 @@ impl Engine {
         if let Some(stub) = plan.forward_to {
             self.fw.set_dns_forward(rec.gateway, stub, Op::Create)?;
         }
-        let resolv = self.dirs.container_dir(&rec.id).join("resolv.conf");
-        state::write_runtime(&resolv, plan.contents.as_bytes())?;
+        // One file per gateway, not per container: set-up makes no new file for it (see
+        // `write_replace` on why new files are worth avoiding).
+        let resolv = self.dirs.resolv(rec.gateway);
+        state::write_runtime_shared(&resolv, plan.contents.as_bytes())?;
         crate::timing::mark("resolv");
         Ok(Some(resolv))
     }
@@ -602,17 +600,8 @@ impl Engine {
         if let Err(e) = self.dirs.index_ports(&rec.id, &rec.name, &rec.ports, false) {
             errors.push(e.to_string());
         }
-        if let Err(e) = self.dirs.release_name(&rec.name, &rec.id) {
-            errors.push(e.to_string());
-        }
         if let Err(e) = self.dirs.remove_record(rec) {
             errors.push(e.to_string());
-        }
-        let dir = self.dirs.container_dir(&rec.id);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                errors.push(format!("{}: {e}", dir.display()));
-            }
         }
         if errors.is_empty() {
             Ok(())
@@ -628,15 +617,10 @@ impl Engine {
     /// The running container named `name` (or the only one when no name is given).
     fn find(&self, live: &[state::Entry], name: Option<&str>) -> Result<Container> {
         let entry = match name {
-            Some(n) => {
-                let id = self
-                    .dirs
-                    .name_owner(n)
-                    .filter(|id| self.live_ids.contains(id));
-                live.iter()
-                    .find(|e| Some(&e.id) == id.as_ref())
-                    .ok_or_else(|| Error::NoContainer(n.to_string()))?
-            }
+            Some(n) => live
+                .iter()
+                .find(|e| e.name.as_deref() == Some(n))
+                .ok_or_else(|| Error::NoContainer(n.to_string()))?,
             None if live.len() == 1 => &live[0],
             None => return Err(Error::Ambiguous(live.len())),
         };

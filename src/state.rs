@@ -5,13 +5,14 @@
 //! - `/var/lib/rnat/networks/NAME.json`  network definitions (persist across reboots)
 //! - `/var/lib/rnat/ipam/NAME.json`      allocations of that network: address -> container id
 //! - `/var/lib/rnat/lock`                the lock every state change is made under
-//! - `/run/rnat/containers/ID.pN.json`   a running container owned by an `rnat run` holding slot N
-//!   of `owners.lock`; `ID.cni.json` for a CNI attachment. One file each (writes are O(1)), named
-//!   so that listing them reads none (gone at reboot, as the containers are)
-//! - `/run/rnat/containers/ID/`          per-container files (resolv.conf)
+//! - `/run/rnat/containers/ID.pN.HEX(NAME).json`   a running container named NAME, owned by an
+//!   `rnat run` holding slot N of `owners.lock`; `ID.cni.json` for a CNI attachment. One file each
+//!   (writes are O(1)), named so that listing them reads none (gone at reboot, as the containers are)
 //! - `/run/rnat/owners.lock`             one byte-range lock per running `rnat run` (its liveness)
-//! - `/run/rnat/names/HEX(NAME)`         the id holding a container name
+//! - `/run/rnat/resolv/GATEWAY.conf`     the resolv.conf of containers behind that gateway
 //! - `/run/rnat/ports/PROTO-B.json`      published host ports B*64..B*64+63 and their owners
+//!
+//! A file that is rewritten keeps a hidden spare, `.NAME.spare` (see `write_replace`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -89,8 +90,9 @@ impl StateDirs {
     pub fn containers(&self) -> PathBuf {
         self.run.join("containers")
     }
-    pub fn container_dir(&self, id: &str) -> PathBuf {
-        self.containers().join(id)
+    /// The resolv.conf shared by the containers whose gateway (and DNS server) is `gateway`.
+    pub fn resolv(&self, gateway: std::net::Ipv4Addr) -> PathBuf {
+        self.run.join("resolv").join(format!("{gateway}.conf"))
     }
 
     /// Takes the state lock (blocking until it is free). Released on drop.
@@ -144,28 +146,84 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 
 /// Replaces `path` atomically for readers, with or without making it durable: runtime state (under
 /// /run, which a reboot empties along with the containers it describes) needs no fsync.
+///
+/// A file that exists already is rewritten without making or freeing an inode: the new contents go
+/// into its spare (`.NAME.spare`, the previous version) and `RENAME_EXCHANGE` swaps the two names. A
+/// rename over the old file would free an inode on every write, and an ext4 without a journal (as on
+/// this kind of VM, where even /run is ext4) skips every inode freed in the last minute when it
+/// allocates the next one, so set-up would slow down with every container set up before it.
+/// Callers hold the state lock, which makes the spare one writer's at a time.
 fn write_replace(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o644)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    if durable {
-        f.sync_all().map_err(io_err(&tmp))?;
+    let spare = spare_path(path);
+    let exchanged = path.exists() && write_exchange(path, &spare, bytes, durable)?;
+    if !exchanged {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        write_file(&tmp, bytes, durable)?;
+        fs::rename(&tmp, path).map_err(io_err(path))?;
     }
-    fs::rename(&tmp, path).map_err(io_err(path))?;
     if durable {
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
         }
     }
     Ok(())
+}
+
+/// The spare of a state file (`DIR/.NAME.spare`): its previous version, rewritten by the next
+/// write. Hidden, as nothing should read it.
+fn spare_path(path: &Path) -> PathBuf {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(".spare");
+    path.with_file_name(name)
+}
+
+fn write_file(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o644)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    if durable {
+        f.sync_all().map_err(io_err(path))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `spare` and swaps it with `path`. `Ok(false)` when the file system cannot
+/// exchange names (the caller then renames a new file over `path`).
+fn write_exchange(
+    path: &Path,
+    spare: &Path,
+    bytes: &[u8],
+    durable: bool,
+) -> Result<bool, StateError> {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    write_file(spare, bytes, durable)?;
+    match renameat2(
+        AT_FDCWD,
+        spare,
+        AT_FDCWD,
+        path,
+        RenameFlags::RENAME_EXCHANGE,
+    ) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {
+            let _ = fs::remove_file(spare);
+            Ok(false)
+        }
+        Err(nix::errno::Errno::ENOENT) => {
+            // `path` went away since it was seen: the spare becomes it.
+            fs::rename(spare, path).map_err(io_err(path))?;
+            Ok(true)
+        }
+        Err(e) => Err(io_err(path)(e.into())),
+    }
 }
 
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
@@ -192,25 +250,50 @@ pub fn write_json_runtime<T: Serialize>(path: &Path, value: &T) -> Result<(), St
     write_replace(path, &bytes, false)
 }
 
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
-    use std::io::Read;
-    let mut f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    // One read usually takes all of it (no size query first).
-    let mut b = Vec::with_capacity(64 * 1024);
-    f.read_to_end(&mut b).map_err(io_err(path))?;
-    serde_json::from_slice(&b)
-        .map(Some)
-        .map_err(|source| StateError::Corrupt {
-            path: path.into(),
-            source,
-        })
+/// Runtime state that others hold open or have bind-mounted (a container's resolv.conf): left alone
+/// when it already says `bytes`, else replaced by a new file, so that nobody's view of it changes
+/// under them.
+pub fn write_runtime_shared(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    if fs::read(path).is_ok_and(|b| b == bytes) {
+        return Ok(());
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    write_file(&tmp, bytes, false)?;
+    fs::rename(&tmp, path).map_err(io_err(path))
 }
 
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+    use std::io::Read;
+    // A reader without the state lock could open a file just before two writes turn it into the
+    // spare and rewrite it; what it reads then does not parse, and reading the path again helps.
+    let mut tries = 0;
+    loop {
+        let mut f = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        // One read usually takes all of it (no size query first).
+        let mut b = Vec::with_capacity(64 * 1024);
+        f.read_to_end(&mut b).map_err(io_err(path))?;
+        match serde_json::from_slice(&b) {
+            Ok(v) => return Ok(Some(v)),
+            Err(_) if tries < 2 => tries += 1,
+            Err(source) => {
+                return Err(StateError::Corrupt {
+                    path: path.into(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Removes a state file and its spare.
 pub fn remove_file(path: &Path) -> Result<(), StateError> {
+    let _ = fs::remove_file(spare_path(path));
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
         _ => Ok(()),
@@ -432,43 +515,61 @@ impl Container {
 }
 
 /// A running container as its record's file name tells it: the id and, for an `rnat run` owner,
-/// the owner-lock slot. Listing these is a readdir; no record is read.
+/// the owner-lock slot and the container's name. Listing these is a readdir; no record is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub id: String,
     /// `None` for a CNI attachment.
     pub slot: Option<u32>,
+    /// `None` for a CNI attachment (found by id, never by name).
+    pub name: Option<String>,
 }
 
 impl Entry {
     fn of(rec: &Container) -> Entry {
-        let slot = match rec.owner {
-            Owner::Process { slot, .. } => Some(slot),
-            Owner::Cni { .. } => None,
-        };
-        Entry {
-            id: rec.id.clone(),
-            slot,
+        match rec.owner {
+            Owner::Process { slot, .. } => Entry {
+                id: rec.id.clone(),
+                slot: Some(slot),
+                name: Some(rec.name.clone()),
+            },
+            Owner::Cni { .. } => Entry {
+                id: rec.id.clone(),
+                slot: None,
+                name: None,
+            },
         }
     }
 
     fn file_name(&self) -> String {
-        match self.slot {
-            Some(s) => format!("{}.p{s}.json", self.id),
-            None => format!("{}.cni.json", self.id),
+        match (self.slot, &self.name) {
+            (Some(s), Some(n)) => format!("{}.p{s}.{}.json", self.id, hex(n)),
+            (Some(s), None) => format!("{}.p{s}.json", self.id),
+            (None, _) => format!("{}.cni.json", self.id),
         }
     }
 
-    fn parse(name: &str) -> Option<Entry> {
-        let stem = name.strip_suffix(".json")?;
-        let (id, tag) = stem.split_once('.')?;
-        let slot = match tag {
-            "cni" => None,
-            t => Some(t.strip_prefix('p')?.parse().ok()?),
+    fn parse(file: &str) -> Option<Entry> {
+        let stem = file.strip_suffix(".json")?;
+        let mut parts = stem.split('.');
+        let (id, tag, name) = (parts.next()?, parts.next()?, parts.next());
+        if parts.next().is_some() {
+            return None;
+        }
+        let (slot, name) = match (tag, name) {
+            ("cni", None) => (None, None),
+            (t, n) => (
+                Some(t.strip_prefix('p')?.parse().ok()?),
+                match n {
+                    Some(h) => Some(unhex(h)?),
+                    None => None,
+                },
+            ),
         };
         Some(Entry {
             id: id.to_string(),
             slot,
+            name,
         })
     }
 }
@@ -501,31 +602,6 @@ impl StateDirs {
 
     pub fn remove_record(&self, rec: &Container) -> Result<(), StateError> {
         remove_file(&self.containers().join(Entry::of(rec).file_name()))
-    }
-
-    fn name_path(&self, name: &str) -> PathBuf {
-        let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
-        self.run.join("names").join(hex)
-    }
-
-    /// The id holding container name `name`, if any.
-    pub fn name_owner(&self, name: &str) -> Option<String> {
-        fs::read_to_string(self.name_path(name))
-            .ok()
-            .map(|s| s.trim().to_string())
-    }
-
-    /// Records that `id` holds `name` (replacing a holder that is no longer running, which the
-    /// caller has checked).
-    pub fn claim_name(&self, name: &str, id: &str) -> Result<(), StateError> {
-        write_runtime(&self.name_path(name), id.as_bytes())
-    }
-
-    pub fn release_name(&self, name: &str, id: &str) -> Result<(), StateError> {
-        if self.name_owner(name).as_deref() == Some(id) {
-            remove_file(&self.name_path(name))?;
-        }
-        Ok(())
     }
 
     fn port_bucket(&self, proto: crate::spec::Protocol, port: u16) -> PathBuf {
@@ -580,6 +656,21 @@ impl StateDirs {
     }
 }
 
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let bytes = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
+}
+
 /// One published port in the port index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortOwner {
@@ -592,16 +683,90 @@ pub struct PortOwner {
 mod tests {
     use super::*;
 
+    /// A directory of this test's own under the system temp dir, removed on drop.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let d = std::env::temp_dir().join(format!("rnat-state-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&d);
+            fs::create_dir_all(&d).expect("scratch dir");
+            Scratch(d)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn ino(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).expect("stat").ino()
+    }
+
+    #[test]
+    fn rewrites_swap_two_inodes_and_leave_no_temp_files() {
+        let dir = Scratch::new("swap");
+        let path = dir.0.join("net.json");
+        write_runtime(&path, b"one").unwrap();
+        let first = ino(&path);
+        write_atomic(&path, b"two").unwrap();
+        let second = ino(&path);
+        assert_ne!(first, second);
+        assert_eq!(ino(&spare_path(&path)), first, "the old file is the spare");
+        write_runtime(&path, b"three").unwrap();
+        assert_eq!(ino(&path), first, "the third write reuses the first inode");
+        assert_eq!(fs::read(&path).unwrap(), b"three");
+        let mut names: Vec<String> = fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".net.json.spare", "net.json"]);
+        remove_file(&path).unwrap();
+        assert_eq!(
+            fs::read_dir(&dir.0).unwrap().count(),
+            0,
+            "spare removed too"
+        );
+    }
+
+    #[test]
+    fn shared_files_change_only_as_new_files() {
+        let dir = Scratch::new("shared");
+        let path = dir.0.join("r.conf");
+        write_runtime_shared(&path, b"a").unwrap();
+        let held = File::open(&path).unwrap();
+        let first = ino(&path);
+        write_runtime_shared(&path, b"a").unwrap();
+        assert_eq!(ino(&path), first, "same contents: left alone");
+        write_runtime_shared(&path, b"b").unwrap();
+        assert_ne!(ino(&path), first);
+        let mut old = String::new();
+        std::io::Read::read_to_string(&mut &held, &mut old).unwrap();
+        assert_eq!(
+            old, "a",
+            "a holder of the old file still sees the old contents"
+        );
+    }
+
     #[test]
     fn entries_round_trip_through_file_names() {
         for e in [
             Entry {
                 id: "0123456789ab".into(),
                 slot: Some(17),
+                name: Some("web.1-x".into()),
+            },
+            Entry {
+                id: "0123456789ab".into(),
+                slot: Some(3),
+                name: None,
             },
             Entry {
                 id: "ba9876543210".into(),
                 slot: None,
+                name: None,
             },
         ] {
             assert_eq!(Entry::parse(&e.file_name()), Some(e));
@@ -613,5 +778,13 @@ mod tests {
             "a container's directory is not a record"
         );
         assert_eq!(Entry::parse("id.q3.json"), None);
+        assert_eq!(Entry::parse("id.p3.7g.json"), None, "not hex");
+        assert_eq!(Entry::parse("id.p3.777.json"), None, "odd length");
+        assert_eq!(Entry::parse("id.cni.77.json"), None);
+        assert_eq!(
+            Entry::parse(".id.p3.77.json.spare"),
+            None,
+            "a spare is not a record"
+        );
     }
 }

@@ -329,3 +329,28 @@ fn teardown_removes_ports_published_later() {
     assert_eq!(out.code(), Some(128 + 15), "{}", out.describe());
     t.assert_all_gone(&[&c]);
 }
+
+/// rnat's links carry no IPv6 address (so no IPv6 chatter is flooded to every bridge port), on the
+/// host side and in the container.
+#[test]
+fn links_get_no_ipv6_addresses() {
+    let t = topology!("no_ipv6");
+    t.network_create(NET, SUBNET, &[]);
+    let (_web, c) = start_web(&t, "web6", &["8080:80"]);
+    let host = t.ip(&t.h, &["-6", "-o", "addr", "show"]);
+    assert!(
+        t.rv_links().len() == 1 && !host.lines().any(|l| l.contains(": rv")),
+        "[{}] host veth has IPv6 addresses: {host}",
+        t.label
+    );
+    let netns = c.netns.clone().expect("container netns in ps");
+    let inside =
+        t.exec_in_container_netns(&netns, &["ip", "-6", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(inside.success(), "{}", inside.describe());
+    assert_eq!(
+        inside.stdout_str().trim(),
+        "",
+        "[{}] the container's eth0 has IPv6 addresses",
+        t.label
+    );
+}

@@ -111,6 +111,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let ifname = env.need(&env.ifname, "CNI_IFNAME").map_err(v)?;
     let requested_ip = env.requested_ip().map_err(v)?;
     let mac = env.requested_mac().map_err(v)?;
+    crate::timing::mark("start");
     let netns = NetNs::open(netns_path.as_ref()).map_err(|e| {
         v(CniError::new(
             Code::Io,
@@ -198,6 +199,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             return Err(v(e.into()));
         }
     };
+    crate::timing::mark("create");
     let rec = &prepared.record;
     let attached = result::Attached {
         host_if: rec.veth.clone(),
@@ -212,6 +214,8 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         gateway: rec.gateway,
         default_route: rec.default_route,
     };
+    crate::timing::mark("result");
+    crate::timing::flush();
     Ok(result::add_result(
         &conf.cni_version,
         &attached,

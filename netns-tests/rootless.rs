@@ -390,6 +390,9 @@ async def clients(host, port, n):
     results = await asyncio.gather(*(one(host, port, i) for i in range(n)), return_exceptions=True)
     errors = [r for r in results if r is not True]
     print(f"ok={len(results) - len(errors)}")
+    resets = sum(1 for e in errors if e is False or isinstance(e, (ConnectionError, asyncio.IncompleteReadError)))
+    timeouts = sum(1 for e in errors if isinstance(e, (TimeoutError, asyncio.TimeoutError)))
+    print(f"reset={resets} timeout={timeouts} other={len(errors) - resets - timeouts}")
     for e in errors[:5]:
         print("error:", repr(e))
 
@@ -681,4 +684,121 @@ fn a_burst_of_datagrams_keeps_every_boundary() {
         "{}",
         done.describe()
     );
+}
+
+/// The pids of `rnat` processes under ROOT that live in another network namespace than NS_OF (the
+/// socket maker `rnat` forks into the container).
+fn keepers_under(root: u32, ns_of: u32) -> Vec<u32> {
+    let net = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
+    let host = net(ns_of);
+    procs::descendants(root)
+        .into_iter()
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "rnat")
+                && net(p).is_some()
+                && net(p) != host
+        })
+        .collect()
+}
+
+#[test]
+fn a_dead_socket_maker_is_replaced() {
+    let t = topology!("rl_keeper");
+    let r = rig(t);
+    let mut bg = r.run_bg(
+        "keep",
+        &["-p", "8082:80"],
+        "socat TCP-LISTEN:80,fork,reuseaddr EXEC:cat & sleep 60",
+    );
+    r.wait_published("keep", "8082->80/tcp");
+    wait_answer(&r.t, &r.t.h, "127.0.0.1", 8082);
+    let data = payload(64 << 10, 7);
+    assert_tcp_echo(&r.t, &r.t.h, "127.0.0.1", 8082, &data, "before");
+    let first = keepers_under(bg.pid(), bg.pid());
+    assert_eq!(
+        first.len(),
+        1,
+        "one socket maker after a loopback client: {first:?}"
+    );
+    procs::send_signal("KILL", &first);
+    let gone =
+        procs::poll(|| (!keepers_under(bg.pid(), bg.pid()).contains(&first[0])).then_some(()));
+    assert!(gone.is_some(), "the socket maker {} did not die", first[0]);
+    // The client that finds it dead still gets through (by the engine), and the next one is
+    // spliced by a new socket maker.
+    assert_tcp_echo(&r.t, &r.t.h, "127.0.0.1", 8082, &data, "maker just died");
+    assert_tcp_echo(&r.t, &r.t.h, "127.0.0.1", 8082, &data, "after");
+    let now = keepers_under(bg.pid(), bg.pid());
+    assert!(
+        now.len() == 1 && now[0] != first[0],
+        "no new socket maker: before {first:?}, now {now:?}"
+    );
+    bg.signal("TERM");
+    let done = bg.wait_exit(Duration::from_secs(20));
+    assert!(!done.timed_out(), "{}", done.describe());
+}
+
+#[test]
+fn a_low_descriptor_limit_resets_excess_clients_and_recovers() {
+    let t = topology!("rl_nofile");
+    let r = rig(t);
+    let helper = r.helper();
+    let argv = [
+        "prlimit",
+        "--nofile=48:48",
+        "--",
+        r.rnat.as_str(),
+        "run",
+        "--name",
+        "fds",
+        "-p",
+        "8083:80",
+        "--",
+        "python3",
+        &helper,
+        "echo",
+        "80",
+    ];
+    let mut bg = r.t.spawn_command(r.as_user(&argv));
+    r.wait_published("fds", "8083->80/tcp");
+    wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8083);
+    // 300 clients at once from outside (one descriptor each in rnat) against a flow cap that rnat
+    // derives from its descriptor limit: the excess is reset at once, none is left hanging.
+    let out = procs::run_bounded(
+        r.t.ns_command(
+            &r.t.c,
+            &[
+                "python3",
+                &helper,
+                "clients",
+                H_CLIENT_SIDE_IP,
+                "8083",
+                "300",
+            ],
+        ),
+        None,
+        Duration::from_secs(120),
+    );
+    let text = out.stdout_str();
+    let field = |k: &str| -> u32 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.parse().ok())
+            .unwrap_or(u32::MAX)
+    };
+    let (ok, reset, timeout, other) = (
+        field("ok="),
+        field("reset="),
+        field("timeout="),
+        field("other="),
+    );
+    assert!(
+        (1..300).contains(&ok) && reset >= 1 && timeout == 0 && other == 0 && ok + reset == 300,
+        "want every client echoed or reset at once, some of each\n{}",
+        out.describe()
+    );
+    // Descriptors come back as those connections end: a new client is served.
+    wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8083);
+    bg.signal("TERM");
+    let done = bg.wait_exit(Duration::from_secs(20));
+    assert!(!done.timed_out(), "{}", done.describe());
 }

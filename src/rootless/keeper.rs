@@ -58,7 +58,7 @@ impl Keeper {
         nix::sys::socket::send(
             self.sock.as_raw_fd(),
             &port.to_be_bytes(),
-            nix::sys::socket::MsgFlags::empty(),
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
         )?;
         let mut msg = [0u8; 4];
         match sys::recv_fd(self.sock.as_raw_fd(), &mut msg)? {

@@ -28,6 +28,8 @@ pub const SPLICE_BASE: u64 = 1 << 42;
 /// Connections accepted per readiness event of a listener before others get a turn.
 const ACCEPT_BUDGET: usize = 64;
 const PIPE_SIZE: libc::c_int = 256 << 10;
+/// Times a socket maker that died is replaced before loopback clients all go through the engine.
+const KEEPER_RESTARTS: u32 = 3;
 
 /// Why a port could not be published or unpublished.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +86,16 @@ pub struct Ports {
     /// Opens the namespaces the keeper joins (made on the first loopback client).
     keeper_target: Box<dyn Fn() -> io::Result<(Option<OwnedFd>, OwnedFd)>>,
     keeper: Option<Keeper>,
+    keeper_restarts: u32,
+    /// An fd held in reserve: when accept fails for want of descriptors, closing it makes room
+    /// to accept the client and reset it, so the listener is drained instead of staying readable
+    /// (which would spin the loop) and the client hears "refused" at once instead of hanging.
+    spare_fd: Option<OwnedFd>,
     stats: PortStats,
+}
+
+fn open_spare_fd() -> Option<OwnedFd> {
+    std::fs::File::open("/dev/null").ok().map(OwnedFd::from)
 }
 
 fn unprivileged_port_start() -> u16 {
@@ -111,6 +122,8 @@ impl Ports {
             max_splices,
             keeper_target,
             keeper: None,
+            keeper_restarts: 0,
+            spare_fd: open_spare_fd(),
             stats: PortStats::default(),
         }
     }
@@ -259,7 +272,19 @@ impl Ports {
             let guest_port = entry.mapping.container_port;
             let (sock, peer) = match listener.accept() {
                 Ok(x) => x,
-                Err(_) => return, // EAGAIN, or EMFILE: the next readiness retries
+                Err(e) if is_out_of_fds(&e) => {
+                    // Out of descriptors: reset this client with the reserve fd's room.
+                    if self.spare_fd.take().is_none() {
+                        return;
+                    }
+                    if let Ok((sock, _)) = listener.accept() {
+                        let _ = sock.set_linger(Some(std::time::Duration::ZERO));
+                        self.stats.refused += 1;
+                    }
+                    self.spare_fd = open_spare_fd();
+                    continue;
+                }
+                Err(_) => return, // EAGAIN: drained
             };
             self.stats.accepted += 1;
             let Some(SocketAddr::V4(peer)) = peer.as_socket() else {
@@ -334,6 +359,18 @@ impl Ports {
                 self.stats.refused += 1;
                 return Err(None);
             }
+            Err(e) if e.raw_os_error().is_none() || is_channel_gone(&e) => {
+                // The socket maker is gone: the next loopback client starts another (a few times).
+                self.keeper = None;
+                self.keeper_restarts += 1;
+                if self.keeper_restarts > KEEPER_RESTARTS {
+                    tracing::warn!("the socket maker keeps dying ({e}): loopback clients go through the engine");
+                    self.max_splices = 0;
+                } else {
+                    tracing::warn!("the socket maker is gone ({e}); a new one starts with the next loopback client");
+                }
+                return Err(Some(client));
+            }
             Err(_) => return Err(Some(client)),
         };
         let (Ok(a), Ok(b)) = (pipe(), pipe()) else {
@@ -356,6 +393,9 @@ impl Ports {
                 .register(inner.as_fd(), SPLICE_BASE + (idx << 1) + 1, flags)
                 .is_err()
         {
+            // Half set up: the client hears a reset, not an orderly close of a working connection.
+            let _ = client.set_linger(Some(std::time::Duration::ZERO));
+            self.stats.refused += 1;
             return Err(None);
         }
         entry.insert(Splice {
@@ -459,4 +499,20 @@ fn pump_one(p: &mut Pipe, src: &Socket, dst: &Socket) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Whether an error means this process (or the system) has no descriptor to spare.
+fn is_out_of_fds(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Whether an error from the socket maker's channel means the maker is gone.
+fn is_channel_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+    )
 }

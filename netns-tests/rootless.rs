@@ -463,10 +463,31 @@ impl Rig {
         );
     }
 
+    /// The helper's `clients` mode from the client namespace: N connections at once to the host's
+    /// PORT, each echoing a line.
+    fn clients_from_outside(&self, helper: &str, port: u16, n: u32) -> Finished {
+        let (port, n) = (port.to_string(), n.to_string());
+        procs::run_bounded(
+            self.t.ns_command(
+                &self.t.c,
+                &["python3", helper, "clients", H_CLIENT_SIDE_IP, &port, &n],
+            ),
+            None,
+            Duration::from_secs(120),
+        )
+    }
+
     fn helper(&self) -> String {
         let p = self.t.work_file("helper.py", PY_HELPER.as_bytes());
         p.to_str().expect("UTF-8 path").to_string()
     }
+}
+
+/// Stops an `rnat run` instance with SIGTERM and checks that it exits.
+fn stop(bg: &mut crate::procs::BgProc) {
+    bg.signal("TERM");
+    let done = bg.wait_exit(Duration::from_secs(20));
+    assert!(!done.timed_out(), "{}", done.describe());
 }
 
 /// Waits until a TCP client from NS to ADDR:PORT gets an answer (the container's server is up).
@@ -531,9 +552,7 @@ fn published_ports_carry_bytes_and_the_clients_address() {
         "UDP keeps the client address\n{}",
         peer.describe()
     );
-    bg.signal("TERM");
-    let done = bg.wait_exit(Duration::from_secs(20));
-    assert!(!done.timed_out(), "{}", done.describe());
+    stop(&mut bg);
 }
 
 #[test]
@@ -640,21 +659,7 @@ fn two_thousand_concurrent_connections_through_a_published_port() {
     );
     r.wait_published("many", "8090->80/tcp");
     wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8090);
-    let out = procs::run_bounded(
-        r.t.ns_command(
-            &r.t.c,
-            &[
-                "python3",
-                &helper,
-                "clients",
-                H_CLIENT_SIDE_IP,
-                "8090",
-                "2000",
-            ],
-        ),
-        None,
-        Duration::from_secs(120),
-    );
+    let out = r.clients_from_outside(&helper, 8090, 2000);
     assert_eq!(
         out.stdout_str().lines().next(),
         Some("ok=2000"),
@@ -733,9 +738,7 @@ fn a_dead_socket_maker_is_replaced() {
         now.len() == 1 && now[0] != first[0],
         "no new socket maker: before {first:?}, now {now:?}"
     );
-    bg.signal("TERM");
-    let done = bg.wait_exit(Duration::from_secs(20));
-    assert!(!done.timed_out(), "{}", done.describe());
+    stop(&mut bg);
 }
 
 #[test]
@@ -764,21 +767,7 @@ fn a_low_descriptor_limit_resets_excess_clients_and_recovers() {
     wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8083);
     // 300 clients at once from outside (one descriptor each in rnat) against a flow cap that rnat
     // derives from its descriptor limit: the excess is reset at once, none is left hanging.
-    let out = procs::run_bounded(
-        r.t.ns_command(
-            &r.t.c,
-            &[
-                "python3",
-                &helper,
-                "clients",
-                H_CLIENT_SIDE_IP,
-                "8083",
-                "300",
-            ],
-        ),
-        None,
-        Duration::from_secs(120),
-    );
+    let out = r.clients_from_outside(&helper, 8083, 300);
     let text = out.stdout_str();
     let field = |k: &str| -> u32 {
         text.split_whitespace()
@@ -798,7 +787,5 @@ fn a_low_descriptor_limit_resets_excess_clients_and_recovers() {
     );
     // Descriptors come back as those connections end: a new client is served.
     wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8083);
-    bg.signal("TERM");
-    let done = bg.wait_exit(Duration::from_secs(20));
-    assert!(!done.timed_out(), "{}", done.describe());
+    stop(&mut bg);
 }

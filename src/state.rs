@@ -8,6 +8,7 @@
 //! - `/run/rnat/containers/ID.pN.HEX(NAME).json`   a running container named NAME, owned by an
 //!   `rnat run` holding slot N of `owners.lock`; `ID.cni.json` for a CNI attachment. One file each
 //!   (writes are O(1)), named so that listing them reads none (gone at reboot, as the containers are)
+//! - `/run/rnat/recycled/`               files of removed records, reused by new ones
 //! - `/run/rnat/owners.lock`             one byte-range lock per running `rnat run` (its liveness)
 //! - `/run/rnat/resolv/GATEWAY.conf`     the resolv.conf of containers behind that gateway
 //! - `/run/rnat/ports/PROTO-B.json`      published host ports B*64..B*64+63 and their owners
@@ -596,12 +597,50 @@ impl StateDirs {
         read_json(&self.containers().join(e.file_name()))
     }
 
-    pub fn write_record(&self, rec: &Container) -> Result<(), StateError> {
-        write_json_runtime(&self.containers().join(Entry::of(rec).file_name()), rec)
+    /// Files of removed records, kept to be reused by new ones (see `write_record`).
+    fn recycled(&self) -> PathBuf {
+        self.run.join("recycled")
     }
 
+    /// Writes a record. A new one goes into a recycled file when there is one, renamed into place
+    /// once written: no inode is made, as no inode is freed when a record is removed (see
+    /// `write_replace` on why that matters). At most as many files wait there as containers once
+    /// ran at the same time.
+    pub fn write_record(&self, rec: &Container) -> Result<(), StateError> {
+        let path = self.containers().join(Entry::of(rec).file_name());
+        if !path.exists() {
+            if let Some(free) = fs::read_dir(self.recycled())
+                .ok()
+                .and_then(|mut rd| rd.find_map(|e| e.ok()))
+            {
+                let mut bytes = serde_json::to_vec(rec).map_err(|source| StateError::Corrupt {
+                    path: path.clone(),
+                    source,
+                })?;
+                bytes.push(b'\n');
+                let free = free.path();
+                write_file(&free, &bytes, false)?;
+                return fs::rename(&free, &path).map_err(io_err(&path));
+            }
+        }
+        write_json_runtime(&path, rec)
+    }
+
+    /// Removes a record: its file (and spare) go to the recycled files.
     pub fn remove_record(&self, rec: &Container) -> Result<(), StateError> {
-        remove_file(&self.containers().join(Entry::of(rec).file_name()))
+        let path = self.containers().join(Entry::of(rec).file_name());
+        let dir = self.recycled();
+        let _ = fs::create_dir_all(&dir);
+        let spare = spare_path(&path);
+        for (from, to) in [(&spare, format!("{}.s", rec.id)), (&path, rec.id.clone())] {
+            match fs::rename(from, dir.join(to)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                // Cannot recycle (another file system?): remove it.
+                Err(_) => remove_file(from)?,
+            }
+        }
+        Ok(())
     }
 
     fn port_bucket(&self, proto: crate::spec::Protocol, port: u16) -> PathBuf {
@@ -748,6 +787,52 @@ mod tests {
             old, "a",
             "a holder of the old file still sees the old contents"
         );
+    }
+
+    fn record(id: &str, slot: u32) -> Container {
+        Container {
+            id: id.into(),
+            name: format!("n{id}"),
+            network: "net".into(),
+            ip: Ipv4Addr::new(192, 0, 2, 9),
+            prefix: 24,
+            gateway: Ipv4Addr::new(192, 0, 2, 1),
+            veth: "rv00000000".into(),
+            ifname: "eth0".into(),
+            default_route: true,
+            owner: Owner::Process { pid: 1, slot },
+            netns_inode: 7,
+            ports: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn removed_records_lend_their_files_to_new_ones() {
+        let dir = Scratch::new("recycle");
+        let dirs = StateDirs {
+            lib: dir.0.join("lib"),
+            run: dir.0.join("run"),
+        };
+        fs::create_dir_all(dirs.containers()).unwrap();
+        let (a, b) = (record("aaaaaaaaaaaa", 0), record("bbbbbbbbbbbb", 1));
+        dirs.write_record(&a).unwrap();
+        let e = dirs.list_records().unwrap();
+        let a_ino = ino(&dirs.containers().join(e[0].file_name()));
+        dirs.remove_record(&a).unwrap();
+        assert!(dirs.list_records().unwrap().is_empty());
+        dirs.write_record(&b).unwrap();
+        let e = dirs.list_records().unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!(dirs.read_record(&e[0]).unwrap(), Some(b.clone()));
+        assert_eq!(
+            ino(&dirs.containers().join(e[0].file_name())),
+            a_ino,
+            "the new record reuses the removed one's file"
+        );
+        assert_eq!(fs::read_dir(dirs.recycled()).unwrap().count(), 0);
+        // Without a recycled file, a new one is made.
+        dirs.write_record(&a).unwrap();
+        assert_eq!(dirs.list_records().unwrap().len(), 2);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 #      over the first 10, for rnat (and the chain with PEERS=1: it is slow).
 #   3. One ADD with PORTS port mappings: rnat (the chain's portmap takes ~45 s for 1,000 here, see
 #      benches/rootful.sh; PEERS=1 runs it too).
+# SETTLE=S [70; 0 with QUICK]: seconds of quiet (after a sync) before each tool's section 2.
 # Everything runs inside namespaces this script creates (prefix rnb<pid>); nothing else is touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,9 @@ cd "$(dirname "$0")/.."
 RNAT=${RNAT:-target/release/rnat}
 RNAT=$(realpath "$RNAT")
 CNI_DIR=${CNI_DIR:-/usr/lib/cni}
-if [[ -n ${QUICK:-} ]]; then : "${ROUNDS:=5}" "${COUNT:=50}" "${PORTS:=200}"; fi
+if [[ -n ${QUICK:-} ]]; then : "${ROUNDS:=5}" "${COUNT:=50}" "${PORTS:=200}" "${SETTLE:=0}"; fi
+SETTLE=${SETTLE:-70}
+[[ $SETTLE =~ ^[0-9]+$ ]] || { echo "SETTLE must be a number of seconds" >&2; exit 1; }
 ROUNDS=${ROUNDS:-20} COUNT=${COUNT:-500} PORTS=${PORTS:-1000} PEERS=${PEERS:-0}
 OUT=${OUT:-benches/results/cni-$(date +%Y%m%d-%H%M).md}
 ((COUNT <= 500)) || { echo "COUNT at most 500 (two /24 networks)" >&2; exit 1; }
@@ -143,11 +146,22 @@ first_last() { # FILE -> "first10 last10 ratio"
 	f=$(head -n 10 "$1" | median); l=$(tail -n 10 "$1" | median)
 	echo "$f $l $(ratio "$l" "$f")"
 }
+# Before each tool's sequence: write back and wait, so that neither inherits the deletions just
+# made (an ext4 without a journal, as on this kind of VM, skips inodes freed in the last minute when
+# it allocates one) or namespaces the kernel is still destroying.
+settle() {
+	((SETTLE > 0)) || return 0
+	log "settling for ${SETTLE}s (SETTLE=0 skips)"
+	sync
+	sleep "$SETTLE"
+}
+settle
 log "2: $COUNT attachments in sequence (rnat)"
 seq_adds rnat
 read -r S2RF S2RL S2RR < <(first_last "$WORK/s2.rnat")
 S2CF=- S2CL=- S2CR=-
 if ((PEERS)); then
+	settle
 	log "2: $COUNT attachments in sequence (CNI chain)"
 	seq_adds cni
 	read -r S2CF S2CL S2CR < <(first_last "$WORK/s2.cni")

@@ -1,5 +1,5 @@
 //! Regression tests for inputs the fuzzer (`fuzz/fuzz_targets/frames.rs`) found to break the core.
-//! Each test drives the core with a minimal in-memory host through the input's steps.
+//! Each test drives the core with a minimal in-memory host (`FakeHost`) through the input's steps.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -9,21 +9,32 @@ use super::{csum, frame, Config, Core, FlowId, Host, Peek, Ready, RxMeta, TxMeta
 
 const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 
-/// One TCP socket whose peer has sent `avail` bytes; everything else succeeds.
+/// A host whose TCP sockets all read from one peer that has sent `avail` bytes, and accept all
+/// they are given but for the flows in `refuse`; everything else succeeds.
 #[derive(Default)]
-struct OneSocket {
+struct FakeHost {
     avail: usize,
     peeked: usize,
-    /// TCP frames to the guest: (seq, flags).
-    sent: Vec<(u32, u8)>,
+    /// Flows whose sockets take nothing.
+    refuse: Vec<FlowId>,
+    /// TCP frames to the guest: (guest port, seq, flags, window).
+    sent: Vec<(FlowId, u32, u8, u16)>,
+    /// Datagram flows closed.
+    closed: Vec<FlowId>,
+    /// Whether sockets staged by the driver (published ports) can be adopted.
+    adopt_ok: bool,
 }
 
-impl Host for OneSocket {
+impl Host for FakeHost {
     fn emit(&mut self, f: &[u8], _meta: TxMeta) {
         let t = &f[frame::ETH_LEN + frame::IP_LEN..];
         if f[frame::ETH_LEN + 9] == 6 {
-            self.sent
-                .push((u32::from_be_bytes([t[4], t[5], t[6], t[7]]), t[13]));
+            self.sent.push((
+                u16::from_be_bytes([t[2], t[3]]) as usize,
+                u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+                t[13],
+                u16::from_be_bytes([t[14], t[15]]),
+            ));
         }
     }
     fn tcp_connect(&mut self, _: FlowId, _: SocketAddrV4) -> io::Result<()> {
@@ -32,8 +43,12 @@ impl Host for OneSocket {
     fn tcp_connect_result(&mut self, _: FlowId) -> io::Result<()> {
         Ok(())
     }
-    fn tcp_send(&mut self, _: FlowId, data: &[u8]) -> io::Result<usize> {
-        Ok(data.len())
+    fn tcp_send(&mut self, id: FlowId, data: &[u8]) -> io::Result<usize> {
+        Ok(if self.refuse.contains(&id) {
+            0
+        } else {
+            data.len()
+        })
     }
     fn tcp_peek(&mut self, _: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
         if self.peeked == self.avail {
@@ -70,41 +85,21 @@ impl Host for OneSocket {
     fn ping_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>> {
         Ok(None)
     }
-    fn dgram_close(&mut self, _: FlowId) {}
+    fn dgram_close(&mut self, id: FlowId) {
+        self.closed.push(id);
+    }
+    fn adopt(&mut self, _: FlowId) -> io::Result<()> {
+        if self.adopt_ok {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+    }
 }
 
 /// A guest TCP segment from 10.0.2.100:40000 to 93.184.216.34:80, window 65535, no options.
 fn guest_segment(seq: u32, ack: u32, flags: u8) -> Vec<u8> {
-    let (src, dst) = (
-        Ipv4Addr::new(10, 0, 2, 100),
-        Ipv4Addr::new(93, 184, 216, 34),
-    );
-    let mut f = Vec::new();
-    f.extend_from_slice(&GATEWAY_MAC);
-    f.extend_from_slice(&GUEST_MAC);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let sum = csum::finish(csum::add(0, &ip));
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f.extend_from_slice(&ip);
-    let mut t = [0u8; 20];
-    t[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    t[2..4].copy_from_slice(&80u16.to_be_bytes());
-    t[4..8].copy_from_slice(&seq.to_be_bytes());
-    t[8..12].copy_from_slice(&ack.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = flags;
-    t[14..16].copy_from_slice(&65535u16.to_be_bytes());
-    let sum = csum::finish(csum::add(csum::pseudo(src, dst, 6, t.len()), &t));
-    t[16..18].copy_from_slice(&sum.to_be_bytes());
-    f.extend_from_slice(&t);
-    f
+    tseg(40000, seq, ack, flags, &[])
 }
 
 /// More than 255 duplicate ACKs for data in flight overflowed the flow's `u8` duplicate-ACK
@@ -115,9 +110,9 @@ fn guest_segment(seq: u32, ack: u32, flags: u8) -> Vec<u8> {
 fn many_duplicate_acks_do_not_overflow() {
     let cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
     let mut core = Core::new(cfg);
-    let mut host = OneSocket {
+    let mut host = FakeHost {
         avail: 35,
-        ..OneSocket::default()
+        ..FakeHost::default()
     };
     let now = Instant::now();
     let rx = RxMeta::default();
@@ -127,7 +122,7 @@ fn many_duplicate_acks_do_not_overflow() {
         ..Ready::default()
     };
     core.on_ready(&mut host, 0, writable, now);
-    let &(iss, flags) = host.sent.last().expect("a SYN-ACK");
+    let &(_, iss, flags, _) = host.sent.last().expect("a SYN-ACK");
     assert_eq!(flags, frame::SYN | frame::ACK);
     // The ACK completes the handshake and the core sends the 35 bytes it has.
     let ack = guest_segment(1001, iss.wrapping_add(1), frame::ACK);
@@ -143,74 +138,6 @@ fn many_duplicate_acks_do_not_overflow() {
     assert_eq!(stats.flows, 1);
 }
 // ---- Found by review: a published UDP port expiring, a zero window that never reopened ----
-struct Multi {
-    refuse: Vec<FlowId>,
-    sent: Vec<(FlowId, u32, u8, u16)>, // (dst port as id proxy, seq, flags, window)
-    closed: Vec<FlowId>,
-    adopt_ok: bool,
-}
-impl Host for Multi {
-    fn emit(&mut self, f: &[u8], _meta: TxMeta) {
-        let t = &f[frame::ETH_LEN + frame::IP_LEN..];
-        if f[frame::ETH_LEN + 9] == 6 {
-            self.sent.push((
-                u16::from_be_bytes([t[2], t[3]]) as usize,
-                u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
-                t[13],
-                u16::from_be_bytes([t[14], t[15]]),
-            ));
-        }
-    }
-    fn tcp_connect(&mut self, _: FlowId, _: SocketAddrV4) -> io::Result<()> {
-        Ok(())
-    }
-    fn tcp_connect_result(&mut self, _: FlowId) -> io::Result<()> {
-        Ok(())
-    }
-    fn tcp_send(&mut self, id: FlowId, data: &[u8]) -> io::Result<usize> {
-        if self.refuse.contains(&id) {
-            Ok(0)
-        } else {
-            Ok(data.len())
-        }
-    }
-    fn tcp_peek(&mut self, _: FlowId, _buf: &mut [u8]) -> io::Result<Peek> {
-        Ok(Peek::WouldBlock)
-    }
-    fn tcp_consume(&mut self, _: FlowId, _n: usize) {}
-    fn tcp_rewind(&mut self, _: FlowId) {}
-    fn tcp_shutdown(&mut self, _: FlowId) {}
-    fn tcp_close(&mut self, _: FlowId, _: bool) {}
-    fn udp_open(&mut self, _: FlowId) -> io::Result<()> {
-        Ok(())
-    }
-    fn udp_send(&mut self, _: FlowId, _: SocketAddrV4, _: &[u8]) -> io::Result<()> {
-        Ok(())
-    }
-    fn udp_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(SocketAddrV4, usize)>> {
-        Ok(None)
-    }
-    fn ping_open(&mut self, _: FlowId) -> io::Result<()> {
-        Ok(())
-    }
-    fn ping_send(&mut self, _: FlowId, _: Ipv4Addr, _: &[u8]) -> io::Result<()> {
-        Ok(())
-    }
-    fn ping_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>> {
-        Ok(None)
-    }
-    fn dgram_close(&mut self, id: FlowId) {
-        self.closed.push(id);
-    }
-    fn adopt(&mut self, _: FlowId) -> io::Result<()> {
-        if self.adopt_ok {
-            Ok(())
-        } else {
-            Err(io::ErrorKind::Unsupported.into())
-        }
-    }
-}
-
 fn ip_frame(proto: u8, dst: Ipv4Addr, l4: &[u8]) -> Vec<u8> {
     let src = Ipv4Addr::new(10, 0, 2, 100);
     let mut f = Vec::new();
@@ -240,7 +167,13 @@ fn tseg(sport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
     t[13] = flags;
     t[14..16].copy_from_slice(&65535u16.to_be_bytes());
     t.extend_from_slice(payload);
-    ip_frame(6, Ipv4Addr::new(93, 184, 216, 34), &t) // csum: use trusted rx
+    let (src, dst) = (
+        Ipv4Addr::new(10, 0, 2, 100),
+        Ipv4Addr::new(93, 184, 216, 34),
+    );
+    let sum = csum::finish(csum::add(csum::pseudo(src, dst, 6, t.len()), &t));
+    t[16..18].copy_from_slice(&sum.to_be_bytes());
+    ip_frame(6, dst, &t)
 }
 fn useg(sport: u16, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     let mut u = vec![0u8; 8];
@@ -255,11 +188,9 @@ fn useg(sport: u16, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
 fn a_published_udp_port_does_not_expire_after_the_guest_answers() {
     let cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
     let mut core = Core::new(cfg);
-    let mut host = Multi {
-        refuse: vec![],
-        sent: vec![],
-        closed: vec![],
+    let mut host = FakeHost {
         adopt_ok: true,
+        ..FakeHost::default()
     };
     let t0 = Instant::now();
     let rx = RxMeta { csum_trusted: true };
@@ -287,16 +218,11 @@ fn a_published_udp_port_does_not_expire_after_the_guest_answers() {
 
 /// Two established flows, A (port 40000, id 0) and B (port 40001, id 1), with the global queue
 /// cap reached by A's refused data and B told window 0.
-fn two_flows_at_the_cap() -> (Core, Multi, [u32; 2], Instant) {
+fn two_flows_at_the_cap() -> (Core, FakeHost, [u32; 2], Instant) {
     let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
     cfg.max_buffered = 1000;
     let mut core = Core::new(cfg);
-    let mut host = Multi {
-        refuse: vec![],
-        sent: vec![],
-        closed: vec![],
-        adopt_ok: false,
-    };
+    let mut host = FakeHost::default();
     let t0 = Instant::now();
     let rx = RxMeta { csum_trusted: true };
     let w = Ready {

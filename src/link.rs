@@ -418,7 +418,6 @@ impl Netlink {
             .index(ifname)?
             .ok_or_else(|| LinkError::Missing(ifname.to_string()))?;
         self.add_address(eth, addr.addr(), addr.prefix_len())?;
-        self.no_ipv6_addresses(eth, ifname)?;
         self.set_up(eth, ifname)?;
         if !default_route {
             return Ok(());
@@ -442,6 +441,23 @@ fn runtime() -> Result<tokio::runtime::Runtime, LinkError> {
             what: "tokio runtime".into(),
             source,
         })
+}
+
+/// Turns IPv6 off on a link of the current namespace with one write (nothing to do on a kernel
+/// without IPv6): the link then drops every IPv6 packet it receives, router advertisements from a
+/// rogue neighbour on the bridge included. One write, not a read first: a path under /proc/sys/net
+/// costs a look-up that grows with the number of network namespaces on the machine.
+pub fn disable_ipv6(ifname: &str) -> Result<(), LinkError> {
+    match std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
+        "1",
+    ) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LinkError::Io {
+            what: format!("turning IPv6 off on {ifname}"),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Writes a sysctl of the current network namespace (`/proc/sys/net/...`).

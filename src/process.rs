@@ -37,14 +37,25 @@ pub fn spawn_in(mut cmd: Command, netns: &NetNs, resolv: Option<&Path>) -> io::R
                 return Err(io::Error::last_os_error());
             }
             // Best effort: a host without /etc/resolv.conf gets none, and a read-only /sys stays.
+            // Read-only: the file is shared by the containers behind one gateway.
             if let Some(r) = &resolv {
-                libc::mount(
+                let target = c"/etc/resolv.conf".as_ptr();
+                if libc::mount(
                     r.as_ptr(),
-                    c"/etc/resolv.conf".as_ptr(),
+                    target,
                     std::ptr::null(),
                     libc::MS_BIND,
                     std::ptr::null(),
-                );
+                ) == 0
+                {
+                    libc::mount(
+                        std::ptr::null(),
+                        target,
+                        std::ptr::null(),
+                        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                        std::ptr::null(),
+                    );
+                }
             }
             remount_sys();
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {

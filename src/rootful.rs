@@ -480,6 +480,12 @@ impl Engine {
         };
         self.nl.create_veth(&veth, netns, bridge)?;
         crate::timing::mark("veth");
+        // The container's end drops IPv6 altogether (a bridge port, the host's end only needs no
+        // addresses of its own: `create_veth`).
+        let ifname = rec.ifname.clone();
+        netns
+            .run_in(move || crate::link::disable_ipv6(&ifname))
+            .map_err(io_ctx("entering the container's namespace"))??;
         let addr =
             Ipv4Net::new(rec.ip, rec.prefix).map_err(|e| Error::NetworkInvalid(e.to_string()))?;
         inside.configure_container(&rec.ifname, addr, rec.gateway, rec.default_route)?;

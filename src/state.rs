@@ -157,7 +157,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 fn write_replace(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let spare = spare_path(path);
-    let exchanged = path.exists() && write_exchange(path, &spare, bytes, durable)?;
+    let exchanged = path.exists()
+        && EXCHANGE_WORKS.load(std::sync::atomic::Ordering::Relaxed)
+        && write_exchange(path, &spare, bytes, durable)?;
     if !exchanged {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -171,6 +173,9 @@ fn write_replace(path: &Path, bytes: &[u8], durable: bool) -> Result<(), StateEr
     }
     Ok(())
 }
+
+/// Whether the state's file system swaps names (`RENAME_EXCHANGE`); once refused, never tried again.
+static EXCHANGE_WORKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// The spare of a state file (`DIR/.NAME.spare`): its previous version, rewritten by the next
 /// write. Hidden, as nothing should read it.
@@ -215,6 +220,7 @@ fn write_exchange(
     ) {
         Ok(()) => Ok(true),
         Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {
+            EXCHANGE_WORKS.store(false, std::sync::atomic::Ordering::Relaxed);
             let _ = fs::remove_file(spare);
             Ok(false)
         }
@@ -267,8 +273,10 @@ pub fn write_runtime_shared(path: &Path, bytes: &[u8]) -> Result<(), StateError>
 
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
     use std::io::Read;
-    // A reader without the state lock could open a file just before two writes turn it into the
-    // spare and rewrite it; what it reads then does not parse, and reading the path again helps.
+    use std::os::unix::fs::MetadataExt;
+    // A reader without the state lock (CNI CHECK and STATUS, `network ls`) may open a file just
+    // before a write turns it into the spare, and a second write may be rewriting it as it reads:
+    // what was read counts only if the path still names the file read, and parses.
     let mut tries = 0;
     loop {
         let mut f = match File::open(path) {
@@ -279,6 +287,14 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateErr
         // One read usually takes all of it (no size query first).
         let mut b = Vec::with_capacity(64 * 1024);
         f.read_to_end(&mut b).map_err(io_err(path))?;
+        let same = match (f.metadata(), fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino(),
+            _ => false,
+        };
+        if !same && tries < 2 {
+            tries += 1;
+            continue;
+        }
         match serde_json::from_slice(&b) {
             Ok(v) => return Ok(Some(v)),
             Err(_) if tries < 2 => tries += 1,
@@ -619,26 +635,32 @@ impl StateDirs {
                 })?;
                 bytes.push(b'\n');
                 let free = free.path();
-                write_file(&free, &bytes, false)?;
-                return fs::rename(&free, &path).map_err(io_err(&path));
+                if write_file(&free, &bytes, false).is_ok() && fs::rename(&free, &path).is_ok() {
+                    return Ok(());
+                }
+                let _ = fs::remove_file(&free);
             }
         }
         write_json_runtime(&path, rec)
     }
 
-    /// Removes a record: its file (and spare) go to the recycled files.
+    /// Removes a record: its file goes to the recycled files (its spare, if any, is deleted).
     pub fn remove_record(&self, rec: &Container) -> Result<(), StateError> {
-        let path = self.containers().join(Entry::of(rec).file_name());
+        let entry = Entry::of(rec);
+        let path = self.containers().join(entry.file_name());
+        let _ = fs::remove_file(spare_path(&path));
         let dir = self.recycled();
-        let _ = fs::create_dir_all(&dir);
-        let spare = spare_path(&path);
-        for (from, to) in [(&spare, format!("{}.s", rec.id)), (&path, rec.id.clone())] {
-            match fs::rename(from, dir.join(to)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                // Cannot recycle (another file system?): remove it.
-                Err(_) => remove_file(from)?,
-            }
+        if fs::create_dir_all(&dir).is_err() || fs::rename(&path, dir.join(&rec.id)).is_err() {
+            // Not recyclable (or already gone): removed for good.
+            remove_file(&path)?;
+        }
+        // A record named the way rnat named them before names went into file names.
+        if entry.name.is_some() {
+            let legacy = Entry {
+                name: None,
+                ..entry
+            };
+            remove_file(&self.containers().join(legacy.file_name()))?;
         }
         Ok(())
     }

@@ -331,7 +331,7 @@ fn teardown_removes_ports_published_later() {
 }
 
 /// rnat's links carry no IPv6 address (so no IPv6 chatter is flooded to every bridge port), on the
-/// host side and in the container.
+/// host side and in the container, and the container's end drops IPv6.
 #[test]
 fn links_get_no_ipv6_addresses() {
     let t = topology!("no_ipv6");
@@ -353,4 +353,10 @@ fn links_get_no_ipv6_addresses() {
         "[{}] the container's eth0 has IPv6 addresses",
         t.label
     );
+    // And it takes no IPv6 from the bridge at all (no router advertisement from a neighbour).
+    let off = t.exec_in_container_netns(
+        &netns,
+        &["cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6"],
+    );
+    assert_eq!(off.stdout_str().trim(), "1", "{}", off.describe());
 }

@@ -48,6 +48,29 @@ fn dns_via_loopback_host_resolver() {
     );
 
     assert_container_resolves(&t, "the gateway to the host's loopback resolver");
+
+    // The file is shared by the containers behind this gateway: one of them cannot change it.
+    let out = t.rnat(&[
+        "run",
+        "--network",
+        NET,
+        "--",
+        "sh",
+        "-c",
+        "echo 'nameserver 198.51.100.99' >> /etc/resolv.conf",
+    ]);
+    assert!(
+        !out.success(),
+        "a container could write the shared resolv.conf\n{}",
+        out.describe()
+    );
+    let out = t.rnat(&["run", "--network", NET, "--", "cat", "/etc/resolv.conf"]);
+    assert_eq!(
+        nameservers(&out.stdout_str()),
+        vec![GATEWAY.to_string()],
+        "resolv.conf after the attempt\n{}",
+        out.describe()
+    );
 }
 
 #[test]

@@ -54,20 +54,31 @@ impl Keeper {
     }
 
     /// A TCP socket in the container's namespace, connecting (non-blocking) to 127.0.0.1:`port`.
+    ///
+    /// An error of kind `BrokenPipe` means the request and its answer may no longer pair up (the
+    /// keeper died, or answered too late): the keeper must not be used again. Any other error is
+    /// the keeper's answer (its connect failed) or `EMFILE` (no descriptor here for the socket).
     pub fn connect_local(&self, port: u16) -> io::Result<OwnedFd> {
+        let broken = |e: io::Error| {
+            io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("socket maker channel: {e}"),
+            )
+        };
         nix::sys::socket::send(
             self.sock.as_raw_fd(),
             &port.to_be_bytes(),
             nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
-        )?;
+        )
+        .map_err(|e| broken(e.into()))?;
         let mut msg = [0u8; 4];
-        match sys::recv_fd(self.sock.as_raw_fd(), &mut msg)? {
-            (Some(fd), _) => Ok(fd),
-            (None, 4) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(msg))),
-            (None, _) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the namespace keeper is gone",
-            )),
+        match sys::recv_fd(self.sock.as_raw_fd(), &mut msg) {
+            Ok((Some(fd), _)) => Ok(fd),
+            Ok((None, 4)) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(msg))),
+            Ok((None, _)) => Err(broken(io::Error::from(io::ErrorKind::UnexpectedEof))),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => Err(e),
+            // A timeout or an interruption leaves an answer in flight: the channel is out of step.
+            Err(e) => Err(broken(e)),
         }
     }
 }

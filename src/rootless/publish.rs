@@ -342,6 +342,9 @@ impl Ports {
             let keeper = (self.keeper_target)().and_then(|(u, n)| Keeper::spawn(u, n));
             match keeper {
                 Ok(k) => self.keeper = Some(k),
+                // Out of descriptors for now: this client goes through the engine, a later one
+                // tries again.
+                Err(e) if is_out_of_fds(&e) => return Err(Some(client)),
                 Err(e) => {
                     tracing::warn!("no socket maker in the container ({e}): loopback clients go through the engine");
                     self.max_splices = 0;
@@ -359,7 +362,7 @@ impl Ports {
                 self.stats.refused += 1;
                 return Err(None);
             }
-            Err(e) if e.raw_os_error().is_none() || is_channel_gone(&e) => {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
                 // The socket maker is gone: the next loopback client starts another (a few times).
                 self.keeper = None;
                 self.keeper_restarts += 1;
@@ -503,16 +506,5 @@ fn pump_one(p: &mut Pipe, src: &Socket, dst: &Socket) -> io::Result<()> {
 
 /// Whether an error means this process (or the system) has no descriptor to spare.
 fn is_out_of_fds(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-/// Whether an error from the socket maker's channel means the maker is gone.
-fn is_channel_gone(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
-    )
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }

@@ -312,6 +312,10 @@ pub fn recv_fd(sock: RawFd, payload: &mut [u8]) -> io::Result<(Option<OwnedFd>, 
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        // The fd sent could not be installed (no descriptor free): the message itself arrived.
+        return Err(io::Error::from_raw_os_error(libc::EMFILE));
+    }
     // SAFETY: the kernel filled msg_control; CMSG_FIRSTHDR checks msg_controllen before returning
     // a header, and the data of an SCM_RIGHTS header holds the fds.
     unsafe {

@@ -673,22 +673,28 @@ fn two_thousand_concurrent_connections_through_a_published_port() {
 #[test]
 fn a_burst_of_datagrams_keeps_every_boundary() {
     // A burst goes out as runs under UDP segmentation offload: each datagram must still arrive
-    // whole and alone.
+    // whole and alone. Then again without the offload (`sendmmsg` of single datagrams).
     let t = topology!("rl_udp_burst");
     let r = rig(t);
     let helper = r.helper();
-    let mut sink =
-        r.t.spawn(&r.t.u, &["python3", &helper, "udpsink", "7300", "300"]);
-    r.t.wait_listening(&r.t.u, "udp", 7300);
-    let out = r.run(&[], &format!("python3 {helper} udpburst {U_IP} 7300 300"));
-    assert!(out.success(), "{}", out.describe());
-    let done = sink.wait_exit(Duration::from_secs(30));
-    assert_eq!(
-        done.stdout_str().trim(),
-        "good=300 bad=0",
-        "{}",
-        done.describe()
-    );
+    for (port, env) in [("7300", None), ("7301", Some(("RNAT_NO_UDP_GSO", "1")))] {
+        let mut sink =
+            r.t.spawn(&r.t.u, &["python3", &helper, "udpsink", port, "300"]);
+        r.t.wait_listening(&r.t.u, "udp", port.parse().expect("port"));
+        let out = r.run_env(
+            env.as_slice(),
+            &[],
+            &format!("python3 {helper} udpburst {U_IP} {port} 300"),
+        );
+        assert!(out.success(), "{env:?}: {}", out.describe());
+        let done = sink.wait_exit(Duration::from_secs(30));
+        assert_eq!(
+            done.stdout_str().trim(),
+            "good=300 bad=0",
+            "{env:?}: {}",
+            done.describe()
+        );
+    }
 }
 
 /// The pids of `rnat` processes under ROOT that live in another network namespace than NS_OF (the

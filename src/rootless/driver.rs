@@ -301,11 +301,7 @@ impl Host for KernelHost {
                 }
             };
             if !self.udp_gso {
-                let msgs: Vec<(SocketAddrV4, &[u8])> = self.udp_queue[i..j]
-                    .iter()
-                    .map(|(_, d, r)| (*d, &self.udp_arena[r.clone()]))
-                    .collect();
-                self.udp_dropped += (msgs.len() - sys::send_datagrams(fd, &msgs)) as u64;
+                self.send_queued_one_by_one(fd, i..j);
                 i = j;
                 continue;
             }
@@ -346,11 +342,7 @@ impl Host for KernelHost {
                             "UDP segmentation offload refused ({e}): sending datagrams one by one"
                         );
                         self.udp_gso = false;
-                        let msgs: Vec<(SocketAddrV4, &[u8])> = self.udp_queue[k..j]
-                            .iter()
-                            .map(|(_, d, r)| (*d, &self.udp_arena[r.clone()]))
-                            .collect();
-                        self.udp_dropped += (msgs.len() - sys::send_datagrams(fd, &msgs)) as u64;
+                        self.send_queued_one_by_one(fd, k..j);
                         k = j;
                     }
                 }
@@ -424,6 +416,16 @@ impl KernelHost {
                 self.peek_off = Some(false);
             }
         }
+    }
+
+    /// Sends queued datagrams `range` (all to one flow's socket `fd`) each as itself, with
+    /// `sendmmsg`, counting those the kernel refuses.
+    fn send_queued_one_by_one(&mut self, fd: std::os::fd::RawFd, range: std::ops::Range<usize>) {
+        let msgs: Vec<(SocketAddrV4, &[u8])> = self.udp_queue[range]
+            .iter()
+            .map(|(_, d, r)| (*d, &self.udp_arena[r.clone()]))
+            .collect();
+        self.udp_dropped += (msgs.len() - sys::send_datagrams(fd, &msgs)) as u64;
     }
 
     /// Stages an accepted TCP socket for `Core::tcp_inbound`.

@@ -651,21 +651,32 @@ rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null; }
 RAW=$WORK/raw
 rec() { echo "$1 $2 $3" >>"$RAW"; }   # METRIC TOOL VALUE
 
-# iperf_json LOG ARGS...: one iperf3 client run -> its JSON in $J, or return 1
-# with the reason in IPERF_ERR (not in a subshell: restart_iperf updates state)
-iperf_json() {
-	local log=$1 rc=0
-	shift
-	in_ct timeout $((SECS + OMIT + 20)) iperf3 -c "$UP_IP" -p "$IPERF_PORT" -t "$SECS" -O "$OMIT" -J "$@" \
+# iperf_client LOG HEADER WHERE ADDR PORT ARGS...: one iperf3 client run in namespace WHERE
+# (ct, host, up) against ADDR:PORT -> its JSON in $J (appended to LOG under HEADER), or return 1
+# with the reason in IPERF_ERR
+iperf_client() {
+	local log=$1 header=$2 where=$3 addr=$4 port=$5 rc=0
+	shift 5
+	"in_$where" timeout $((SECS + OMIT + 20)) iperf3 -c "$addr" -p "$port" -t "$SECS" -O "$OMIT" -J "$@" \
 		>"$WORK/iperf.json" 2>&1 || rc=$?
 	J=$(<"$WORK/iperf.json")
-	printf '%s\n' "== iperf3 $*" "$J" >>"$log"
+	printf '%s\n' "$header" "$J" >>"$log"
 	if ((rc != 0)) || ! jq -e '.end.sum_received' <<<"$J" >/dev/null 2>&1; then
 		IPERF_ERR=$(jq -r '.error // empty' <<<"$J" 2>/dev/null | head -n 1 || true)
 		[[ -n $IPERF_ERR ]] || IPERF_ERR="exit $rc: $(tail -n 2 <<<"$J" | tr '\n' ' ')"
-		restart_iperf
 		return 1
 	fi
+}
+
+# iperf_json LOG ARGS...: one iperf3 client run from the container to the upstream server -> its
+# JSON in $J, or return 1 with the reason in IPERF_ERR (not in a subshell: restart_iperf updates
+# state)
+iperf_json() {
+	local log=$1
+	shift
+	iperf_client "$log" "== iperf3 $*" ct "$UP_IP" "$IPERF_PORT" "$@" && return 0
+	restart_iperf
+	return 1
 }
 
 m_tcp() { # TOOL MTU
@@ -876,17 +887,11 @@ start_ct_iperf() {
 # ADDR:PUB_IPERF, the client sending; records METRIC (Gbit/s) and sets PEER to
 # the address the container's iperf3 saw the client come from ("" on failure)
 pub_iperf() {
-	local tool=$1 where=$2 addr=$3 m=$4 rc=0 n0 err
+	local tool=$1 where=$2 addr=$3 m=$4 n0
 	PEER=""
 	n0=$(wc -l <"$CT_IPERF_LOG" 2>/dev/null || echo 0)
-	"in_$where" timeout $((SECS + OMIT + 20)) iperf3 -c "$addr" -p "$PUB_IPERF" -t "$SECS" -O "$OMIT" -J \
-		>"$WORK/iperf.json" 2>&1 || rc=$?
-	J=$(<"$WORK/iperf.json")
-	printf '%s\n' "== iperf3 from $where to $addr:$PUB_IPERF" "$J" >>"$CT_LOG"
-	if ((rc != 0)) || ! jq -e '.end.sum_received' <<<"$J" >/dev/null 2>&1; then
-		err=$(jq -r '.error // empty' <<<"$J" 2>/dev/null | head -n 1 || true)
-		[[ -n $err ]] || err="exit $rc: $(tail -n 2 <<<"$J" | tr '\n' ' ')"
-		note "pub: iperf3 from $where to $addr:$PUB_IPERF ($tool) failed: $err"
+	if ! iperf_client "$CT_LOG" "== iperf3 from $where to $addr:$PUB_IPERF" "$where" "$addr" "$PUB_IPERF"; then
+		note "pub: iperf3 from $where to $addr:$PUB_IPERF ($tool) failed: $IPERF_ERR"
 		# a server whose client vanished mid-test stays busy
 		stop_tree "$CT_IPERF_PID" 2
 		start_ct_iperf || note "pub ($tool): iperf3 -s in the container did not restart"

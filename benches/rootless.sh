@@ -1089,6 +1089,15 @@ version_line() {
 	echo ", iperf3 $(iperf3 --version 2>/dev/null | awk 'NR==1{print $2}'), wrk $(dpkg-query -W -f '${Version}' wrk 2>/dev/null || echo '?')."
 }
 
+# section_head NAME TITLE: the heading and table header of report section NAME
+section_head() {
+	SECTION=$1
+	echo
+	echo "## $2"
+	echo
+	header
+}
+
 report() {
 	echo "# rnat rootless benchmark"
 	echo
@@ -1101,52 +1110,32 @@ report() {
 	echo "Every figure is the median of $ROUNDS round(s). Ratios are rnat / peer: for rates above 1 means rnat is faster;" \
 		"for loss and memory below 1 means rnat loses or uses less. \"better of\" picks the peer with the better figure on that row."
 	if want tcp; then
-		SECTION=tcp
-		echo
-		echo "## TCP bulk (iperf3, Gbit/s)"
-		echo
-		header
+		section_head tcp "TCP bulk (iperf3, Gbit/s)"
 		row "container → server, MTU 65520" tcp_up_65520 %.2f hi Gbit/s
 		row "server → container, MTU 65520" tcp_down_65520 %.2f hi Gbit/s
 		row "container → server, MTU 1500" tcp_up_1500 %.2f hi Gbit/s
 		row "server → container, MTU 1500" tcp_down_1500 %.2f hi Gbit/s
 	fi
 	if want http; then
-		SECTION=http
-		echo
-		echo "## New connections, container → server (HTTP, one connection per request)"
-		echo
-		header
+		section_head http "New connections, container → server (HTTP, one connection per request)"
 		row "requests/s" http_rps %.0f hi req/s
 		row "socket errors + non-2xx (sum over the run)" http_err %.0f none
 	fi
 	if want udp; then
-		SECTION=udp
-		echo
-		echo "## UDP, container → server (iperf3 -u, ${UDP_LEN}-byte datagrams, MTU 65520)"
-		echo
-		header
+		section_head udp "UDP, container → server (iperf3 -u, ${UDP_LEN}-byte datagrams, MTU 65520)"
 		row "-b 100M: loss (%)" udp_loss_100M %.2f lo %
 		row "-b 100M: received (Mbit/s)" udp_mbps_100M %.0f hi Mbit/s
 		row "-b 0 (unlimited): received (Mbit/s)" udp_mbps_0 %.0f hi Mbit/s
 		row "-b 0 (unlimited): loss (%)" udp_loss_0 %.1f lo %
 	fi
 	if want mem; then
-		SECTION=mem
-		echo
-		echo "## Memory of the forwarding process (VmRSS, KB)"
-		echo
-		header
+		section_head mem "Memory of the forwarding process (VmRSS, KB)"
 		row "idle, after start" rss_idle %.0f lo KB
 		row "holding the connections below" rss_conns %.0f lo KB
 		row "connections held open (of $CONNS)" conns_held %.0f hi conns
 	fi
 	if want pub; then
-		SECTION=pub
-		echo
-		echo "## Published ports (host port → container port, servers in the container)"
-		echo
-		header
+		section_head pub "Published ports (host port → container port, servers in the container)"
 		row "TCP, loopback client → container (Gbit/s)" pub_tcp_lo %.2f hi Gbit/s
 		row "TCP, upstream client → container (Gbit/s)" pub_tcp_ext %.2f hi Gbit/s
 		row "container saw the upstream client's address" pub_realaddr yesno none

@@ -11,6 +11,8 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::core::{Core, FlowId, Host, Peek, Ready, RxMeta, TxMeta};
+use super::ns::Link;
+use super::ring::{self, RxRing, Taken};
 use super::sys;
 
 /// Tokens above the flow ids: the TAP, then the callers' (`Wake::Token`).
@@ -23,6 +25,9 @@ const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
 
+/// Datagrams kept for a flow whose socket buffer is full, at most (bytes, all flows).
+const UDP_BACKLOG_MAX: usize = 1 << 20;
+
 /// Without `SO_PEEK_OFF`, data sent but not yet acknowledged is peeked again on every peek;
 /// this caps it.
 const FALLBACK_MAX_INFLIGHT: usize = 1 << 20;
@@ -30,7 +35,10 @@ const FALLBACK_MAX_INFLIGHT: usize = 1 << 20;
 /// The core's window on the kernel: sockets by flow id, the TAP, and the epoll set.
 pub struct KernelHost {
     epoll: Epoll,
+    /// The fd frames are written to: the TAP, or the packet ring link's sending socket.
     tap: Option<OwnedFd>,
+    /// The packet ring link's receiving side (with a TAP, frames are read from `tap`).
+    ring: Option<RxRing>,
     vnet_hdr: bool,
     socks: Vec<Option<Socket>>,
     /// Whether TCP honours `SO_PEEK_OFF` (Linux 6.9 and later); `None` until the first connect.
@@ -41,6 +49,8 @@ pub struct KernelHost {
     /// Datagrams queued by `udp_send` until `flush`: (flow, destination, range in `udp_arena`).
     udp_queue: Vec<(FlowId, SocketAddrV4, std::ops::Range<usize>)>,
     udp_arena: Vec<u8>,
+    /// Flows whose sockets are watched for room (`EPOLLOUT`) because datagrams wait for it.
+    udp_armed: Vec<FlowId>,
     /// Whether UDP segmentation offload works here (turned off at its first failure).
     udp_gso: bool,
     /// Datagrams the host's socket buffers refused.
@@ -51,6 +61,8 @@ pub struct KernelHost {
     staged: Option<(Socket, EpollFlags)>,
     /// Frames the TAP refused (its queue full).
     pub tx_dropped: u64,
+    /// Frames from the ring link lost: cut short in their slot with no whole copy queued.
+    pub rx_lost: u64,
 }
 
 fn sock(socks: &[Option<Socket>], id: FlowId) -> io::Result<&Socket> {
@@ -68,6 +80,7 @@ impl KernelHost {
         Ok(KernelHost {
             epoll,
             tap: None,
+            ring: None,
             vnet_hdr,
             socks: Vec::new(),
             peek_off: std::env::var_os("RNAT_NO_PEEK_OFF").map(|_| false),
@@ -77,20 +90,34 @@ impl KernelHost {
             outbound: None,
             udp_queue: Vec::new(),
             udp_arena: Vec::new(),
+            udp_armed: Vec::new(),
             udp_gso: std::env::var_os("RNAT_NO_UDP_GSO").is_none(),
             udp_dropped: 0,
             tx_dropped: 0,
+            rx_lost: 0,
         })
     }
 
-    /// Starts serving the TAP.
-    pub fn attach_tap(&mut self, tap: OwnedFd) -> io::Result<()> {
-        self.epoll.add(
-            &tap,
-            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, TAP),
-        )?;
-        self.tap = Some(tap);
+    /// Starts serving the link (a TAP, or the packet ring link).
+    pub fn attach_link(&mut self, link: Link) -> io::Result<()> {
+        let wake = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, TAP);
+        match link.rx {
+            None => self.epoll.add(&link.tx, wake)?,
+            Some(rx) => {
+                let ring = RxRing::map(rx, ring::Geometry::DEFAULT)?;
+                self.epoll.add(&ring, wake)?;
+                self.ring = Some(ring);
+            }
+        }
+        self.tap = Some(link.tx);
         Ok(())
+    }
+
+    /// Frames lost between the container and the engine: (written to the link but refused,
+    /// dropped by the kernel at a full ring, lost in the ring).
+    pub fn link_stats(&self) -> (u64, u64, u64) {
+        let ring_drops = self.ring.as_ref().map_or(0, RxRing::drops);
+        (self.tx_dropped, ring_drops, self.rx_lost)
     }
 
     /// Adds another fd to wake the loop, with a token the caller's handler recognises.
@@ -149,7 +176,10 @@ impl Host for KernelHost {
         } else {
             nix::unistd::write(tap, frame)
         };
-        if r.is_err() {
+        if let Err(e) = r {
+            if self.tx_dropped == 0 {
+                tracing::debug!("the link refused a frame of {} bytes: {e}", frame.len());
+            }
             self.tx_dropped += 1;
         }
     }
@@ -285,12 +315,24 @@ impl Host for KernelHost {
     }
 
     fn flush(&mut self) {
+        if self.udp_queue.is_empty() {
+            return;
+        }
+        // Datagrams a full socket buffer refused stay queued, in order, until their socket
+        // drains (`EPOLLOUT`); a flow blocked once sends nothing more in this pass.
+        let mut blocked: Vec<FlowId> = Vec::new();
+        let mut kept: Vec<std::ops::Range<usize>> = Vec::new();
         let mut i = 0;
         while i < self.udp_queue.len() {
             let id = self.udp_queue[i].0;
             let mut j = i;
             while j < self.udp_queue.len() && self.udp_queue[j].0 == id {
                 j += 1;
+            }
+            if blocked.contains(&id) {
+                kept.push(i..j);
+                i = j;
+                continue;
             }
             let fd = match sock(&self.socks, id) {
                 Ok(s) => s.as_raw_fd(),
@@ -300,57 +342,19 @@ impl Host for KernelHost {
                     continue;
                 }
             };
-            if !self.udp_gso {
-                self.send_queued_one_by_one(fd, i..j);
-                i = j;
-                continue;
-            }
-            let mut k = i;
-            while k < j {
-                // A run of datagrams to one destination, all of one size but the last: one send
-                // with UDP segmentation offload (the kernel cuts it as late as it can).
-                let (dst, size) = (self.udp_queue[k].1, self.udp_queue[k].2.len());
-                let mut end = k + 1;
-                let mut bytes = size;
-                while end < j
-                    && end - k < 64
-                    && self.udp_queue[end].1 == dst
-                    && self.udp_queue[end - 1].2.len() == size
-                    && self.udp_queue[end].2.len() <= size
-                    && bytes + self.udp_queue[end].2.len() <= 65000
-                {
-                    bytes += self.udp_queue[end].2.len();
-                    end += 1;
-                }
-                if end - k == 1 || size == 0 {
-                    let one = [(dst, &self.udp_arena[self.udp_queue[k].2.clone()])];
-                    self.udp_dropped += (1 - sys::send_datagrams(fd, &one)) as u64;
-                    k += 1;
-                    continue;
-                }
-                // The arena holds a run's datagrams back to back.
-                let range = self.udp_queue[k].2.start..self.udp_queue[end - 1].2.end;
-                match sys::send_segmented(fd, dst, &self.udp_arena[range], size as u16) {
-                    Ok(_) => k = end,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.udp_dropped += (end - k) as u64;
-                        k = end;
-                    }
-                    Err(e) => {
-                        // No GSO here (or not for this route): one by one from now on.
-                        tracing::info!(
-                            "UDP segmentation offload refused ({e}): sending datagrams one by one"
-                        );
-                        self.udp_gso = false;
-                        self.send_queued_one_by_one(fd, k..j);
-                        k = j;
-                    }
-                }
+            let unsent = if self.udp_gso {
+                self.send_runs(fd, i..j)
+            } else {
+                self.send_queued_one_by_one(fd, i..j)
+            };
+            if let Some(k) = unsent {
+                blocked.push(id);
+                kept.push(k..j);
             }
             i = j;
         }
-        self.udp_queue.clear();
-        self.udp_arena.clear();
+        self.keep_unsent(&kept);
+        self.arm_writable(&blocked);
     }
 
     fn udp_recv(
@@ -385,6 +389,13 @@ impl Host for KernelHost {
         if let Some(s) = self.socks.get_mut(id) {
             s.take();
         }
+        // Datagrams still queued for the flow go with it (its id may be reused).
+        if self.udp_queue.iter().any(|q| q.0 == id) {
+            let before = self.udp_queue.len();
+            self.udp_queue.retain(|q| q.0 != id);
+            self.udp_dropped += (before - self.udp_queue.len()) as u64;
+        }
+        self.udp_armed.retain(|a| *a != id);
     }
 
     fn adopt(&mut self, id: FlowId) -> io::Result<()> {
@@ -420,12 +431,141 @@ impl KernelHost {
 
     /// Sends queued datagrams `range` (all to one flow's socket `fd`) each as itself, with
     /// `sendmmsg`, counting those the kernel refuses.
-    fn send_queued_one_by_one(&mut self, fd: std::os::fd::RawFd, range: std::ops::Range<usize>) {
-        let msgs: Vec<(SocketAddrV4, &[u8])> = self.udp_queue[range]
+    /// Sends the queued datagrams in `range` one by one (`sendmmsg`); returns where a full
+    /// socket buffer stopped it. Datagrams refused for other reasons are dropped.
+    fn send_queued_one_by_one(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        range: std::ops::Range<usize>,
+    ) -> Option<usize> {
+        let mut k = range.start;
+        while k < range.end {
+            let msgs: Vec<(SocketAddrV4, &[u8])> = self.udp_queue[k..range.end]
+                .iter()
+                .map(|(_, d, r)| (*d, &self.udp_arena[r.clone()]))
+                .collect();
+            let (sent, full) = sys::send_datagrams(fd, &msgs);
+            k += sent;
+            if k == range.end {
+                break;
+            }
+            if full {
+                return Some(k);
+            }
+            self.udp_dropped += 1;
+            k += 1;
+        }
+        None
+    }
+
+    /// Sends the queued datagrams in `range` as runs under UDP segmentation offload; returns
+    /// where a full socket buffer stopped it.
+    fn send_runs(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        range: std::ops::Range<usize>,
+    ) -> Option<usize> {
+        let j = range.end;
+        let mut k = range.start;
+        while k < j {
+            // A run of datagrams to one destination, all of one size but the last: one send
+            // with UDP segmentation offload (the kernel cuts it as late as it can).
+            let (dst, size) = (self.udp_queue[k].1, self.udp_queue[k].2.len());
+            let mut end = k + 1;
+            let mut bytes = size;
+            while end < j
+                && end - k < 64
+                && self.udp_queue[end].1 == dst
+                && self.udp_queue[end - 1].2.len() == size
+                && self.udp_queue[end].2.len() <= size
+                && bytes + self.udp_queue[end].2.len() <= 65000
+            {
+                bytes += self.udp_queue[end].2.len();
+                end += 1;
+            }
+            if end - k == 1 || size == 0 {
+                let one = [(dst, &self.udp_arena[self.udp_queue[k].2.clone()])];
+                match sys::send_datagrams(fd, &one) {
+                    (1, _) => {}
+                    (_, true) => return Some(k),
+                    _ => self.udp_dropped += 1,
+                }
+                k += 1;
+                continue;
+            }
+            // The arena holds a run's datagrams back to back.
+            let run = self.udp_queue[k].2.start..self.udp_queue[end - 1].2.end;
+            match sys::send_segmented(fd, dst, &self.udp_arena[run], size as u16) {
+                Ok(_) => k = end,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(k),
+                Err(e) => {
+                    // No GSO here (or not for this route): one by one from now on.
+                    tracing::info!(
+                        "UDP segmentation offload refused ({e}): sending datagrams one by one"
+                    );
+                    self.udp_gso = false;
+                    return self.send_queued_one_by_one(fd, k..j);
+                }
+            }
+        }
+        None
+    }
+
+    /// Keeps the queued datagrams in `kept` (in order) for the next flush and forgets the rest;
+    /// what exceeds `UDP_BACKLOG_MAX` bytes is dropped, oldest first.
+    fn keep_unsent(&mut self, kept: &[std::ops::Range<usize>]) {
+        if kept.is_empty() {
+            self.udp_queue.clear();
+            self.udp_arena.clear();
+            return;
+        }
+        let mut total: usize = kept
             .iter()
-            .map(|(_, d, r)| (*d, &self.udp_arena[r.clone()]))
-            .collect();
-        self.udp_dropped += (msgs.len() - sys::send_datagrams(fd, &msgs)) as u64;
+            .flat_map(|r| self.udp_queue[r.clone()].iter())
+            .map(|(_, _, b)| b.len())
+            .sum();
+        let mut queue = Vec::new();
+        let mut arena = Vec::new();
+        for (id, dst, bytes) in kept.iter().flat_map(|r| self.udp_queue[r.clone()].iter()) {
+            if total > UDP_BACKLOG_MAX {
+                total -= bytes.len();
+                self.udp_dropped += 1;
+                continue;
+            }
+            let start = arena.len();
+            arena.extend_from_slice(&self.udp_arena[bytes.clone()]);
+            queue.push((*id, *dst, start..arena.len()));
+        }
+        self.udp_queue = queue;
+        self.udp_arena = arena;
+    }
+
+    /// Watches the sockets of `blocked` flows for room (and stops watching the others).
+    fn arm_writable(&mut self, blocked: &[FlowId]) {
+        let mut armed = std::mem::take(&mut self.udp_armed);
+        armed.retain(|id| {
+            if blocked.contains(id) {
+                return true;
+            }
+            if let Ok(s) = sock(&self.socks, *id) {
+                let ev = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, *id as u64);
+                let _ = self.epoll.modify(s, &mut ev.clone());
+            }
+            false
+        });
+        for id in blocked {
+            if armed.contains(id) {
+                continue;
+            }
+            if let Ok(s) = sock(&self.socks, *id) {
+                let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLOUT | EpollFlags::EPOLLET;
+                let _ = self
+                    .epoll
+                    .modify(s, &mut EpollEvent::new(flags, *id as u64));
+                armed.push(*id);
+            }
+        }
+        self.udp_armed = armed;
     }
 
     /// Stages an accepted TCP socket for `Core::tcp_inbound`.
@@ -533,9 +673,19 @@ pub fn serve(
         for ev in &events[..n] {
             let flags = ev.events();
             match ev.data() {
-                TAP => tap_more = true,
+                TAP => {
+                    tap_more = true;
+                    // The ring link's socket reports its link's end as an error (ENETDOWN).
+                    if flags.contains(EpollFlags::EPOLLERR)
+                        && host.ring.as_ref().and_then(RxRing::error).is_some()
+                    {
+                        on_wake(core, host, Wake::TapGone, now);
+                        return Ok(());
+                    }
+                }
                 t if t >= TAP => {
                     if !on_wake(core, host, Wake::Token(t), now) {
+                        finish(core, host, &mut frame);
                         return Ok(());
                     }
                 }
@@ -550,44 +700,134 @@ pub fn serve(
                 }
             }
         }
-        if tap_more {
-            tap_more = false;
-            for _ in 0..TAP_BUDGET {
-                let Some(tap) = &host.tap else { break };
-                match nix::unistd::read(tap.as_fd(), &mut frame) {
-                    Ok(len) => {
-                        let (rx, body) = if host.vnet_hdr {
-                            if len < VNET_HDR_LEN {
-                                continue;
-                            }
-                            let f = frame[0];
-                            let trusted = f
-                                & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID)
-                                != 0;
-                            (
-                                RxMeta {
-                                    csum_trusted: trusted,
-                                },
-                                &frame[VNET_HDR_LEN..len],
-                            )
-                        } else {
-                            (RxMeta::default(), &frame[..len])
-                        };
-                        core.on_frame(host, body, rx, now);
-                        tap_more = true;
-                    }
-                    Err(nix::errno::Errno::EAGAIN) => {
-                        tap_more = false;
-                        break;
-                    }
-                    Err(nix::errno::Errno::EINTR) => {}
-                    Err(_) => {
-                        on_wake(core, host, Wake::TapGone, now);
-                        return Ok(());
-                    }
+        if tap_more && host.ring.is_some() {
+            tap_more = take_from_ring(core, host, &mut frame, now);
+        } else if tap_more {
+            match take_from_tap(core, host, &mut frame, now) {
+                Some(more) => tap_more = more,
+                None => {
+                    on_wake(core, host, Wake::TapGone, now);
+                    return Ok(());
                 }
             }
         }
         core.flush(host, now);
     }
+}
+
+/// Hands up to `TAP_BUDGET` frames read from the TAP to the core; returns whether more may wait,
+/// or `None` if the TAP is gone.
+fn take_from_tap(
+    core: &mut Core,
+    host: &mut KernelHost,
+    frame: &mut [u8],
+    now: Instant,
+) -> Option<bool> {
+    for _ in 0..TAP_BUDGET {
+        let Some(tap) = &host.tap else {
+            return Some(false);
+        };
+        match nix::unistd::read(tap.as_fd(), frame) {
+            Ok(len) => {
+                let (rx, body) = if host.vnet_hdr {
+                    if len < VNET_HDR_LEN {
+                        continue;
+                    }
+                    let f = frame[0];
+                    let trusted =
+                        f & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID) != 0;
+                    (
+                        RxMeta {
+                            csum_trusted: trusted,
+                        },
+                        &frame[VNET_HDR_LEN..len],
+                    )
+                } else {
+                    (RxMeta::default(), &frame[..len])
+                };
+                core.on_frame(host, body, rx, now);
+            }
+            Err(nix::errno::Errno::EAGAIN) => return Some(false),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return None,
+        }
+    }
+    Some(true)
+}
+
+/// How long a stopping engine goes on handing over what the container sent before it ended.
+const FINISH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The engine stops (the container's command ended): frames the container sent are still
+/// handed on, those the link holds and datagrams waiting for room in a host socket, for at most
+/// `FINISH_WAIT`.
+fn finish(core: &mut Core, host: &mut KernelHost, frame: &mut [u8]) {
+    let deadline = Instant::now() + FINISH_WAIT;
+    loop {
+        let now = Instant::now();
+        let more = if host.ring.is_some() {
+            take_from_ring(core, host, frame, now)
+        } else {
+            take_from_tap(core, host, frame, now).unwrap_or(false)
+        };
+        core.flush(host, now);
+        if !more || now >= deadline {
+            break;
+        }
+    }
+    let mut events = [EpollEvent::empty(); 16];
+    while !host.udp_queue.is_empty() && Instant::now() < deadline {
+        let _ = host.epoll.wait(&mut events, EpollTimeout::from(10u16));
+        host.flush();
+    }
+}
+
+/// Hands up to `TAP_BUDGET` frames from the ring link to the core; returns whether more may wait.
+fn take_from_ring(core: &mut Core, host: &mut KernelHost, frame: &mut [u8], now: Instant) -> bool {
+    // The ring leaves the host while the core runs, which may write frames through the host.
+    let Some(mut ring) = host.ring.take() else {
+        return false;
+    };
+    let mut more = true;
+    for _ in 0..TAP_BUDGET {
+        match ring.take() {
+            None => {
+                more = false;
+                break;
+            }
+            Some(Taken::Frame(body, trusted)) => {
+                core.on_frame(
+                    host,
+                    body,
+                    RxMeta {
+                        csum_trusted: trusted,
+                    },
+                    now,
+                );
+            }
+            Some(Taken::Queued(trusted)) => match ring.recv_queued(frame) {
+                Some(len) => {
+                    core.on_frame(
+                        host,
+                        &frame[..len],
+                        RxMeta {
+                            csum_trusted: trusted,
+                        },
+                        now,
+                    );
+                }
+                None => {
+                    tracing::debug!("ring: queued frame missing");
+                    host.rx_lost += 1
+                }
+            },
+            Some(Taken::Lost) => {
+                tracing::debug!("ring: frame cut short");
+                host.rx_lost += 1
+            }
+        }
+        ring.release();
+    }
+    host.ring = Some(ring);
+    more
 }

@@ -8,6 +8,7 @@ pub mod driver;
 pub mod keeper;
 pub mod ns;
 pub mod publish;
+pub mod ring;
 pub mod session;
 pub mod slirp;
 pub mod sys;

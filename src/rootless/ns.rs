@@ -8,6 +8,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use super::ring;
 use super::sys::{self, IfName};
 
 /// How the TAP device is set up once created.
@@ -39,10 +40,50 @@ pub enum Enter {
 /// Frames the TAP's queue holds (the kernel's default for a TAP is 500): room for bursts.
 pub const TXQUEUELEN: u32 = 4096;
 
+/// What carries the container's frames to rnat and back.
+pub enum LinkPlan {
+    /// A TAP device: one fd, read and written a frame per system call.
+    Tap,
+    /// A veth pair: the container's end named like the TAP would be, its peer in a private network
+    /// namespace of rnat's (owned by the same user namespace), where two packet sockets read it
+    /// through a ring and write to it. The request creating the pair is built before the fork.
+    Ring {
+        peer: IfName,
+        veth_msg: Vec<u8>,
+        /// Where in `veth_msg` the private namespace's fd goes.
+        fd_at: usize,
+        geometry: ring::Geometry,
+    },
+}
+
+impl LinkPlan {
+    /// The packet ring link, its request prepared for a container end named `tap_name`.
+    pub fn ring(tap_name: &str, mtu: u16) -> LinkPlan {
+        let (veth_msg, fd_at) = sys::veth_request(tap_name, RING_PEER, mtu);
+        LinkPlan::Ring {
+            peer: IfName::new(RING_PEER).expect("a valid constant name"),
+            veth_msg,
+            fd_at,
+            geometry: ring::Geometry::DEFAULT,
+        }
+    }
+}
+
+/// The name of the veth's peer in rnat's private namespace (nothing else lives there).
+const RING_PEER: &str = "rnat0";
+
+/// The link's fds as the child made them: the one frames are written to, and for the ring link
+/// the socket whose ring they are read from (for a TAP, the same fd does both).
+pub struct Link {
+    pub tx: OwnedFd,
+    pub rx: Option<OwnedFd>,
+}
+
 /// Everything the child needs, prepared before the fork.
 pub struct TapPlan {
     pub enter: Enter,
     pub tap: IfName,
+    pub link: LinkPlan,
     pub vnet_hdr: bool,
     pub address: Option<TapAddress>,
     /// The tap queue length; rnat sizes its windows to it.
@@ -56,6 +97,7 @@ impl TapPlan {
     pub fn new_namespaces(
         resolv: Option<&std::path::Path>,
         tap_name: &str,
+        link: LinkPlan,
         vnet_hdr: bool,
         address: Option<TapAddress>,
     ) -> io::Result<TapPlan> {
@@ -73,6 +115,7 @@ impl TapPlan {
             },
             txqlen_msg: sys::txqlen_request(tap_name, TXQUEUELEN),
             tap,
+            link,
             vnet_hdr,
             address,
             txqueuelen: TXQUEUELEN,
@@ -192,15 +235,73 @@ pub fn enter_and_make_tap(plan: &TapPlan, sock: RawFd) -> Result<(), (Step, io::
                 .map_err(at(Step::JoinNetns))?;
         }
     }
-    let tap = sys::tap_create(&plan.tap, plan.vnet_hdr).map_err(at(Step::CreateTap))?;
-    if let Some(a) = &plan.address {
-        configure(plan, a).map_err(at(Step::Configure))?;
+    match &plan.link {
+        LinkPlan::Tap => {
+            let tap = sys::tap_create(&plan.tap, plan.vnet_hdr).map_err(at(Step::CreateTap))?;
+            if let Some(a) = &plan.address {
+                configure(plan, a).map_err(at(Step::Configure))?;
+            }
+            sys::send_fds(sock, &[tap.as_raw_fd()]).map_err(at(Step::SendFd))?;
+        }
+        LinkPlan::Ring {
+            peer,
+            veth_msg,
+            fd_at,
+            geometry,
+        } => {
+            let (tx, rx) = make_ring_link(plan, peer, veth_msg, *fd_at, geometry)?;
+            sys::send_fds(sock, &[tx.as_raw_fd(), rx.as_raw_fd()]).map_err(at(Step::SendFd))?;
+        }
     }
-    sys::send_fd(sock, tap.as_raw_fd()).map_err(at(Step::SendFd))?;
     if matches!(plan.enter, Enter::New { .. }) {
         crate::process::remount_sys();
     }
     Ok(())
+}
+
+/// In the child, in the container's namespace: makes rnat's private namespace, the veth pair
+/// between the two, and the packet sockets on the peer; returns (tx, rx) and leaves the thread in
+/// the container's namespace again.
+fn make_ring_link(
+    plan: &TapPlan,
+    peer: &IfName,
+    veth_msg: &[u8],
+    fd_at: usize,
+    geometry: &ring::Geometry,
+) -> Result<(OwnedFd, OwnedFd), (Step, io::Error)> {
+    let at = |step: Step| move |e: io::Error| (step, e);
+    let container = sys::open_netns().map_err(at(Step::CreateTap))?;
+    // SAFETY: unshare(2) with a constant flag; the child is single-threaded.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNET) }).map_err(at(Step::CreateTap))?;
+    let private = sys::open_netns().map_err(at(Step::CreateTap))?;
+    sys::enter_netns(container.as_raw_fd()).map_err(at(Step::CreateTap))?;
+    sys::netlink_request_with_fd(veth_msg, fd_at, private.as_raw_fd())
+        .map_err(at(Step::CreateTap))?;
+    // Frames from the container must reach the ring in the order they were sent. A veth hands
+    // frames to its peer's per-CPU backlog, so a TCP socket sending from two CPUs (the
+    // application's and the one handling rnat's ACKs) gets them reordered, unless the peer runs
+    // NAPI (GRO on) and takes them through its one queue, which it does only for frames that
+    // are not TSO-capable: so no TSO on the container's end (the container's stack still
+    // segments in software, and GRO on the peer joins the segments again).
+    let ctl = sys::ctl_socket().map_err(at(Step::CreateTap))?;
+    sys::if_set_feature(ctl.as_raw_fd(), &plan.tap, sys::ETHTOOL_STSO, false)
+        .map_err(at(Step::CreateTap))?;
+    if let Some(a) = &plan.address {
+        configure(plan, a).map_err(at(Step::Configure))?;
+    }
+    sys::enter_netns(private.as_raw_fd()).map_err(at(Step::CreateTap))?;
+    let socks = (|| {
+        let ctl = sys::ctl_socket()?;
+        sys::if_set_feature(ctl.as_raw_fd(), peer, sys::ETHTOOL_SGRO, true)?;
+        sys::if_up(ctl.as_raw_fd(), peer)?;
+        let index = sys::if_index(ctl.as_raw_fd(), peer)?;
+        let rx = sys::packet_rx_ring(index, &geometry.request())?;
+        let tx = sys::packet_tx(index, plan.vnet_hdr)?;
+        Ok((tx, rx))
+    })()
+    .map_err(at(Step::CreateTap));
+    sys::enter_netns(container.as_raw_fd()).map_err(at(Step::CreateTap))?;
+    socks
 }
 
 /// Brings up `lo`, gives the TAP its address, MTU and queue length, and adds the default route.
@@ -239,19 +340,25 @@ pub enum TapError {
     Other(io::Error),
 }
 
-/// Receives the TAP's fd from the child, or the step at which it failed.
-pub fn recv_tap(sock: RawFd) -> Result<OwnedFd, TapError> {
+/// Receives the link's fds from the child, or the step at which it failed.
+pub fn recv_link(sock: RawFd) -> Result<Link, TapError> {
     let mut msg = [0u8; 5];
-    match sys::recv_fd(sock, &mut msg) {
-        Ok((Some(fd), _)) => Ok(fd),
-        Ok((None, 5)) => {
+    match sys::recv_fds(sock, &mut msg) {
+        Ok((fds, _)) if !fds.is_empty() => {
+            let mut fds = fds.into_iter();
+            let tx = fds
+                .next()
+                .ok_or(TapError::Other(io::Error::from_raw_os_error(libc::EBADF)))?;
+            Ok(Link { tx, rx: fds.next() })
+        }
+        Ok((_, 5)) => {
             let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
             match Step::from_u8(msg[0]) {
                 Some(step) => Err(TapError::Step(step, io::Error::from_raw_os_error(errno))),
                 None => Err(TapError::Other(io::Error::from_raw_os_error(errno))),
             }
         }
-        Ok((None, _)) => Err(TapError::Other(io::Error::new(
+        Ok(_) => Err(TapError::Other(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the namespace helper exited without a TAP device",
         ))),
@@ -261,7 +368,7 @@ pub fn recv_tap(sock: RawFd) -> Result<OwnedFd, TapError> {
 
 /// For `rnat attach`: forks a child that joins existing namespaces and makes the TAP there;
 /// returns its fd. Must be called while this process has a single thread.
-pub fn tap_in_existing(plan: &TapPlan) -> Result<OwnedFd, TapError> {
+pub fn link_in_existing(plan: &TapPlan) -> Result<Link, TapError> {
     let (ours, theirs) = fd_channel().map_err(TapError::Other)?;
     // SAFETY: the process is single-threaded here (the caller's contract), so the child may do
     // anything; it only runs `enter_and_make_tap` and exits without unwinding.
@@ -281,7 +388,7 @@ pub fn tap_in_existing(plan: &TapPlan) -> Result<OwnedFd, TapError> {
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(theirs);
-            let got = recv_tap(ours.as_raw_fd());
+            let got = recv_link(ours.as_raw_fd());
             let _ = nix::sys::wait::waitpid(child, None);
             got
         }

@@ -95,7 +95,7 @@ impl Default for Options {
 pub enum Error {
     #[error("{0}")]
     Invalid(String),
-    #[error("cannot use /dev/net/tun: {0} (rootless mode needs it readable and writable by everyone, mode 0666, as most distributions ship it)")]
+    #[error("cannot use /dev/net/tun: {0} (RNAT_LINK=tap needs it readable and writable by everyone, mode 0666, as most distributions ship it)")]
     Tun(io::Error),
     #[error("{}: {source}{hint}", step.describe(), hint = hint(*.step, .source))]
     Namespaces { step: ns::Step, source: io::Error },
@@ -201,6 +201,26 @@ fn check_tun() -> Result<(), Error> {
     .map_err(|e| Error::Tun(e.into()))
 }
 
+/// The link to the container: `RNAT_LINK=tap` or `ring` chooses; by default a TAP when
+/// /dev/net/tun can be opened, else the packet ring link, which needs no device file.
+fn choose_link(opts: &Options) -> Result<ns::LinkPlan, Error> {
+    let ring = || ns::LinkPlan::ring(&opts.tap_name, opts.mtu);
+    match std::env::var("RNAT_LINK").as_deref() {
+        Ok("ring") => Ok(ring()),
+        Ok("tap") => check_tun().map(|()| ns::LinkPlan::Tap),
+        Ok(other) => Err(Error::Invalid(format!(
+            "RNAT_LINK={other:?}: the link is \"tap\" or \"ring\""
+        ))),
+        Err(_) => match check_tun() {
+            Ok(()) => Ok(ns::LinkPlan::Tap),
+            Err(e) => {
+                tracing::info!("{e}; using the packet ring link instead");
+                Ok(ring())
+            }
+        },
+    }
+}
+
 /// A self-pipe that turns SIGINT, SIGTERM and SIGHUP into readable bytes.
 struct SignalPipe {
     read: std::os::unix::net::UnixStream,
@@ -249,8 +269,8 @@ impl Drop for SignalPipe {
 /// and returns the status to exit with.
 pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
     let cfg = build_config(opts)?;
-    check_tun()?;
     IfName::new(&opts.tap_name).map_err(Error::Invalid)?;
+    let link = choose_link(opts)?;
     let (prog, args) = argv
         .split_first()
         .ok_or_else(|| Error::Invalid("no command given".into()))?;
@@ -273,6 +293,7 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
     let plan = TapPlan::new_namespaces(
         Some(resolv_file.path()),
         &opts.tap_name,
+        link,
         opts.offload,
         Some(tap_addr),
     )
@@ -305,7 +326,7 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
     let spawned = cmd.spawn();
     drop(theirs);
     drop(resolv_file);
-    let tap = ns::recv_tap(ours.as_raw_fd());
+    let tap = ns::recv_link(ours.as_raw_fd());
     match (spawned, tap) {
         (Ok(mut child), Ok(tap)) => {
             child_pid.set(child.id() as i32);
@@ -438,12 +459,12 @@ impl Instance {
     }
 
     /// Serves until `child` exits; signals are passed on to it.
-    fn serve_child(&mut self, tap: OwnedFd, child: &mut std::process::Child) -> Result<(), Error> {
+    fn serve_child(&mut self, tap: ns::Link, child: &mut std::process::Child) -> Result<(), Error> {
         let pid = child.id() as libc::pid_t;
         self.child = pid;
         let pidfd = sys::pidfd_open(pid).map_err(io_err("watching the container's process"))?;
         self.host
-            .attach_tap(tap)
+            .attach_link(tap)
             .map_err(io_err("setting up the event loop"))?;
         self.host
             .watch(pidfd.as_fd(), EXIT_TOKEN)
@@ -513,7 +534,12 @@ impl Instance {
                 true
             }
         });
-        tracing::debug!(stats = ?self.core.stats(), ports = ?self.ports.stats(), "rootless engine stopped");
+        tracing::debug!(
+            stats = ?self.core.stats(),
+            ports = ?self.ports.stats(),
+            link = ?self.host.link_stats(),
+            "rootless engine stopped"
+        );
         result.map_err(io_err("serving the container's network"))
     }
 }
@@ -729,8 +755,8 @@ pub fn attach_with(
     extras: AttachExtras,
 ) -> Result<i32, Error> {
     let cfg = build_config(opts)?;
-    check_tun()?;
     let tap_name = IfName::new(&opts.tap_name).map_err(Error::Invalid)?;
+    let link = choose_link(opts)?;
     let open = |p: &Path| -> Result<OwnedFd, Error> {
         std::fs::File::open(p)
             .map(OwnedFd::from)
@@ -764,12 +790,13 @@ pub fn attach_with(
     let plan = TapPlan {
         enter: Enter::Join { userns, netns },
         tap: tap_name,
+        link,
         vnet_hdr: opts.offload,
         address: configure.then(|| tap_address(&cfg, opts)),
         txqueuelen: ns::TXQUEUELEN,
         txqlen_msg: sys::txqlen_request(&opts.tap_name, ns::TXQUEUELEN),
     };
-    let tap = ns::tap_in_existing(&plan)?;
+    let tap = ns::link_in_existing(&plan)?;
     let Enter::Join { userns, netns } = plan.enter else {
         unreachable!("attach joins namespaces")
     };
@@ -784,7 +811,7 @@ pub fn attach_with(
         });
     let mut inst = Instance::new(cfg, opts, keeper_target)?;
     inst.host
-        .attach_tap(tap)
+        .attach_link(tap)
         .map_err(io_err("setting up the event loop"))?;
     if let Some(p) = &pidfd {
         inst.host

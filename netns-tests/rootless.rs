@@ -174,6 +174,54 @@ fn the_ring_link_needs_no_tap_and_shows_one_link() {
 }
 
 #[test]
+fn without_tun_access_rnat_falls_back_to_the_ring_link() {
+    // /dev/net/tun hidden from the test user (a root-owned 0644 file bound over it, in a private
+    // mount namespace): rnat run still serves the container, over a veth; forcing the TAP fails
+    // with one line that names the device.
+    let t = topology!("rl_notun");
+    let r = rig(t);
+    let _echo = r.t.server(&r.t.u, &tcp_echo_server(7000), "tcp", 7000);
+    let blocker = r.t.work_file("no-tun", b"");
+    let blocker = blocker.to_str().expect("UTF-8 path");
+    let as_user = format!("setpriv --reuid {USER} --regid {USER} --clear-groups --");
+    let run = |link: &str| {
+        let script = format!(
+            "mount --bind {blocker} /dev/net/tun && exec env {link} {as_user} {} run -- sh -c \
+             'ip -d -o link show tap0; echo via-ring | socat -t 5 -T 10 - TCP:{U_IP}:7000'",
+            r.rnat
+        );
+        let mut cmd = r.t.ns_command(
+            &r.t.h,
+            &[
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        cmd.current_dir("/")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("RNAT_LINK");
+        procs::run_bounded(cmd, None, RUN_TIMEOUT)
+    };
+    let out = run("RNAT_LOG=warn");
+    assert!(out.success(), "{}", out.describe());
+    let text = out.stdout_str();
+    assert!(text.contains(" veth "), "tap0 is a veth\n{text}");
+    assert!(text.contains("via-ring"), "the echo came back\n{text}");
+    let forced = run("RNAT_LINK=tap");
+    assert!(!forced.success(), "{}", forced.describe());
+    let err = forced.stderr_str();
+    assert!(
+        err.lines().count() == 1 && err.contains("/dev/net/tun"),
+        "one line naming the device: {err}"
+    );
+}
+
+#[test]
 fn bulk_tcp_both_ways_arrives_intact() {
     let t = topology!("rl_bulk");
     let r = rig(t);

@@ -169,42 +169,44 @@ impl RxRing {
             tp_packets: 0,
             tp_drops: 0,
         };
-        let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
-        // SAFETY: getsockopt(2) into a tpacket_stats of the stated size.
-        let r = unsafe {
-            libc::getsockopt(
-                self.sock.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_STATISTICS,
-                (&mut st as *mut libc::tpacket_stats).cast(),
-                &mut len,
-            )
-        };
-        if r == 0 {
-            u64::from(st.tp_drops)
-        } else {
-            0
+        match self.get_option(libc::SOL_PACKET, libc::PACKET_STATISTICS, &mut st) {
+            Ok(()) => u64::from(st.tp_drops),
+            Err(_) => 0,
         }
     }
 
     /// The socket's pending error: `ENETDOWN` once the link is gone (its namespace ended).
     pub fn error(&self) -> Option<io::Error> {
         let mut err: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt(2) into an int of the stated size.
+        if let Err(e) = self.get_option(libc::SOL_SOCKET, libc::SO_ERROR, &mut err) {
+            return Some(e);
+        }
+        (err != 0).then(|| io::Error::from_raw_os_error(err))
+    }
+
+    /// getsockopt(2) of a plain-data option into `value`.
+    fn get_option<T: Copy>(
+        &self,
+        level: libc::c_int,
+        opt: libc::c_int,
+        value: &mut T,
+    ) -> io::Result<()> {
+        let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+        // SAFETY: getsockopt(2) writes at most `len` bytes into `value`, which is plain data
+        // (`Copy`, every bit pattern of the options read here valid) of that size.
         let r = unsafe {
             libc::getsockopt(
                 self.sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                (&mut err as *mut libc::c_int).cast(),
+                level,
+                opt,
+                (value as *mut T).cast(),
                 &mut len,
             )
         };
         if r != 0 {
-            return Some(io::Error::last_os_error());
+            return Err(io::Error::last_os_error());
         }
-        (err != 0).then(|| io::Error::from_raw_os_error(err))
+        Ok(())
     }
 }
 

@@ -216,7 +216,7 @@ impl Engine {
         let mut live = Vec::new();
         for e in self.dirs.list_records()? {
             if e.slot.is_none_or(|s| probe.held(s)) {
-                live.push(e);
+                live.push(self.dirs.migrate_record(e)?);
             } else if let Some(rec) = self.dirs.read_record(&e)? {
                 tracing::info!(container = %rec.name, "owner process is gone; cleaning up");
                 self.teardown_locked(&rec)?;

@@ -613,6 +613,27 @@ impl StateDirs {
         read_json(&self.containers().join(e.file_name()))
     }
 
+    /// A record named the way rnat named them before names went into file names
+    /// (`ID.pSLOT.json`, left by a container started before an upgrade) is renamed to its current
+    /// name, so that look-ups by name find it; any other entry comes back as it is. Call under
+    /// the state lock.
+    pub fn migrate_record(&self, e: Entry) -> Result<Entry, StateError> {
+        if e.slot.is_none() || e.name.is_some() {
+            return Ok(e);
+        }
+        let Some(rec) = self.read_record(&e)? else {
+            return Ok(e);
+        };
+        let (old, new) = (e.file_name(), Entry::of(&rec));
+        let (from, to) = (
+            self.containers().join(old),
+            self.containers().join(new.file_name()),
+        );
+        fs::rename(&from, &to).map_err(io_err(&from))?;
+        let _ = fs::remove_file(spare_path(&from));
+        Ok(new)
+    }
+
     /// Files of removed records, kept to be reused by new ones (see `write_record`).
     fn recycled(&self) -> PathBuf {
         self.run.join("recycled")
@@ -855,6 +876,38 @@ mod tests {
         // Without a recycled file, a new one is made.
         dirs.write_record(&a).unwrap();
         assert_eq!(dirs.list_records().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_record_named_the_old_way_is_renamed_found_by_name_and_removed() {
+        let dir = Scratch::new("legacy");
+        let dirs = StateDirs {
+            lib: dir.0.join("lib"),
+            run: dir.0.join("run"),
+        };
+        fs::create_dir_all(dirs.containers()).unwrap();
+        let a = record("aaaaaaaaaaaa", 4);
+        let legacy = dirs.containers().join("aaaaaaaaaaaa.p4.json");
+        fs::write(&legacy, serde_json::to_vec(&a).unwrap()).unwrap();
+        let listed = dirs.list_records().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            listed[0].name, None,
+            "the old name carries no container name"
+        );
+        let e = dirs.migrate_record(listed[0].clone()).unwrap();
+        assert_eq!(e.name.as_deref(), Some("naaaaaaaaaaaa"));
+        assert!(!legacy.exists());
+        let listed = dirs.list_records().unwrap();
+        assert_eq!(listed, vec![e.clone()], "one record, under its new name");
+        assert_eq!(dirs.read_record(&e).unwrap(), Some(a.clone()));
+        assert_eq!(
+            dirs.migrate_record(e.clone()).unwrap(),
+            e,
+            "a current name stays"
+        );
+        dirs.remove_record(&a).unwrap();
+        assert!(dirs.list_records().unwrap().is_empty());
     }
 
     #[test]

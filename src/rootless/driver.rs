@@ -51,6 +51,8 @@ pub struct KernelHost {
     udp_arena: Vec<u8>,
     /// Flows whose sockets are watched for room (`EPOLLOUT`) because datagrams wait for it.
     udp_armed: Vec<FlowId>,
+    /// Armed flows whose sockets reported room since the last flush (the others are not retried).
+    udp_woken: Vec<FlowId>,
     /// Whether UDP segmentation offload works here (turned off at its first failure).
     udp_gso: bool,
     /// Datagrams the host's socket buffers refused.
@@ -73,7 +75,7 @@ fn sock(socks: &[Option<Socket>], id: FlowId) -> io::Result<&Socket> {
 }
 
 impl KernelHost {
-    /// A host without its TAP yet (see `attach_tap`): ports can be bound before the container
+    /// A host without its link yet (see `attach_link`): ports can be bound before the container
     /// exists.
     pub fn new(vnet_hdr: bool) -> io::Result<KernelHost> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -91,6 +93,7 @@ impl KernelHost {
             udp_queue: Vec::new(),
             udp_arena: Vec::new(),
             udp_armed: Vec::new(),
+            udp_woken: Vec::new(),
             udp_gso: std::env::var_os("RNAT_NO_UDP_GSO").is_none(),
             udp_dropped: 0,
             tx_dropped: 0,
@@ -329,7 +332,12 @@ impl Host for KernelHost {
             while j < self.udp_queue.len() && self.udp_queue[j].0 == id {
                 j += 1;
             }
-            if blocked.contains(&id) {
+            let waiting = self.udp_armed.contains(&id) && !self.udp_woken.contains(&id);
+            if waiting || blocked.contains(&id) {
+                // Still no room reported (or blocked earlier in this pass): not tried.
+                if !blocked.contains(&id) {
+                    blocked.push(id);
+                }
                 kept.push(i..j);
                 i = j;
                 continue;
@@ -353,6 +361,7 @@ impl Host for KernelHost {
             }
             i = j;
         }
+        self.udp_woken.clear();
         self.keep_unsent(&kept);
         self.arm_writable(&blocked);
     }
@@ -518,6 +527,9 @@ impl KernelHost {
             self.udp_queue.clear();
             self.udp_arena.clear();
             return;
+        }
+        if kept.len() == 1 && kept[0] == (0..self.udp_queue.len()) {
+            return; // nothing went: the queue stands as it is
         }
         let mut total: usize = kept
             .iter()
@@ -690,6 +702,11 @@ pub fn serve(
                     }
                 }
                 id => {
+                    if flags.contains(EpollFlags::EPOLLOUT)
+                        && host.udp_armed.contains(&(id as usize))
+                    {
+                        host.udp_woken.push(id as usize);
+                    }
                     let ready = Ready {
                         readable: flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP),
                         writable: flags.contains(EpollFlags::EPOLLOUT),
@@ -700,10 +717,13 @@ pub fn serve(
                 }
             }
         }
-        if tap_more && host.ring.is_some() {
-            tap_more = take_from_ring(core, host, &mut frame, now);
-        } else if tap_more {
-            match take_from_tap(core, host, &mut frame, now) {
+        if tap_more {
+            let taken = if host.ring.is_some() {
+                take_from_ring(core, host, &mut frame, now)
+            } else {
+                take_from_tap(core, host, &mut frame, now)
+            };
+            match taken {
                 Some(more) => tap_more = more,
                 None => {
                     on_wake(core, host, Wake::TapGone, now);
@@ -768,62 +788,69 @@ fn finish(core: &mut Core, host: &mut KernelHost, frame: &mut [u8]) {
         let more = if host.ring.is_some() {
             take_from_ring(core, host, frame, now)
         } else {
-            take_from_tap(core, host, frame, now).unwrap_or(false)
-        };
+            take_from_tap(core, host, frame, now)
+        }
+        .unwrap_or(false);
         core.flush(host, now);
         if !more || now >= deadline {
             break;
         }
     }
-    let mut events = [EpollEvent::empty(); 16];
+    // Datagrams waiting for room: wait on those sockets alone (the epoll set holds fds that stay
+    // ready now, the container's exit among them).
     while !host.udp_queue.is_empty() && Instant::now() < deadline {
-        let _ = host.epoll.wait(&mut events, EpollTimeout::from(10u16));
+        let armed: Vec<FlowId> = host.udp_armed.clone();
+        let socks: Vec<&Socket> = armed
+            .iter()
+            .filter_map(|id| sock(&host.socks, *id).ok())
+            .collect();
+        let mut fds: Vec<nix::poll::PollFd> = socks
+            .iter()
+            .map(|s| nix::poll::PollFd::new(s.as_fd(), nix::poll::PollFlags::POLLOUT))
+            .collect();
+        if fds.is_empty() || nix::poll::poll(&mut fds, 10u16).is_err() {
+            break;
+        }
+        host.udp_woken = armed;
         host.flush();
     }
 }
 
-/// Hands up to `TAP_BUDGET` frames from the ring link to the core; returns whether more may wait.
-fn take_from_ring(core: &mut Core, host: &mut KernelHost, frame: &mut [u8], now: Instant) -> bool {
+/// Hands up to `TAP_BUDGET` frames from the ring link to the core; returns whether more may wait,
+/// or `None` if the link is gone.
+fn take_from_ring(
+    core: &mut Core,
+    host: &mut KernelHost,
+    frame: &mut [u8],
+    now: Instant,
+) -> Option<bool> {
     // The ring leaves the host while the core runs, which may write frames through the host.
-    let Some(mut ring) = host.ring.take() else {
-        return false;
-    };
-    let mut more = true;
+    let mut ring = host.ring.take()?;
+    let mut more = Some(true);
     for _ in 0..TAP_BUDGET {
+        let rx = |trusted| RxMeta {
+            csum_trusted: trusted,
+        };
         match ring.take() {
             None => {
-                more = false;
+                more = Some(false);
                 break;
             }
-            Some(Taken::Frame(body, trusted)) => {
-                core.on_frame(
-                    host,
-                    body,
-                    RxMeta {
-                        csum_trusted: trusted,
-                    },
-                    now,
-                );
-            }
+            Some(Taken::Frame(body, trusted)) => core.on_frame(host, body, rx(trusted), now),
             Some(Taken::Queued(trusted)) => match ring.recv_queued(frame) {
-                Some(len) => {
-                    core.on_frame(
-                        host,
-                        &frame[..len],
-                        RxMeta {
-                            csum_trusted: trusted,
-                        },
-                        now,
-                    );
+                Ok(len) => core.on_frame(host, &frame[..len], rx(trusted), now),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENETDOWN | libc::ENXIO)) => {
+                    more = None;
+                    break;
                 }
-                None => {
-                    tracing::debug!("ring: queued frame missing");
-                    host.rx_lost += 1
+                Err(e) => {
+                    tracing::debug!("ring: a frame too large for its slot was lost: {e}");
+                    host.rx_lost += 1;
                 }
             },
             Some(Taken::Lost) => {
-                tracing::debug!("ring: frame cut short");
-                host.rx_lost += 1
+                tracing::debug!("ring: a frame was cut short (no room to queue it whole)");
+                host.rx_lost += 1;
             }
         }
         ring.release();

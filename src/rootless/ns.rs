@@ -57,6 +57,10 @@ pub enum LinkPlan {
 }
 
 impl LinkPlan {
+    pub fn is_ring(&self) -> bool {
+        matches!(self, LinkPlan::Ring { .. })
+    }
+
     /// The packet ring link, its request prepared for a container end named `tap_name`.
     pub fn ring(tap_name: &str, mtu: u16) -> LinkPlan {
         let (veth_msg, fd_at) = sys::veth_request(tap_name, RING_PEER, mtu);
@@ -168,7 +172,7 @@ impl Step {
             Step::Mounts => "mounting resolv.conf in the container",
             Step::JoinUserns => "joining the user namespace",
             Step::JoinNetns => "joining the network namespace",
-            Step::CreateTap => "creating the TAP device",
+            Step::CreateTap => "creating the container's network device",
             Step::Configure => "configuring the TAP device",
             Step::SendFd => "passing the TAP device back",
         }
@@ -341,7 +345,8 @@ pub enum TapError {
 }
 
 /// Receives the link's fds from the child, or the step at which it failed.
-pub fn recv_link(sock: RawFd) -> Result<Link, TapError> {
+/// `ring`: whether the plan asked for the ring link (two fds) rather than a TAP (one).
+pub fn recv_link(sock: RawFd, ring: bool) -> Result<Link, TapError> {
     let mut msg = [0u8; 5];
     match sys::recv_fds(sock, &mut msg) {
         Ok((fds, _)) if !fds.is_empty() => {
@@ -349,7 +354,14 @@ pub fn recv_link(sock: RawFd) -> Result<Link, TapError> {
             let tx = fds
                 .next()
                 .ok_or(TapError::Other(io::Error::from_raw_os_error(libc::EBADF)))?;
-            Ok(Link { tx, rx: fds.next() })
+            let rx = fds.next();
+            if rx.is_some() != ring {
+                return Err(TapError::Other(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the namespace helper sent the wrong number of descriptors",
+                )));
+            }
+            Ok(Link { tx, rx })
         }
         Ok((_, 5)) => {
             let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
@@ -360,7 +372,7 @@ pub fn recv_link(sock: RawFd) -> Result<Link, TapError> {
         }
         Ok(_) => Err(TapError::Other(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            "the namespace helper exited without a TAP device",
+            "the namespace helper exited without the container's network device",
         ))),
         Err(e) => Err(TapError::Other(e)),
     }
@@ -388,7 +400,7 @@ pub fn link_in_existing(plan: &TapPlan) -> Result<Link, TapError> {
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(theirs);
-            let got = recv_link(ours.as_raw_fd());
+            let got = recv_link(ours.as_raw_fd(), plan.link.is_ring());
             let _ = nix::sys::wait::waitpid(child, None);
             got
         }

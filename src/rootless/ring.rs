@@ -12,7 +12,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
 
 /// The ring's shape. Slots hold a 1500-byte-MTU frame with its headers; larger frames take the
-/// copy path. 512 slots absorb the bursts the TAP's queue used to.
+/// copy path, whose queue is the socket's receive buffer (as large as `net.core.rmem_max` lets
+/// it be: 4 MiB on this machine, 208 KiB on a default one, a few 64 KiB frames).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
     pub block_size: u32,
@@ -148,9 +149,9 @@ impl RxRing {
         self.head = (self.head + 1) % self.geo.frame_nr();
     }
 
-    /// Receives the queued whole copy of a frame too large for its slot into `buf`; `None` if it
-    /// is not there or did not fit.
-    pub fn recv_queued(&self, buf: &mut [u8]) -> Option<usize> {
+    /// Receives the queued whole copy of a frame too large for its slot into `buf`, returning its
+    /// length; `EMSGSIZE` if it did not fit (it is gone), `ENETDOWN` once the link has gone.
+    pub fn recv_queued(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: recv(2) into a valid buffer of its stated length.
         let n = unsafe {
             libc::recv(
@@ -160,7 +161,13 @@ impl RxRing {
                 libc::MSG_DONTWAIT | libc::MSG_TRUNC,
             )
         };
-        (n >= 0 && (n as usize) <= buf.len()).then_some(n as usize)
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n as usize > buf.len() {
+            return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+        }
+        Ok(n as usize)
     }
 
     /// Frames the kernel dropped because the ring was full, since the last call.

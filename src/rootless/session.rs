@@ -194,11 +194,14 @@ fn tap_address(cfg: &Config, opts: &Options) -> TapAddress {
 }
 
 fn check_tun() -> Result<(), Error> {
-    nix::unistd::access(
-        "/dev/net/tun",
-        nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK,
-    )
-    .map_err(|e| Error::Tun(e.into()))
+    // Opened, not just checked for permission: a device cgroup or a missing module refuses an
+    // open that the file's mode allows.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map(drop)
+        .map_err(Error::Tun)
 }
 
 /// The link to the container: `RNAT_LINK=tap` or `ring` chooses; by default a TAP when
@@ -290,6 +293,7 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let resolv_file = write_resolv(&container_resolv(&host_resolv, inst.core.config().dns))?;
     let tap_addr = tap_address(inst.core.config(), opts);
+    let ring = link.is_ring();
     let plan = TapPlan::new_namespaces(
         Some(resolv_file.path()),
         &opts.tap_name,
@@ -326,7 +330,7 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
     let spawned = cmd.spawn();
     drop(theirs);
     drop(resolv_file);
-    let tap = ns::recv_link(ours.as_raw_fd());
+    let tap = ns::recv_link(ours.as_raw_fd(), ring);
     match (spawned, tap) {
         (Ok(mut child), Ok(tap)) => {
             child_pid.set(child.id() as i32);

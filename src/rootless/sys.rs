@@ -316,8 +316,8 @@ pub fn recv_fd(sock: RawFd, payload: &mut [u8]) -> io::Result<(Option<OwnedFd>, 
     Ok((fds.into_iter().next(), n))
 }
 
-/// Receives one message into `payload`: the fds it carried (SCM_RIGHTS, at most two), and its
-/// length.
+/// Receives one message into `payload`: the fds it carried (SCM_RIGHTS; room for four, more
+/// than any sender here sends), and its length.
 pub fn recv_fds(sock: RawFd, payload: &mut [u8]) -> io::Result<(Vec<OwnedFd>, usize)> {
     let mut iov = libc::iovec {
         iov_base: payload.as_mut_ptr().cast(),
@@ -345,7 +345,7 @@ pub fn recv_fds(sock: RawFd, payload: &mut [u8]) -> io::Result<(Vec<OwnedFd>, us
         {
             let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
             let d = libc::CMSG_DATA(c).cast::<RawFd>();
-            for i in 0..count.min(MAX_FDS) {
+            for i in 0..count {
                 fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(d.add(i))));
             }
         }
@@ -377,7 +377,8 @@ pub fn set_peek_off(sock: RawFd, off: libc::c_int) -> io::Result<()> {
 /// stopped because the socket's buffer was full (the rest may be sent when it drains).
 pub fn send_datagrams(fd: RawFd, msgs: &[(std::net::SocketAddrV4, &[u8])]) -> (usize, bool) {
     let mut sent = 0;
-    for chunk in msgs.chunks(64) {
+    while sent < msgs.len() {
+        let chunk = &msgs[sent..(sent + 64).min(msgs.len())];
         let mut addrs: Vec<libc::sockaddr_in> = chunk
             .iter()
             .map(|(a, _)| libc::sockaddr_in {
@@ -420,10 +421,13 @@ pub fn send_datagrams(fd: RawFd, msgs: &[(std::net::SocketAddrV4, &[u8])]) -> (u
         }
         sent += n as usize;
         if (n as usize) < chunk.len() {
-            // The next one was refused; ask again to learn why.
-            let rest = &msgs[sent..sent + 1];
-            let (again, full) = send_datagrams_once(fd, rest);
-            return (sent + again, full);
+            // The next one was refused: send it alone to learn why (it may go now; then the
+            // rest follow).
+            let (again, full) = send_datagrams_once(fd, &msgs[sent..sent + 1]);
+            if again == 0 {
+                return (sent, full);
+            }
+            sent += 1;
         }
     }
     (sent, false)

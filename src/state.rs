@@ -849,14 +849,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn removed_records_lend_their_files_to_new_ones() {
-        let dir = Scratch::new("recycle");
+    /// State directories inside `dir`, with the containers' directory made.
+    fn scratch_dirs(dir: &Scratch) -> StateDirs {
         let dirs = StateDirs {
             lib: dir.0.join("lib"),
             run: dir.0.join("run"),
         };
         fs::create_dir_all(dirs.containers()).unwrap();
+        dirs
+    }
+
+    #[test]
+    fn removed_records_lend_their_files_to_new_ones() {
+        let dir = Scratch::new("recycle");
+        let dirs = scratch_dirs(&dir);
         let (a, b) = (record("aaaaaaaaaaaa", 0), record("bbbbbbbbbbbb", 1));
         dirs.write_record(&a).unwrap();
         let e = dirs.list_records().unwrap();
@@ -881,11 +887,7 @@ mod tests {
     #[test]
     fn a_record_named_the_old_way_is_renamed_found_by_name_and_removed() {
         let dir = Scratch::new("legacy");
-        let dirs = StateDirs {
-            lib: dir.0.join("lib"),
-            run: dir.0.join("run"),
-        };
-        fs::create_dir_all(dirs.containers()).unwrap();
+        let dirs = scratch_dirs(&dir);
         let a = record("aaaaaaaaaaaa", 4);
         let legacy = dirs.containers().join("aaaaaaaaaaaa.p4.json");
         fs::write(&legacy, serde_json::to_vec(&a).unwrap()).unwrap();

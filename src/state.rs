@@ -615,21 +615,37 @@ impl StateDirs {
 
     /// A record named the way rnat named them before names went into file names
     /// (`ID.pSLOT.json`, left by a container started before an upgrade) is renamed to its current
-    /// name, so that look-ups by name find it; any other entry comes back as it is. Call under
-    /// the state lock.
+    /// name, so that look-ups by name find it; any other entry comes back as it is. Best effort:
+    /// a record that cannot be read or renamed stays as it is (and is only missing from look-ups
+    /// by name). Call under the state lock.
     pub fn migrate_record(&self, e: Entry) -> Result<Entry, StateError> {
         if e.slot.is_none() || e.name.is_some() {
             return Ok(e);
         }
-        let Some(rec) = self.read_record(&e)? else {
-            return Ok(e);
+        let from = self.containers().join(e.file_name());
+        let rec = match self.read_record(&e) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Ok(e),
+            Err(err) => {
+                tracing::warn!("cannot read the old-form record {}: {err}", from.display());
+                return Ok(e);
+            }
         };
-        let (old, new) = (e.file_name(), Entry::of(&rec));
-        let (from, to) = (
-            self.containers().join(old),
-            self.containers().join(new.file_name()),
-        );
-        fs::rename(&from, &to).map_err(io_err(&from))?;
+        let new = Entry::of(&rec);
+        let to = self.containers().join(new.file_name());
+        if to.exists() {
+            // Written under the new name since (a publish by an rnat in between): that one is
+            // current; the old file goes.
+            remove_file(&from)?;
+            return Ok(new);
+        }
+        if let Err(err) = fs::rename(&from, &to) {
+            tracing::warn!(
+                "cannot rename the old-form record {}: {err}",
+                from.display()
+            );
+            return Ok(e);
+        }
         let _ = fs::remove_file(spare_path(&from));
         Ok(new)
     }
@@ -908,6 +924,28 @@ mod tests {
             e,
             "a current name stays"
         );
+        // Both forms present (a newer write under the new name): the new one is kept.
+        let mut newer = a.clone();
+        newer.netns_inode = 8;
+        dirs.write_record(&newer).unwrap();
+        fs::write(&legacy, serde_json::to_vec(&a).unwrap()).unwrap();
+        let old = Entry {
+            name: None,
+            ..e.clone()
+        };
+        assert_eq!(dirs.migrate_record(old).unwrap(), e);
+        assert!(!legacy.exists());
+        assert_eq!(dirs.read_record(&e).unwrap(), Some(newer));
+        // An unreadable old-form record is left alone, not an error.
+        fs::write(&legacy, b"{ not json").unwrap();
+        let bad = dirs
+            .list_records()
+            .unwrap()
+            .into_iter()
+            .find(|x| x.name.is_none())
+            .unwrap();
+        assert_eq!(dirs.migrate_record(bad.clone()).unwrap(), bad);
+        fs::remove_file(&legacy).unwrap();
         dirs.remove_record(&a).unwrap();
         assert!(dirs.list_records().unwrap().is_empty());
     }

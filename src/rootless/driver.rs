@@ -528,8 +528,11 @@ impl KernelHost {
             self.udp_arena.clear();
             return;
         }
-        if kept.len() == 1 && kept[0] == (0..self.udp_queue.len()) {
-            return; // nothing went: the queue stands as it is
+        if kept.len() == 1
+            && kept[0] == (0..self.udp_queue.len())
+            && self.udp_arena.len() <= UDP_BACKLOG_MAX
+        {
+            return; // nothing went and the cap holds: the queue stands as it is
         }
         let mut total: usize = kept
             .iter()
@@ -808,8 +811,12 @@ fn finish(core: &mut Core, host: &mut KernelHost, frame: &mut [u8]) {
             .iter()
             .map(|s| nix::poll::PollFd::new(s.as_fd(), nix::poll::PollFlags::POLLOUT))
             .collect();
-        if fds.is_empty() || nix::poll::poll(&mut fds, 10u16).is_err() {
+        if fds.is_empty() {
             break;
+        }
+        match nix::poll::poll(&mut fds, 10u16) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
         }
         host.udp_woken = armed;
         host.flush();

@@ -107,6 +107,7 @@ impl KernelHost {
         match link.rx {
             None => self.epoll.add(&link.tx, wake)?,
             Some(rx) => {
+                // The shape the child set the ring up with (`ns::make_ring_link`).
                 let ring = RxRing::map(rx, ring::Geometry::DEFAULT)?;
                 self.epoll.add(&ring, wake)?;
                 self.ring = Some(ring);
@@ -438,8 +439,6 @@ impl KernelHost {
         }
     }
 
-    /// Sends queued datagrams `range` (all to one flow's socket `fd`) each as itself, with
-    /// `sendmmsg`, counting those the kernel refuses.
     /// Sends the queued datagrams in `range` one by one (`sendmmsg`); returns where a full
     /// socket buffer stopped it. Datagrams refused for other reasons are dropped.
     fn send_queued_one_by_one(
@@ -563,8 +562,8 @@ impl KernelHost {
                 return true;
             }
             if let Ok(s) = sock(&self.socks, *id) {
-                let ev = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, *id as u64);
-                let _ = self.epoll.modify(s, &mut ev.clone());
+                let mut ev = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, *id as u64);
+                let _ = self.epoll.modify(s, &mut ev);
             }
             false
         });

@@ -52,7 +52,6 @@ pub enum LinkPlan {
         veth_msg: Vec<u8>,
         /// Where in `veth_msg` the private namespace's fd goes.
         fd_at: usize,
-        geometry: ring::Geometry,
     },
 }
 
@@ -68,7 +67,6 @@ impl LinkPlan {
             peer: IfName::new(RING_PEER).expect("a valid constant name"),
             veth_msg,
             fd_at,
-            geometry: ring::Geometry::DEFAULT,
         }
     }
 }
@@ -251,9 +249,8 @@ pub fn enter_and_make_tap(plan: &TapPlan, sock: RawFd) -> Result<(), (Step, io::
             peer,
             veth_msg,
             fd_at,
-            geometry,
         } => {
-            let (tx, rx) = make_ring_link(plan, peer, veth_msg, *fd_at, geometry)?;
+            let (tx, rx) = make_ring_link(plan, peer, veth_msg, *fd_at)?;
             sys::send_fds(sock, &[tx.as_raw_fd(), rx.as_raw_fd()]).map_err(at(Step::SendFd))?;
         }
     }
@@ -271,7 +268,6 @@ fn make_ring_link(
     peer: &IfName,
     veth_msg: &[u8],
     fd_at: usize,
-    geometry: &ring::Geometry,
 ) -> Result<(OwnedFd, OwnedFd), (Step, io::Error)> {
     let at = |step: Step| move |e: io::Error| (step, e);
     let container = sys::open_netns().map_err(at(Step::CreateTap))?;
@@ -299,7 +295,8 @@ fn make_ring_link(
         sys::if_set_feature(ctl.as_raw_fd(), peer, sys::ETHTOOL_SGRO, true)?;
         sys::if_up(ctl.as_raw_fd(), peer)?;
         let index = sys::if_index(ctl.as_raw_fd(), peer)?;
-        let rx = sys::packet_rx_ring(index, &geometry.request())?;
+        // The parent maps it with the same shape (`driver::KernelHost::attach_link`).
+        let rx = sys::packet_rx_ring(index, &ring::Geometry::DEFAULT.request())?;
         let tx = sys::packet_tx(index, plan.vnet_hdr)?;
         Ok((tx, rx))
     })()

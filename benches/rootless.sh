@@ -708,12 +708,32 @@ m_http() { # TOOL
 	fi
 }
 
+# udp_counters: "InDatagrams RcvbufErrors" of the upstream netns's UDP, whose
+# only UDP receiver is the iperf3 server (/proc/net follows the reader's netns)
+udp_counters() {
+	# shellcheck disable=SC2016 # awk's $, not the shell's
+	in_up awk '$1 == "Udp:" { if (!n) { for (i = 2; i <= NF; i++) { if ($i == "InDatagrams") a = i; if ($i == "RcvbufErrors") b = i }; n = 1 } else print $a + 0, $b + 0 }' \
+		/proc/net/snmp 2>/dev/null || echo "0 0"
+}
+
 m_udp() { # TOOL
-	local tool=$1 rate
+	local tool=$1 rate c0 c1 i0 e0 i1 e1
 	for rate in 100M 0; do
+		c0=$(udp_counters)
 		if iperf_json "$CT_LOG" -u -b "$rate" -l "$UDP_LEN"; then
+			c1=$(udp_counters)
 			rec "udp_loss_$rate" "$tool" "$(jq '.end.sum_received.lost_percent' <<<"$J")"
 			rec "udp_mbps_$rate" "$tool" "$(jq '.end.sum_received.bits_per_second / 1e6' <<<"$J")"
+			# Where the loss happens: datagrams that reached the server's socket, whether
+			# it took them or dropped them for a full buffer (RcvbufErrors), as a rate:
+			# the received rate scaled by (taken + dropped) / taken over the whole run.
+			read -r i0 e0 <<<"$c0"
+			read -r i1 e1 <<<"$c1"
+			if ((i1 > i0)); then
+				rec "udp_sock_mbps_$rate" "$tool" "$(jq -n --argjson r "$(jq '.end.sum_received.bits_per_second / 1e6' <<<"$J")" \
+					--argjson i $((i1 - i0)) --argjson e $((e1 - e0)) '$r * ($i + $e) / $i')"
+				rec "udp_sock_drop_$rate" "$tool" "$(jq -n --argjson i $((i1 - i0)) --argjson e $((e1 - e0)) '100 * $e / ($i + $e)')"
+			fi
 		else
 			note "udp -b $rate ($tool) failed: $IPERF_ERR"
 		fi
@@ -1127,6 +1147,8 @@ report() {
 		row "-b 100M: received (Mbit/s)" udp_mbps_100M %.0f hi Mbit/s
 		row "-b 0 (unlimited): received (Mbit/s)" udp_mbps_0 %.0f hi Mbit/s
 		row "-b 0 (unlimited): loss (%)" udp_loss_0 %.1f lo %
+		row "-b 0: reached the server's socket (Mbit/s)" udp_sock_mbps_0 %.0f hi Mbit/s
+		row "-b 0: dropped by the server's full socket buffer (% of those)" udp_sock_drop_0 %.1f lo %
 	fi
 	if want mem; then
 		section_head mem "Memory of the forwarding process (VmRSS, KB)"
@@ -1167,7 +1189,7 @@ report() {
 		"interface's MTU; the host ↔ upstream link stays at $UPLINK_MTU."
 	want http && echo "- http: \`wrk -t1 -c$WRK_CONNS -d${SECS}s -H 'Connection: close'\` against nginx with one worker (a 600-byte file)." \
 		"nginx answers in one process; client, server and forwarder share $(nproc) cores."
-	want udp && echo "- udp: figures are the server side's (\`sum_received\`)."
+	want udp && echo "- udp: figures are the server side's (\`sum_received\`). \"Reached the server's socket\" counts the datagrams the server's socket took or dropped for a full buffer (Udp InDatagrams + RcvbufErrors of the upstream netns, whose only UDP receiver is iperf3 -s): what the path delivered, whether or not the receiver kept up."
 	want mem && echo "- mem: idle = 1 s after the container answers, in a fresh container; then a python client in the container opens" \
 		"$CONNS connections (at most 256 connects in flight, each given 10 s, ${CONN_SECS} s in all) to a python server in upstream that holds them;" \
 		"\"held\" = connections open at the server 1 s after the client finished. The kernel path has no process (its state is conntrack)."

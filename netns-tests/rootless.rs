@@ -888,6 +888,19 @@ fn a_low_descriptor_limit_resets_excess_clients_and_recovers() {
         "want every client echoed or reset at once, some of each\n{}",
         out.describe()
     );
+    // Every reset client was refused by rnat and counted where `rnat ps --json` shows it.
+    let ps = r.rnat_user(&["ps", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&ps.stdout_str()).unwrap_or_default();
+    let inst = list
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["name"] == "fds"))
+        .unwrap_or(&serde_json::Value::Null);
+    let refused = inst["port_stats"]["refused"].as_u64();
+    assert!(
+        refused.is_some_and(|n| n >= u64::from(reset)) && inst["link_stats"]["udp_dropped"] == 0,
+        "want at least {reset} refusals counted and the link's counters shown\n{}",
+        ps.describe()
+    );
     // Descriptors come back as those connections end: a new client is served.
     wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8083);
     stop(&mut bg);

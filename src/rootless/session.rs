@@ -542,6 +542,7 @@ impl Instance {
             stats = ?self.core.stats(),
             ports = ?self.ports.stats(),
             link = ?self.host.link_stats(),
+            udp_dropped = self.host.udp_dropped,
             "rootless engine stopped"
         );
         result.map_err(io_err("serving the container's network"))
@@ -622,7 +623,7 @@ fn handle(
     now: Instant,
 ) -> Result<serde_json::Value, String> {
     match req {
-        control::Request::Ps => Ok(describe(core, ports, name, started, child)),
+        control::Request::Ps => Ok(describe(core, host, ports, name, started, child)),
         control::Request::Publish { specs } => {
             let maps = crate::spec::expand_all(&specs).map_err(|e| e.to_string())?;
             let mut done = Vec::new();
@@ -636,7 +637,7 @@ fn handle(
                 }
                 done.push(*m);
             }
-            Ok(describe(core, ports, name, started, child))
+            Ok(describe(core, host, ports, name, started, child))
         }
         control::Request::Unpublish { specs } => {
             let maps = crate::spec::expand_all(&specs).map_err(|e| e.to_string())?;
@@ -647,7 +648,7 @@ fn handle(
             for m in &maps {
                 ports.unpublish(core, host, m).map_err(|e| e.to_string())?;
             }
-            Ok(describe(core, ports, name, started, child))
+            Ok(describe(core, host, ports, name, started, child))
         }
     }
 }
@@ -655,12 +656,14 @@ fn handle(
 /// What `rnat ps` shows of a rootless instance.
 fn describe(
     core: &Core,
+    host: &KernelHost,
     ports: &Ports,
     name: &str,
     started: std::time::SystemTime,
     child: i32,
 ) -> serde_json::Value {
     let cfg = core.config();
+    let (tx_dropped, ring_drops, rx_lost) = host.link_stats();
     serde_json::json!({
         "id": format!("rl-{}", std::process::id()),
         "name": name,
@@ -677,6 +680,10 @@ fn describe(
         })).collect::<Vec<_>>(),
         "stats": core.stats(),
         "port_stats": ports.stats(),
+        "link_stats": {
+            "tx_dropped": tx_dropped, "ring_drops": ring_drops, "rx_lost": rx_lost,
+            "udp_dropped": host.udp_dropped,
+        },
     })
 }
 

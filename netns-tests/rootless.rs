@@ -121,7 +121,8 @@ fn runs_unprivileged_with_slirp_addresses_and_exit_status() {
     let r = rig(t);
     let out = r.run(
         &[],
-        "id -u; ip -4 -o addr show tap0; ip route show default; cat /etc/resolv.conf; ip -o link show tap0; exit 7",
+        "id -u; ip -4 -o addr show tap0; ip route show default; cat /etc/resolv.conf; ip -o link show tap0; \
+         ip -4 neigh show dev tap0; exit 7",
     );
     assert_eq!(
         out.code(),
@@ -141,13 +142,23 @@ fn runs_unprivileged_with_slirp_addresses_and_exit_status() {
         text.contains("mtu 65520") && text.contains("qlen 4096"),
         "MTU and queue length\n{text}"
     );
+    // The gateway and DNS are known neighbours from the start (no ARP before the first packet).
+    for ip in ["10.0.2.2", "10.0.2.3"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("{ip} lladdr 52:55:0a:00:02:02 PERMANENT"))),
+            "{ip} is a permanent neighbour\n{text}"
+        );
+    }
     // --cidr moves every address.
     let text = r.run_ok(
         &["--cidr", "192.0.2.0/24"],
-        "ip -4 -o addr show tap0; ip route show default",
+        "ip -4 -o addr show tap0; ip route show default; ip -4 neigh show dev tap0",
     );
     assert!(
-        text.contains("inet 192.0.2.100/24") && text.contains("default via 192.0.2.2"),
+        text.contains("inet 192.0.2.100/24")
+            && text.contains("default via 192.0.2.2")
+            && text.contains("192.0.2.3 lladdr 52:55:0a:00:02:02 PERMANENT"),
         "{text}"
     );
 }

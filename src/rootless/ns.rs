@@ -8,6 +8,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use super::core::GATEWAY_MAC;
 use super::ring;
 use super::sys::{self, IfName};
 
@@ -17,6 +18,8 @@ pub struct TapAddress {
     pub addr: Ipv4Addr,
     pub prefix: u8,
     pub gateway: Ipv4Addr,
+    /// The DNS address rnat answers on (like the gateway, at `GATEWAY_MAC`).
+    pub dns: Ipv4Addr,
     pub mtu: u16,
     pub mac: Option<[u8; 6]>,
 }
@@ -319,6 +322,12 @@ fn configure(plan: &TapPlan, a: &TapAddress) -> io::Result<()> {
     // Best effort: a short queue costs bursts, not correctness.
     let _ = sys::netlink_request(&plan.txqlen_msg);
     sys::if_up(s, &plan.tap)?;
+    // The gateway and DNS addresses are rnat's own, at a fixed MAC: known from the start, the
+    // container's first packets need no ARP round trip. Waiting for one, its kernel keeps only
+    // a few (`unres_qlen_bytes`) and drops the rest of a burst. Best effort: ARP still answers.
+    for ip in [a.gateway, a.dns] {
+        let _ = sys::add_static_arp(s, &plan.tap, ip, GATEWAY_MAC);
+    }
     sys::add_default_route(s, a.gateway)
 }
 

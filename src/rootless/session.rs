@@ -188,6 +188,7 @@ fn tap_address(cfg: &Config, opts: &Options) -> TapAddress {
         addr: cfg.guest,
         prefix: cfg.cidr.prefix_len(),
         gateway: cfg.gateway,
+        dns: cfg.dns,
         mtu: opts.mtu,
         mac: opts.mac,
     }
@@ -339,7 +340,12 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
             let netns_ino = std::fs::metadata(format!("/proc/{}/ns/net", child.id()))
                 .ok()
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+            // Held until the engine has stopped: a namespace whose last process has exited is
+            // torn down, and with it the frames still queued on its `tap0`, which the engine
+            // hands on after the command's end.
+            let netns_held = std::fs::File::open(format!("/proc/{}/ns/net", child.id())).ok();
             let served = inst.serve_child(tap, &mut child);
+            drop(netns_held);
             if served.is_err() {
                 let _ = child.kill();
             }

@@ -246,6 +246,29 @@ pub fn add_default_route(sock: RawFd, gateway: Ipv4Addr) -> io::Result<()> {
     cvt(unsafe { libc::ioctl(sock, libc::SIOCADDRT, &mut rt as *mut RtEntry) }).map(drop)
 }
 
+/// `ATF_COM | ATF_PERM` (linux/if_arp.h): a complete entry that never expires.
+const ATF_COM_PERM: libc::c_int = 0x02 | 0x04;
+
+/// Adds a permanent ARP entry on interface `name`: `ip` is at `mac`.
+pub fn add_static_arp(sock: RawFd, name: &IfName, ip: Ipv4Addr, mac: [u8; 6]) -> io::Result<()> {
+    let mut ha = libc::sockaddr {
+        sa_family: libc::ARPHRD_ETHER,
+        sa_data: [0; 14],
+    };
+    for (d, m) in ha.sa_data.iter_mut().zip(mac) {
+        *d = m as libc::c_char;
+    }
+    let mut req = libc::arpreq {
+        arp_pa: sockaddr_in(ip),
+        arp_ha: ha,
+        arp_flags: ATF_COM_PERM,
+        arp_netmask: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+        arp_dev: name.0,
+    };
+    // SAFETY: SIOCSARP reads a struct arpreq, fully initialised here.
+    cvt(unsafe { libc::ioctl(sock, libc::SIOCSARP, &mut req as *mut libc::arpreq) }).map(drop)
+}
+
 /// Writes `data` to the file at `path` (a /proc file), in one write.
 pub fn write_file(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
     // SAFETY: open(2) on a NUL-terminated path.

@@ -235,7 +235,8 @@ if have rnat; then
 	if [[ -x $RNAT_SRC ]]; then
 		RNAT=$WORK/rnat
 		install -m 755 "$RNAT_SRC" "$RNAT"
-		RNAT_DESC="$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'), binary built $(date -r "$RNAT_SRC" '+%Y-%m-%d %H:%M')"
+		# the binary's own digest tells apart two builds of one tree (an A/B with RNAT=)
+		RNAT_DESC="$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'), binary $RNAT_SRC built $(date -r "$RNAT_SRC" '+%Y-%m-%d %H:%M'), sha256 $(sha256sum "$RNAT_SRC" | cut -c1-12)"
 	else
 		note "rnat binary not found at $RNAT_SRC: rnat skipped (cargo build --release, or set RNAT=)"
 		TOOLS=${TOOLS/rnat/}

@@ -32,6 +32,11 @@ const UDP_BACKLOG_MAX: usize = 1 << 20;
 /// this caps it.
 const FALLBACK_MAX_INFLIGHT: usize = 1 << 20;
 
+/// With `SO_PEEK_OFF`, acknowledged bytes are dropped from a host socket once this many have
+/// gathered (or before the socket closes), not one system call per acknowledgement: a
+/// keep-alive request is acknowledged long before the next.
+const LAZY_CONSUME: usize = 16 << 10;
+
 /// The core's window on the kernel: sockets by flow id, the TAP, and the epoll set.
 pub struct KernelHost {
     epoll: Epoll,
@@ -45,6 +50,12 @@ pub struct KernelHost {
     peek_off: Option<bool>,
     /// Without `SO_PEEK_OFF`: per flow, the bytes already peeked (skipped by the next peek).
     peeked: Vec<usize>,
+    /// With `SO_PEEK_OFF`: per flow, acknowledged bytes still in the socket (see `LAZY_CONSUME`);
+    /// the peek offset counts them.
+    unconsumed: Vec<usize>,
+    /// Whether accepted sockets inherit `TCP_NODELAY` and the peek offset from their listener;
+    /// `None` until the first is accepted.
+    options_inherited: Option<bool>,
     scratch: Vec<u8>,
     /// Datagrams queued by `udp_send` until `flush`: (flow, destination, range in `udp_arena`).
     udp_queue: Vec<(FlowId, SocketAddrV4, std::ops::Range<usize>)>,
@@ -87,6 +98,8 @@ impl KernelHost {
             socks: Vec::new(),
             peek_off: std::env::var_os("RNAT_NO_PEEK_OFF").map(|_| false),
             peeked: Vec::new(),
+            unconsumed: Vec::new(),
+            options_inherited: None,
             scratch: Vec::new(),
             staged: None,
             outbound: None,
@@ -143,9 +156,11 @@ impl KernelHost {
         if self.socks.len() <= id {
             self.socks.resize_with(id + 1, || None);
             self.peeked.resize(id + 1, 0);
+            self.unconsumed.resize(id + 1, 0);
         }
         self.socks[id] = Some(s);
         self.peeked[id] = 0;
+        self.unconsumed[id] = 0;
         Ok(())
     }
 
@@ -253,27 +268,19 @@ impl Host for KernelHost {
         }
     }
 
-    fn tcp_consume(&mut self, id: FlowId, mut n: usize) {
-        let Ok(s) = sock(&self.socks, id) else { return };
-        while n > 0 {
-            // SAFETY: with MSG_TRUNC, TCP discards up to `n` bytes without writing to the buffer,
-            // so a null buffer is never dereferenced.
-            let r = unsafe {
-                libc::recv(
-                    s.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    n,
-                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
-                )
-            };
-            if r <= 0 {
+    fn tcp_consume(&mut self, id: FlowId, n: usize) {
+        if self.peek_off == Some(true) {
+            let Some(u) = self.unconsumed.get_mut(id) else {
                 return;
+            };
+            *u += n;
+            if *u >= LAZY_CONSUME {
+                let all = std::mem::take(u);
+                self.discard(id, all);
             }
-            n -= r as usize;
-            if let Some(p) = self.peeked.get_mut(id) {
-                *p = p.saturating_sub(r as usize);
-            }
+            return;
         }
+        self.discard(id, n);
     }
 
     fn tcp_rewind(&mut self, id: FlowId) {
@@ -281,8 +288,10 @@ impl Host for KernelHost {
             *p = 0;
         }
         if self.peek_off == Some(true) {
+            // Back to the first unacknowledged byte, past the acknowledged ones still there.
+            let kept = self.unconsumed.get(id).copied().unwrap_or(0);
             if let Ok(s) = sock(&self.socks, id) {
-                let _ = sys::set_peek_off(s.as_raw_fd(), 0);
+                let _ = sys::set_peek_off(s.as_raw_fd(), kept.try_into().unwrap_or(i32::MAX));
             }
         }
     }
@@ -294,6 +303,11 @@ impl Host for KernelHost {
     }
 
     fn tcp_close(&mut self, id: FlowId, reset: bool) {
+        // Unread data makes close(2) reset the connection: drop what the guest acknowledged.
+        let kept = self.unconsumed.get_mut(id).map_or(0, std::mem::take);
+        if !reset && kept > 0 {
+            self.discard(id, kept);
+        }
         if let Some(s) = self.socks.get_mut(id).and_then(Option::take) {
             if reset {
                 let _ = s.set_linger(Some(std::time::Duration::ZERO));
@@ -422,6 +436,30 @@ impl KernelHost {
         match self.outbound {
             Some(ip) => s.bind(&SockAddr::from(SocketAddrV4::new(ip, 0))),
             None => Ok(()),
+        }
+    }
+
+    /// Drops `n` bytes from the front of a TCP socket's unread data.
+    fn discard(&mut self, id: FlowId, mut n: usize) {
+        let Ok(s) = sock(&self.socks, id) else { return };
+        while n > 0 {
+            // SAFETY: with MSG_TRUNC, TCP discards up to `n` bytes without writing to the buffer,
+            // so a null buffer is never dereferenced.
+            let r = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    n,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                )
+            };
+            if r <= 0 {
+                return;
+            }
+            n -= r as usize;
+            if let Some(p) = self.peeked.get_mut(id) {
+                *p = p.saturating_sub(r as usize);
+            }
         }
     }
 
@@ -582,11 +620,33 @@ impl KernelHost {
         self.udp_armed = armed;
     }
 
-    /// Stages an accepted TCP socket for `Core::tcp_inbound`.
-    pub fn stage_accepted(&mut self, s: Socket) -> io::Result<()> {
-        s.set_nonblocking(true)?;
+    /// Gives a published port's listener what its accepted sockets need (`TCP_NODELAY`, the peek
+    /// offset), so that they inherit it instead of taking two system calls each.
+    pub fn prepare_listener(&mut self, s: &Socket) -> io::Result<()> {
         s.set_tcp_nodelay(true)?;
-        self.enable_peek_off(&s);
+        self.enable_peek_off(s);
+        Ok(())
+    }
+
+    /// Makes sure a socket accepted on a `prepare_listener` listener has its options: Linux
+    /// copies them from the listener, which the first accepted socket confirms; should they not
+    /// be inherited, each socket gets them here.
+    pub fn accepted_options(&mut self, s: &Socket) {
+        let peek_off = self.peek_off;
+        let inherits = *self.options_inherited.get_or_insert_with(|| {
+            s.tcp_nodelay().unwrap_or(false)
+                && (peek_off != Some(true) || sys::peek_off(s.as_raw_fd()).is_ok_and(|o| o == 0))
+        });
+        if !inherits {
+            let _ = s.set_tcp_nodelay(true);
+            self.enable_peek_off(s);
+        }
+    }
+
+    /// Stages an accepted TCP socket (non-blocking, from `sys::accept_nonblocking`) for
+    /// `Core::tcp_inbound`.
+    pub fn stage_accepted(&mut self, s: Socket) -> io::Result<()> {
+        self.accepted_options(&s);
         let flags = EpollFlags::EPOLLIN
             | EpollFlags::EPOLLOUT
             | EpollFlags::EPOLLRDHUP
@@ -612,7 +672,7 @@ impl KernelHost {
     fn peek_skipping(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
         let skip = self.peeked.get(id).copied().unwrap_or(0);
         if skip >= FALLBACK_MAX_INFLIGHT {
-            return Ok(Peek::WouldBlock);
+            return Ok(Peek::Later);
         }
         if self.scratch.len() < skip {
             self.scratch.resize(skip, 0);

@@ -8,8 +8,8 @@
 //!   client's real address and port. UDP always goes through the engine.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::{AsFd, OwnedFd};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use nix::fcntl::{splice, SpliceFFlags};
@@ -20,6 +20,7 @@ use socket2::{Domain, Protocol as SockProto, SockAddr, Socket, Type};
 use super::core::Core;
 use super::driver::KernelHost;
 use super::keeper::Keeper;
+use super::sys;
 use crate::spec::{PortMapping, Protocol};
 
 /// Listener tokens start here; spliced connections' at `SPLICE_BASE`.
@@ -184,6 +185,7 @@ impl Ports {
                 )
                 .map_err(io)?;
                 s.set_reuse_address(true).map_err(io)?;
+                host.prepare_listener(&s).map_err(io)?;
                 s.bind(&addr).map_err(io)?;
                 s.listen(4096).map_err(io)?;
                 host.register(s.as_fd(), token, EpollFlags::EPOLLIN)
@@ -270,14 +272,15 @@ impl Ports {
                 return;
             };
             let guest_port = entry.mapping.container_port;
-            let (sock, peer) = match listener.accept() {
-                Ok(x) => x,
+            let (sock, peer) = match sys::accept_nonblocking(listener.as_raw_fd()) {
+                Ok((fd, peer)) => (Socket::from(fd), peer),
                 Err(e) if is_out_of_fds(&e) => {
                     // Out of descriptors: reset this client with the reserve fd's room.
                     if self.spare_fd.take().is_none() {
                         return;
                     }
-                    if let Ok((sock, _)) = listener.accept() {
+                    if let Ok((sock, _)) = sys::accept_nonblocking(listener.as_raw_fd()) {
+                        let sock = Socket::from(sock);
                         let _ = sock.set_linger(Some(std::time::Duration::ZERO));
                         self.stats.refused += 1;
                     }
@@ -287,7 +290,7 @@ impl Ports {
                 Err(_) => return, // EAGAIN: drained
             };
             self.stats.accepted += 1;
-            let Some(SocketAddr::V4(peer)) = peer.as_socket() else {
+            let Some(peer) = peer else {
                 continue;
             };
             if peer.ip().is_loopback() && self.splices.len() < self.max_splices {
@@ -379,10 +382,7 @@ impl Ports {
         let (Ok(a), Ok(b)) = (pipe(), pipe()) else {
             return Err(Some(client));
         };
-        if client.set_nonblocking(true).is_err() {
-            return Err(Some(client));
-        }
-        let _ = client.set_tcp_nodelay(true);
+        host.accepted_options(&client);
         let entry = self.splices.vacant_entry();
         let idx = entry.key() as u64;
         let flags = EpollFlags::EPOLLIN

@@ -395,6 +395,52 @@ pub fn set_peek_off(sock: RawFd, off: libc::c_int) -> io::Result<()> {
     .map(drop)
 }
 
+/// A socket's peek offset (`SO_PEEK_OFF`; -1 when off).
+pub fn peek_off(sock: RawFd) -> io::Result<libc::c_int> {
+    let mut off: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt with a pointer to an int and its size.
+    cvt(unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            SO_PEEK_OFF,
+            (&mut off as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(off)
+}
+
+/// Accepts a connection on listener `fd` as a non-blocking, close-on-exec socket, with its peer's
+/// address when that is IPv4.
+pub fn accept_nonblocking(fd: RawFd) -> io::Result<(OwnedFd, Option<std::net::SocketAddrV4>)> {
+    // SAFETY: an all-zero sockaddr_in is a valid value of the type.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: accept4 writes at most `len` bytes of the peer's address into `sa` and returns a
+    // new descriptor that nothing else owns.
+    let conn = cvt(unsafe {
+        libc::accept4(
+            fd,
+            (&mut sa as *mut libc::sockaddr_in).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `conn` was just returned by accept4 and is owned by no one else.
+    let conn = unsafe { OwnedFd::from_raw_fd(conn) };
+    let peer = (sa.sin_family == libc::AF_INET as libc::sa_family_t
+        && len as usize >= std::mem::size_of::<libc::sockaddr_in>())
+    .then(|| {
+        std::net::SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+            u16::from_be(sa.sin_port),
+        )
+    });
+    Ok((conn, peer))
+}
+
 /// Sends datagrams `(destination, bytes)` on UDP socket `fd` with one `sendmmsg(2)` per 64;
 /// returns how many the kernel took (it stops at the first one it refuses) and whether it
 /// stopped because the socket's buffer was full (the rest may be sent when it drains).

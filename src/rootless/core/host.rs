@@ -29,8 +29,11 @@ pub struct RxMeta {
 pub enum Peek {
     /// This many bytes were copied, starting at the peek offset, which moved past them.
     Data(usize),
-    /// Nothing beyond the peek offset yet.
+    /// Nothing beyond the peek offset yet: the socket reports readiness when more comes.
     WouldBlock,
+    /// Nothing can be peeked now, though the socket may hold more: ask again after a consume
+    /// (no readiness will come for it).
+    Later,
     /// The peer closed its side and everything has been peeked.
     Eof,
 }

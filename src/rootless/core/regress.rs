@@ -23,6 +23,9 @@ struct FakeHost {
     closed: Vec<FlowId>,
     /// Whether sockets staged by the driver (published ports) can be adopted.
     adopt_ok: bool,
+    /// Peeks made, and whether they answer `Peek::Later`.
+    peeks: usize,
+    later: bool,
 }
 
 impl Host for FakeHost {
@@ -51,6 +54,10 @@ impl Host for FakeHost {
         })
     }
     fn tcp_peek(&mut self, _: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
+        self.peeks += 1;
+        if self.later {
+            return Ok(Peek::Later);
+        }
         if self.peeked == self.avail {
             return Ok(Peek::WouldBlock);
         }
@@ -137,6 +144,70 @@ fn many_duplicate_acks_do_not_overflow() {
     assert_eq!(stats.tcp_fast_retransmit, 1);
     assert_eq!(stats.flows, 1);
 }
+// ---- Found by profiling: peeks that could only say EAGAIN ----
+
+/// Once a peek has drained the socket, the core peeks again only when the socket reports data
+/// (the driver's readiness is edge-triggered: every arrival reports), not on every ACK from the
+/// guest. `Peek::Later` (nothing peekable now, though data may wait) is not taken for drained: the
+/// next ACK tries again without any readiness.
+#[test]
+fn a_drained_socket_is_peeked_again_only_when_it_reports_data() {
+    let cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
+    let mut core = Core::new(cfg);
+    let mut host = FakeHost {
+        avail: 35,
+        ..FakeHost::default()
+    };
+    let now = Instant::now();
+    let rx = RxMeta::default();
+    core.on_frame(&mut host, &guest_segment(1000, 0, frame::SYN), rx, now);
+    let writable = Ready {
+        writable: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, 0, writable, now);
+    let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
+    core.on_frame(
+        &mut host,
+        &guest_segment(1001, iss.wrapping_add(1), frame::ACK),
+        rx,
+        now,
+    );
+    assert_eq!(
+        (host.peeked, host.peeks),
+        (35, 1),
+        "one short peek sends all"
+    );
+    // The guest acknowledges the 35 bytes: nothing new was reported, so no peek.
+    let acked = iss.wrapping_add(36);
+    core.on_frame(&mut host, &guest_segment(1001, acked, frame::ACK), rx, now);
+    assert_eq!(host.peeks, 1, "no peek without a report of data");
+    // Data arrives and is reported: peeked and sent.
+    host.avail += 10;
+    let readable = Ready {
+        readable: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, 0, readable, now);
+    assert_eq!((host.peeked, host.peeks), (10, 2));
+    // A peek that says Later leaves the flow ready to peek at the next ACK.
+    host.avail += 10;
+    host.later = true;
+    core.on_ready(&mut host, 0, readable, now);
+    assert_eq!((host.peeked, host.peeks), (10, 3), "Later sends nothing");
+    host.later = false;
+    core.on_frame(
+        &mut host,
+        &guest_segment(1001, acked.wrapping_add(10), frame::ACK),
+        rx,
+        now,
+    );
+    assert_eq!(host.peeks, 4, "the ACK tried again");
+    assert_eq!(host.peeked, 10, "and sent the 10 new bytes");
+    let data_frames = host.sent.iter().filter(|s| s.2 & frame::PSH != 0).count();
+    assert_eq!(data_frames, 3);
+}
+
 // ---- Found by review: a published UDP port expiring, a zero window that never reopened ----
 fn ip_frame(proto: u8, dst: Ipv4Addr, l4: &[u8]) -> Vec<u8> {
     let src = Ipv4Addr::new(10, 0, 2, 100);

@@ -118,6 +118,9 @@ pub(super) struct TcpFlow {
     window_blocked: bool,
     /// The host peer has shut down its side: peeks go on to the end of the stream.
     host_hup: bool,
+    /// The last peek found nothing past what was sent: peek again only once the socket reports
+    /// data (edge-triggered readiness comes with every arrival) or after a rewind.
+    host_drained: bool,
     dupacks: u8,
     rto: Duration,
     retries: u8,
@@ -161,6 +164,7 @@ impl TcpFlow {
             fin_acked: false,
             window_blocked: false,
             host_hup: false,
+            host_drained: false,
             dupacks: 0,
             rto: RTO_INITIAL,
             retries: 0,
@@ -517,6 +521,7 @@ impl TcpFlow {
     /// Goes back to the first unacknowledged byte; the next `try_send` sends it again.
     fn rewind(&mut self, out: &mut Out<impl Host>, id: FlowId) {
         out.host.tcp_rewind(id);
+        self.host_drained = false;
         self.snd_nxt = self.snd_una;
         if self.fin_sent && !self.fin_acked {
             self.fin_sent = false;
@@ -577,6 +582,9 @@ impl TcpFlow {
         if fin {
             self.rcv_nxt = self.rcv_nxt.wrapping_add(1);
             self.guest_fin = true;
+            // The host peer often closes in reply at once: look, so that our FIN can ride with
+            // the ACK of the guest's.
+            self.host_drained = false;
             if self.pending.is_empty() {
                 out.host.tcp_shutdown(id);
                 self.host_shut = true;
@@ -606,10 +614,17 @@ impl TcpFlow {
                 break;
             }
             self.window_blocked = false;
+            if self.host_drained && !self.host_hup {
+                break;
+            }
             let room = ((self.snd_wnd - inflight) as usize).min(max_seg);
             let at = frame::TCP_PAYLOAD_AT;
             match out.host.tcp_peek(id, &mut out.tx[at..at + room]) {
-                Ok(Peek::Data(0)) | Ok(Peek::WouldBlock) => break,
+                Ok(Peek::Data(0)) | Ok(Peek::WouldBlock) => {
+                    self.host_drained = true;
+                    break;
+                }
+                Ok(Peek::Later) => break,
                 Ok(Peek::Data(n)) => {
                     let window = self.window_field(out.cfg, *out.buffered);
                     let h = TcpHeader {
@@ -641,6 +656,7 @@ impl TcpFlow {
                     // A short peek drained the socket: more data will come with a new edge, so
                     // another peek now would only say EAGAIN. After a hang-up, go on to the end.
                     if n < room && !self.host_hup {
+                        self.host_drained = true;
                         break;
                     }
                 }
@@ -704,6 +720,9 @@ impl TcpFlow {
     ) -> Verdict {
         if ready.hup {
             self.host_hup = true;
+        }
+        if ready.readable || ready.error || ready.hup {
+            self.host_drained = false;
         }
         if self.state == State::Connecting {
             return self.on_connect_ready(id, out);

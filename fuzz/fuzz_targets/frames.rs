@@ -365,10 +365,14 @@ impl Host for FakeHost<'_> {
     }
 
     fn tcp_peek(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
-        let fail = self.script.next() == 0xff;
+        let b = self.script.next();
         let s = self.tcp(flow, "tcp_peek");
-        if fail || std::mem::take(&mut s.peek_error) {
+        if b == 0xff || std::mem::take(&mut s.peek_error) {
             return Err(os(libc::ECONNRESET));
+        }
+        if b == 0xfe {
+            // A host that cannot peek now for a reason of its own (the driver's in-flight cap).
+            return Ok(Peek::Later);
         }
         if s.peeked < s.avail {
             let n = buf.len().min(s.avail - s.peeked);

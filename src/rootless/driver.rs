@@ -48,7 +48,8 @@ pub struct KernelHost {
     socks: Vec<Option<Socket>>,
     /// Whether TCP honours `SO_PEEK_OFF` (Linux 6.9 and later); `None` until the first connect.
     peek_off: Option<bool>,
-    /// Without `SO_PEEK_OFF`: per flow, the bytes already peeked (skipped by the next peek).
+    /// Per flow, where the next peek starts, in bytes from the front of the socket's unread
+    /// data: with `SO_PEEK_OFF` a mirror of the kernel's offset, without it the bytes skipped.
     peeked: Vec<usize>,
     /// With `SO_PEEK_OFF`: per flow, acknowledged bytes still in the socket (see `LAZY_CONSUME`);
     /// the peek offset counts them.
@@ -262,7 +263,12 @@ impl Host for KernelHost {
             nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
         ) {
             Ok(0) => Ok(Peek::Eof),
-            Ok(n) => Ok(Peek::Data(n)),
+            Ok(n) => {
+                if let Some(p) = self.peeked.get_mut(id) {
+                    *p += n;
+                }
+                Ok(Peek::Data(n))
+            }
             Err(nix::errno::Errno::EAGAIN) => Ok(Peek::WouldBlock),
             Err(e) => Err(e.into()),
         }
@@ -270,11 +276,15 @@ impl Host for KernelHost {
 
     fn tcp_consume(&mut self, id: FlowId, n: usize) {
         if self.peek_off == Some(true) {
-            let Some(u) = self.unconsumed.get_mut(id) else {
+            let (Some(u), Some(p)) = (self.unconsumed.get_mut(id), self.peeked.get(id)) else {
                 return;
             };
             *u += n;
-            if *u >= LAZY_CONSUME {
+            // After a rewind the guest may acknowledge bytes not peeked again: the kernel's
+            // offset would then point into acknowledged bytes, so they go now (a read moves the
+            // offset back, stopping at the front) and the next peek starts at the first
+            // unacknowledged byte.
+            if *u >= LAZY_CONSUME || *p < *u {
                 let all = std::mem::take(u);
                 self.discard(id, all);
             }
@@ -284,12 +294,12 @@ impl Host for KernelHost {
     }
 
     fn tcp_rewind(&mut self, id: FlowId) {
+        // Back to the first unacknowledged byte, past the acknowledged ones still there.
+        let kept = self.unconsumed.get(id).copied().unwrap_or(0);
         if let Some(p) = self.peeked.get_mut(id) {
-            *p = 0;
+            *p = kept;
         }
         if self.peek_off == Some(true) {
-            // Back to the first unacknowledged byte, past the acknowledged ones still there.
-            let kept = self.unconsumed.get(id).copied().unwrap_or(0);
             if let Ok(s) = sock(&self.socks, id) {
                 let _ = sys::set_peek_off(s.as_raw_fd(), kept.try_into().unwrap_or(i32::MAX));
             }
@@ -923,4 +933,86 @@ fn take_from_ring(
     }
     host.ring = Some(ring);
     more
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A host with one TCP flow (id 0) whose peer has sent `data`, over the loopback.
+    fn host_with_stream(data: &[u8]) -> (KernelHost, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut peer =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (ours, _) = listener.accept().expect("accept");
+        peer.write_all(data).expect("write");
+        let s = Socket::from(ours);
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut host = KernelHost::new(false).expect("host");
+        host.enable_peek_off(&s);
+        host.install(0, s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET)
+            .expect("install");
+        (host, peer)
+    }
+
+    /// Peeks `n` bytes, waiting a little for them to arrive.
+    fn peek(host: &mut KernelHost, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        for _ in 0..200 {
+            match host.tcp_peek(0, &mut buf).expect("peek") {
+                Peek::Data(got) if got == n => return buf,
+                Peek::Data(got) => {
+                    // A short peek: start again from the same place.
+                    let back = host.peeked[0] - got;
+                    host.peeked[0] = back;
+                    let _ =
+                        sys::set_peek_off(host.socks[0].as_ref().unwrap().as_raw_fd(), back as i32);
+                }
+                _ => {}
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("{n} bytes never arrived");
+    }
+
+    /// The stream position of each byte, as the peer sent it.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[test]
+    fn consumes_are_lazy_and_peeks_stay_on_the_stream_across_rewinds() {
+        let data = pattern(64 << 10);
+        let (mut host, _peer) = host_with_stream(&data);
+        if host.peek_off != Some(true) {
+            return; // no SO_PEEK_OFF on this kernel: the eager path, covered by the netns tests
+        }
+        // Sent 0..4000, 1000 acknowledged: kept in the socket, the next peek goes on at 4000.
+        assert_eq!(peek(&mut host, 4000), data[..4000]);
+        host.tcp_consume(0, 1000);
+        assert_eq!(
+            host.unconsumed[0], 1000,
+            "no read for a small acknowledgement"
+        );
+        assert_eq!(peek(&mut host, 1000), data[4000..5000]);
+        // A rewind goes back to the first unacknowledged byte (1000), not the socket's front.
+        host.tcp_rewind(0);
+        assert_eq!(peek(&mut host, 500), data[1000..1500]);
+        // The guest acknowledges up to 3000, past what was peeked again (bytes it had from
+        // before the rewind): the next peek starts at 3000.
+        host.tcp_consume(0, 2000);
+        assert_eq!(peek(&mut host, 1000), data[3000..4000]);
+        // Acknowledgements gather up to LAZY_CONSUME, then go in one read.
+        host.tcp_consume(0, 1000);
+        assert_eq!(peek(&mut host, 30_000), data[4000..34_000]);
+        host.tcp_consume(0, LAZY_CONSUME);
+        assert_eq!(host.unconsumed[0], 0, "read once the lot was full");
+        assert_eq!(peek(&mut host, 1000), data[34_000..35_000]);
+        host.tcp_rewind(0);
+        assert_eq!(
+            peek(&mut host, 1000),
+            data[4000 + LAZY_CONSUME..5000 + LAZY_CONSUME]
+        );
+    }
 }

@@ -32,11 +32,6 @@ const UDP_BACKLOG_MAX: usize = 1 << 20;
 /// this caps it.
 const FALLBACK_MAX_INFLIGHT: usize = 1 << 20;
 
-/// With `SO_PEEK_OFF`, acknowledged bytes are dropped from a host socket once this many have
-/// gathered (or before the socket closes), not one system call per acknowledgement: a
-/// keep-alive request is acknowledged long before the next.
-const LAZY_CONSUME: usize = 16 << 10;
-
 /// The core's window on the kernel: sockets by flow id, the TAP, and the epoll set.
 pub struct KernelHost {
     epoll: Epoll,
@@ -48,12 +43,8 @@ pub struct KernelHost {
     socks: Vec<Option<Socket>>,
     /// Whether TCP honours `SO_PEEK_OFF` (Linux 6.9 and later); `None` until the first connect.
     peek_off: Option<bool>,
-    /// Per flow, where the next peek starts, in bytes from the front of the socket's unread
-    /// data: with `SO_PEEK_OFF` a mirror of the kernel's offset, without it the bytes skipped.
+    /// Without `SO_PEEK_OFF`: per flow, the bytes already peeked (skipped by the next peek).
     peeked: Vec<usize>,
-    /// With `SO_PEEK_OFF`: per flow, acknowledged bytes still in the socket (see `LAZY_CONSUME`);
-    /// the peek offset counts them.
-    unconsumed: Vec<usize>,
     /// Whether accepted sockets inherit `TCP_NODELAY` and the peek offset from their listener;
     /// `None` until the first is accepted.
     options_inherited: Option<bool>,
@@ -99,7 +90,6 @@ impl KernelHost {
             socks: Vec::new(),
             peek_off: std::env::var_os("RNAT_NO_PEEK_OFF").map(|_| false),
             peeked: Vec::new(),
-            unconsumed: Vec::new(),
             options_inherited: None,
             scratch: Vec::new(),
             staged: None,
@@ -157,11 +147,9 @@ impl KernelHost {
         if self.socks.len() <= id {
             self.socks.resize_with(id + 1, || None);
             self.peeked.resize(id + 1, 0);
-            self.unconsumed.resize(id + 1, 0);
         }
         self.socks[id] = Some(s);
         self.peeked[id] = 0;
-        self.unconsumed[id] = 0;
         Ok(())
     }
 
@@ -216,7 +204,7 @@ impl Host for KernelHost {
         if !dst.ip().is_loopback() {
             self.bind_outbound(&s)?;
         }
-        self.enable_peek_off(&s);
+        self.prepare_tcp(&s)?;
         match s.connect(&SockAddr::from(dst)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -263,45 +251,29 @@ impl Host for KernelHost {
             nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
         ) {
             Ok(0) => Ok(Peek::Eof),
-            Ok(n) => {
-                if let Some(p) = self.peeked.get_mut(id) {
-                    *p += n;
-                }
-                Ok(Peek::Data(n))
-            }
+            Ok(n) => Ok(Peek::Data(n)),
             Err(nix::errno::Errno::EAGAIN) => Ok(Peek::WouldBlock),
             Err(e) => Err(e.into()),
         }
     }
 
     fn tcp_consume(&mut self, id: FlowId, n: usize) {
-        if self.peek_off == Some(true) {
-            let (Some(u), Some(p)) = (self.unconsumed.get_mut(id), self.peeked.get(id)) else {
-                return;
-            };
-            *u += n;
-            // After a rewind the guest may acknowledge bytes not peeked again: the kernel's
-            // offset would then point into acknowledged bytes, so they go now (a read moves the
-            // offset back, stopping at the front) and the next peek starts at the first
-            // unacknowledged byte.
-            if *u >= LAZY_CONSUME || *p < *u {
-                let all = std::mem::take(u);
-                self.discard(id, all);
-            }
-            return;
-        }
         self.discard(id, n);
     }
 
     fn tcp_rewind(&mut self, id: FlowId) {
-        // Back to the first unacknowledged byte, past the acknowledged ones still there.
-        let kept = self.unconsumed.get(id).copied().unwrap_or(0);
         if let Some(p) = self.peeked.get_mut(id) {
-            *p = kept;
+            *p = 0;
         }
         if self.peek_off == Some(true) {
-            if let Ok(s) = sock(&self.socks, id) {
-                let _ = sys::set_peek_off(s.as_raw_fd(), kept.try_into().unwrap_or(i32::MAX));
+            let failed =
+                sock(&self.socks, id).is_ok_and(|s| sys::set_peek_off(s.as_raw_fd(), 0).is_err());
+            if failed {
+                // Peeking on from the wrong place would send the wrong bytes: reset the
+                // connection instead; the flow ends at its next peek (no socket).
+                if let Some(s) = self.socks.get_mut(id).and_then(Option::take) {
+                    let _ = s.set_linger(Some(std::time::Duration::ZERO));
+                }
             }
         }
     }
@@ -313,11 +285,6 @@ impl Host for KernelHost {
     }
 
     fn tcp_close(&mut self, id: FlowId, reset: bool) {
-        // Unread data makes close(2) reset the connection: drop what the guest acknowledged.
-        let kept = self.unconsumed.get_mut(id).map_or(0, std::mem::take);
-        if !reset && kept > 0 {
-            self.discard(id, kept);
-        }
         if let Some(s) = self.socks.get_mut(id).and_then(Option::take) {
             if reset {
                 let _ = s.set_linger(Some(std::time::Duration::ZERO));
@@ -473,18 +440,23 @@ impl KernelHost {
         }
     }
 
-    /// Turns on the socket's peek offset, learning on the first socket whether TCP has one.
-    fn enable_peek_off(&mut self, s: &Socket) {
+    /// Gives a host TCP socket what peeking needs: urgent data in line, and the peek offset,
+    /// learning on the first socket whether TCP has one. Once flows peek with offsets, a socket
+    /// that refuses one is refused (switching modes under them would send the wrong bytes).
+    fn prepare_tcp(&mut self, s: &Socket) -> io::Result<()> {
+        sys::set_oob_inline(s.as_raw_fd())?;
         if self.peek_off == Some(false) {
-            return;
+            return Ok(());
         }
         match sys::set_peek_off(s.as_raw_fd(), 0) {
             Ok(()) => self.peek_off = Some(true),
+            Err(e) if self.peek_off == Some(true) => return Err(e),
             Err(e) => {
                 tracing::info!("TCP has no SO_PEEK_OFF here ({e}): peeking past sent data instead");
                 self.peek_off = Some(false);
             }
         }
+        Ok(())
     }
 
     /// Sends the queued datagrams in `range` one by one (`sendmmsg`); returns where a full
@@ -634,29 +606,31 @@ impl KernelHost {
     /// offset), so that they inherit it instead of taking two system calls each.
     pub fn prepare_listener(&mut self, s: &Socket) -> io::Result<()> {
         s.set_tcp_nodelay(true)?;
-        self.enable_peek_off(s);
-        Ok(())
+        self.prepare_tcp(s)
     }
 
     /// Makes sure a socket accepted on a `prepare_listener` listener has its options: Linux
     /// copies them from the listener, which the first accepted socket confirms; should they not
     /// be inherited, each socket gets them here.
-    pub fn accepted_options(&mut self, s: &Socket) {
+    pub fn accepted_options(&mut self, s: &Socket) -> io::Result<()> {
         let peek_off = self.peek_off;
+        let fd = s.as_raw_fd();
         let inherits = *self.options_inherited.get_or_insert_with(|| {
             s.tcp_nodelay().unwrap_or(false)
-                && (peek_off != Some(true) || sys::peek_off(s.as_raw_fd()).is_ok_and(|o| o == 0))
+                && sys::oob_inline(fd).unwrap_or(false)
+                && (peek_off != Some(true) || sys::peek_off(fd).is_ok_and(|o| o == 0))
         });
         if !inherits {
-            let _ = s.set_tcp_nodelay(true);
-            self.enable_peek_off(s);
+            s.set_tcp_nodelay(true)?;
+            self.prepare_tcp(s)?;
         }
+        Ok(())
     }
 
     /// Stages an accepted TCP socket (non-blocking, from `sys::accept_nonblocking`) for
     /// `Core::tcp_inbound`.
     pub fn stage_accepted(&mut self, s: Socket) -> io::Result<()> {
-        self.accepted_options(&s);
+        self.accepted_options(&s)?;
         let flags = EpollFlags::EPOLLIN
             | EpollFlags::EPOLLOUT
             | EpollFlags::EPOLLRDHUP
@@ -940,40 +914,37 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// A host with one TCP flow (id 0) whose peer has sent `data`, over the loopback.
+    /// A host with one TCP flow (id 0) whose peer has sent `data`, all of it already in the
+    /// socket, over the loopback.
     fn host_with_stream(data: &[u8]) -> (KernelHost, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut peer =
             std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (ours, _) = listener.accept().expect("accept");
         peer.write_all(data).expect("write");
+        let mut all = vec![0u8; data.len()];
+        for _ in 0..200 {
+            if ours.peek(&mut all).expect("peek") == data.len() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let s = Socket::from(ours);
         s.set_nonblocking(true).expect("nonblocking");
         let mut host = KernelHost::new(false).expect("host");
-        host.enable_peek_off(&s);
+        host.prepare_tcp(&s).expect("prepare");
         host.install(0, s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET)
             .expect("install");
         (host, peer)
     }
 
-    /// Peeks `n` bytes, waiting a little for them to arrive.
+    /// Peeks `n` bytes through the host.
     fn peek(host: &mut KernelHost, n: usize) -> Vec<u8> {
         let mut buf = vec![0u8; n];
-        for _ in 0..200 {
-            match host.tcp_peek(0, &mut buf).expect("peek") {
-                Peek::Data(got) if got == n => return buf,
-                Peek::Data(got) => {
-                    // A short peek: start again from the same place.
-                    let back = host.peeked[0] - got;
-                    host.peeked[0] = back;
-                    let _ =
-                        sys::set_peek_off(host.socks[0].as_ref().unwrap().as_raw_fd(), back as i32);
-                }
-                _ => {}
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+        match host.tcp_peek(0, &mut buf).expect("peek") {
+            Peek::Data(got) if got == n => buf,
+            other => panic!("peeking {n} bytes gave {other:?}"),
         }
-        panic!("{n} bytes never arrived");
     }
 
     /// The stream position of each byte, as the peer sent it.
@@ -982,37 +953,23 @@ mod tests {
     }
 
     #[test]
-    fn consumes_are_lazy_and_peeks_stay_on_the_stream_across_rewinds() {
+    fn peeks_stay_on_the_stream_across_consumes_and_rewinds() {
         let data = pattern(64 << 10);
         let (mut host, _peer) = host_with_stream(&data);
         if host.peek_off != Some(true) {
-            return; // no SO_PEEK_OFF on this kernel: the eager path, covered by the netns tests
+            return; // no SO_PEEK_OFF on this kernel: the fallback, covered by the netns tests
         }
-        // Sent 0..4000, 1000 acknowledged: kept in the socket, the next peek goes on at 4000.
+        // Sent 0..4000, 1000 acknowledged: the next peek goes on at 4000.
         assert_eq!(peek(&mut host, 4000), data[..4000]);
         host.tcp_consume(0, 1000);
-        assert_eq!(
-            host.unconsumed[0], 1000,
-            "no read for a small acknowledgement"
-        );
         assert_eq!(peek(&mut host, 1000), data[4000..5000]);
-        // A rewind goes back to the first unacknowledged byte (1000), not the socket's front.
+        // A rewind goes back to the first unacknowledged byte (1000).
         host.tcp_rewind(0);
         assert_eq!(peek(&mut host, 500), data[1000..1500]);
         // The guest acknowledges up to 3000, past what was peeked again (bytes it had from
-        // before the rewind): the next peek starts at 3000.
+        // before the rewind): the kernel moves the offset back to the front, and the next peek
+        // starts at 3000, as the core expects.
         host.tcp_consume(0, 2000);
         assert_eq!(peek(&mut host, 1000), data[3000..4000]);
-        // Acknowledgements gather up to LAZY_CONSUME, then go in one read.
-        host.tcp_consume(0, 1000);
-        assert_eq!(peek(&mut host, 30_000), data[4000..34_000]);
-        host.tcp_consume(0, LAZY_CONSUME);
-        assert_eq!(host.unconsumed[0], 0, "read once the lot was full");
-        assert_eq!(peek(&mut host, 1000), data[34_000..35_000]);
-        host.tcp_rewind(0);
-        assert_eq!(
-            peek(&mut host, 1000),
-            data[4000 + LAZY_CONSUME..5000 + LAZY_CONSUME]
-        );
     }
 }

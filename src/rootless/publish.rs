@@ -382,7 +382,9 @@ impl Ports {
         let (Ok(a), Ok(b)) = (pipe(), pipe()) else {
             return Err(Some(client));
         };
-        host.accepted_options(&client);
+        if host.accepted_options(&client).is_err() {
+            return Err(Some(client));
+        }
         let entry = self.splices.vacant_entry();
         let idx = entry.key() as u64;
         let flags = EpollFlags::EPOLLIN

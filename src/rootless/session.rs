@@ -342,7 +342,8 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
             // Held until the engine has stopped: a namespace whose last process has exited is
             // torn down, and with it the frames still queued on its `tap0`, which the engine
-            // hands on after the command's end.
+            // hands on after the command's end. (A TAP's fd holds its namespace already; the
+            // ring link's sockets live in rnat's private namespace and do not.)
             let netns_held = std::fs::File::open(format!("/proc/{}/ns/net", child.id())).ok();
             let served = inst.serve_child(tap, &mut child);
             drop(netns_held);

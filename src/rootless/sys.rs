@@ -395,6 +395,40 @@ pub fn set_peek_off(sock: RawFd, off: libc::c_int) -> io::Result<()> {
     .map(drop)
 }
 
+/// Delivers TCP urgent data in line (`SO_OOBINLINE`). Out of line, a peek skips the urgent
+/// byte without counting it in the peek offset, which then lags the stream by one.
+pub fn set_oob_inline(sock: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt with a pointer to an int of the stated size.
+    cvt(unsafe {
+        libc::setsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_OOBINLINE,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    })
+    .map(drop)
+}
+
+/// Whether `SO_OOBINLINE` is on.
+pub fn oob_inline(sock: RawFd) -> io::Result<bool> {
+    let mut on: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt with a pointer to an int and its size.
+    cvt(unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_OOBINLINE,
+            (&mut on as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(on != 0)
+}
+
 /// A socket's peek offset (`SO_PEEK_OFF`; -1 when off).
 pub fn peek_off(sock: RawFd) -> io::Result<libc::c_int> {
     let mut off: libc::c_int = 0;

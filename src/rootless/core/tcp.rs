@@ -118,8 +118,9 @@ pub(super) struct TcpFlow {
     window_blocked: bool,
     /// The host peer has shut down its side: peeks go on to the end of the stream.
     host_hup: bool,
-    /// The last peek found nothing past what was sent: peek again only once the socket reports
-    /// data (edge-triggered readiness comes with every arrival) or after a rewind.
+    /// The last peek found nothing past what was sent (EAGAIN): peek again only once the socket
+    /// reports data (edge-triggered readiness comes with every arrival), after a rewind, or
+    /// at the guest's FIN.
     host_drained: bool,
     dupacks: u8,
     rto: Duration,
@@ -653,10 +654,10 @@ impl TcpFlow {
                     if self.timer.is_none() {
                         self.arm(id, out, self.rto);
                     }
-                    // A short peek drained the socket: more data will come with a new edge, so
-                    // another peek now would only say EAGAIN. After a hang-up, go on to the end.
+                    // A short peek most likely drained the socket: another now would only say
+                    // EAGAIN. Not certainly (a peek also stops at TCP's urgent mark), so the
+                    // flow is marked drained only by EAGAIN itself. After a hang-up, go on.
                     if n < room && !self.host_hup {
-                        self.host_drained = true;
                         break;
                     }
                 }

@@ -412,38 +412,31 @@ pub fn set_oob_inline(sock: RawFd) -> io::Result<()> {
     .map(drop)
 }
 
-/// Whether `SO_OOBINLINE` is on.
-pub fn oob_inline(sock: RawFd) -> io::Result<bool> {
-    let mut on: libc::c_int = 0;
+/// An int-valued `SOL_SOCKET` option of `sock`.
+fn socket_option(sock: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt with a pointer to an int and its size.
     cvt(unsafe {
         libc::getsockopt(
             sock,
             libc::SOL_SOCKET,
-            libc::SO_OOBINLINE,
-            (&mut on as *mut libc::c_int).cast(),
+            option,
+            (&mut value as *mut libc::c_int).cast(),
             &mut len,
         )
     })?;
-    Ok(on != 0)
+    Ok(value)
+}
+
+/// Whether `SO_OOBINLINE` is on.
+pub fn oob_inline(sock: RawFd) -> io::Result<bool> {
+    socket_option(sock, libc::SO_OOBINLINE).map(|v| v != 0)
 }
 
 /// A socket's peek offset (`SO_PEEK_OFF`; -1 when off).
 pub fn peek_off(sock: RawFd) -> io::Result<libc::c_int> {
-    let mut off: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt with a pointer to an int and its size.
-    cvt(unsafe {
-        libc::getsockopt(
-            sock,
-            libc::SOL_SOCKET,
-            SO_PEEK_OFF,
-            (&mut off as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(off)
+    socket_option(sock, SO_PEEK_OFF)
 }
 
 /// Accepts a connection on listener `fd` as a non-blocking, close-on-exec socket, with its peer's

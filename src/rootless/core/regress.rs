@@ -109,12 +109,9 @@ fn guest_segment(seq: u32, ack: u32, flags: u8) -> Vec<u8> {
     tseg(40000, seq, ack, flags, &[])
 }
 
-/// More than 255 duplicate ACKs for data in flight overflowed the flow's `u8` duplicate-ACK
-/// counter (a panic with overflow checks; without them the counter wrapped and fast retransmit
-/// fired again at the 259th). Found by the fuzzer; the guest sends only ACKs, so any guest can do
-/// it. Now the counter saturates: one fast retransmit per run of duplicates.
-#[test]
-fn many_duplicate_acks_do_not_overflow() {
+/// A guest connection from 10.0.2.100:40000 whose host socket connected and holds 35 bytes: the
+/// core has answered the guest's SYN (the SYN-ACK is the last frame sent).
+fn connected_with_35_bytes() -> (Core, FakeHost, Instant, RxMeta) {
     let cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
     let mut core = Core::new(cfg);
     let mut host = FakeHost {
@@ -129,6 +126,16 @@ fn many_duplicate_acks_do_not_overflow() {
         ..Ready::default()
     };
     core.on_ready(&mut host, 0, writable, now);
+    (core, host, now, rx)
+}
+
+/// More than 255 duplicate ACKs for data in flight overflowed the flow's `u8` duplicate-ACK
+/// counter (a panic with overflow checks; without them the counter wrapped and fast retransmit
+/// fired again at the 259th). Found by the fuzzer; the guest sends only ACKs, so any guest can do
+/// it. Now the counter saturates: one fast retransmit per run of duplicates.
+#[test]
+fn many_duplicate_acks_do_not_overflow() {
+    let (mut core, mut host, now, rx) = connected_with_35_bytes();
     let &(_, iss, flags, _) = host.sent.last().expect("a SYN-ACK");
     assert_eq!(flags, frame::SYN | frame::ACK);
     // The ACK completes the handshake and the core sends the 35 bytes it has.
@@ -153,20 +160,7 @@ fn many_duplicate_acks_do_not_overflow() {
 /// tries again without any readiness.
 #[test]
 fn a_drained_socket_is_peeked_again_only_when_it_reports_data() {
-    let cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
-    let mut core = Core::new(cfg);
-    let mut host = FakeHost {
-        avail: 35,
-        ..FakeHost::default()
-    };
-    let now = Instant::now();
-    let rx = RxMeta::default();
-    core.on_frame(&mut host, &guest_segment(1000, 0, frame::SYN), rx, now);
-    let writable = Ready {
-        writable: true,
-        ..Ready::default()
-    };
-    core.on_ready(&mut host, 0, writable, now);
+    let (mut core, mut host, now, rx) = connected_with_35_bytes();
     let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
     let ack = |n: u32| guest_segment(1001, iss.wrapping_add(1).wrapping_add(n), frame::ACK);
     core.on_frame(&mut host, &ack(0), rx, now);

@@ -38,6 +38,11 @@ pub struct SimSock {
     pub sent: usize,
     /// The server closed its side.
     pub eof: bool,
+    /// Bytes consumed so far, and how far arrivals (consumed + `rx`) and the end of stream had
+    /// been reported as readiness (edge-triggered, as the driver's epoll is).
+    pub consumed: usize,
+    pub reported: usize,
+    pub eof_reported: bool,
     /// A socket error (ECONNRESET...) to report on the next operation.
     pub err: Option<i32>,
     /// Guest → server bytes the server has not read yet, and all it has read.
@@ -163,6 +168,7 @@ impl Host for SimHost {
         // Acknowledged bytes were sent once, though perhaps before a rewind.
         assert!(n <= s.sent, "consumed {n} bytes, only {} were sent", s.sent);
         s.rx.drain(..n);
+        s.consumed += n;
         s.sent -= n;
         s.peek = s.peek.saturating_sub(n);
     }
@@ -408,7 +414,13 @@ impl Sim {
             } else if s.dst.is_some() {
                 let n = self.server_read.unwrap_or(usize::MAX).min(s.unread);
                 s.unread -= n;
-                ready.readable = s.rx.len() > s.peek || s.eof || s.err.is_some();
+                // Edge-triggered, as the driver's epoll: readable only when data (or the end
+                // of the stream) arrived since the last report, not while unread data waits.
+                let arrived = s.consumed + s.rx.len();
+                ready.readable =
+                    arrived > s.reported || (s.eof && !s.eof_reported) || s.err.is_some();
+                s.reported = arrived;
+                s.eof_reported |= s.eof;
                 ready.writable = s.unread < s.cap;
                 ready.error = s.err.is_some();
             } else {

@@ -45,8 +45,8 @@ pub struct KernelHost {
     peek_off: Option<bool>,
     /// Without `SO_PEEK_OFF`: per flow, the bytes already peeked (skipped by the next peek).
     peeked: Vec<usize>,
-    /// Whether accepted sockets inherit `TCP_NODELAY` and the peek offset from their listener;
-    /// `None` until the first is accepted.
+    /// Whether accepted sockets inherit `TCP_NODELAY`, `SO_OOBINLINE` and the peek offset from
+    /// their listener; `None` until the first is accepted.
     options_inherited: Option<bool>,
     scratch: Vec<u8>,
     /// Datagrams queued by `udp_send` until `flush`: (flow, destination, range in `udp_arena`).
@@ -257,8 +257,27 @@ impl Host for KernelHost {
         }
     }
 
-    fn tcp_consume(&mut self, id: FlowId, n: usize) {
-        self.discard(id, n);
+    fn tcp_consume(&mut self, id: FlowId, mut n: usize) {
+        let Ok(s) = sock(&self.socks, id) else { return };
+        while n > 0 {
+            // SAFETY: with MSG_TRUNC, TCP discards up to `n` bytes without writing to the buffer,
+            // so a null buffer is never dereferenced.
+            let r = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    n,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                )
+            };
+            if r <= 0 {
+                return;
+            }
+            n -= r as usize;
+            if let Some(p) = self.peeked.get_mut(id) {
+                *p = p.saturating_sub(r as usize);
+            }
+        }
     }
 
     fn tcp_rewind(&mut self, id: FlowId) {
@@ -413,30 +432,6 @@ impl KernelHost {
         match self.outbound {
             Some(ip) => s.bind(&SockAddr::from(SocketAddrV4::new(ip, 0))),
             None => Ok(()),
-        }
-    }
-
-    /// Drops `n` bytes from the front of a TCP socket's unread data.
-    fn discard(&mut self, id: FlowId, mut n: usize) {
-        let Ok(s) = sock(&self.socks, id) else { return };
-        while n > 0 {
-            // SAFETY: with MSG_TRUNC, TCP discards up to `n` bytes without writing to the buffer,
-            // so a null buffer is never dereferenced.
-            let r = unsafe {
-                libc::recv(
-                    s.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    n,
-                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
-                )
-            };
-            if r <= 0 {
-                return;
-            }
-            n -= r as usize;
-            if let Some(p) = self.peeked.get_mut(id) {
-                *p = p.saturating_sub(r as usize);
-            }
         }
     }
 
@@ -602,8 +597,8 @@ impl KernelHost {
         self.udp_armed = armed;
     }
 
-    /// Gives a published port's listener what its accepted sockets need (`TCP_NODELAY`, the peek
-    /// offset), so that they inherit it instead of taking two system calls each.
+    /// Gives a published port's listener what its accepted sockets need (`TCP_NODELAY`, urgent
+    /// data in line, the peek offset), so that they inherit it instead of setting it each.
     pub fn prepare_listener(&mut self, s: &Socket) -> io::Result<()> {
         s.set_tcp_nodelay(true)?;
         self.prepare_tcp(s)

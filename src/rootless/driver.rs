@@ -942,6 +942,39 @@ mod tests {
         }
     }
 
+    /// Urgent data (`send(MSG_OOB)`) reaches the guest in line, in its place: out of line a peek
+    /// skips the urgent byte without counting it in the peek offset, and the next peek would
+    /// start one byte early.
+    #[test]
+    fn urgent_data_is_peeked_in_line_and_in_place() {
+        let (mut host, peer) = host_with_stream(b"abc");
+        if host.peek_off != Some(true) {
+            return;
+        }
+        let fd = peer.as_raw_fd();
+        for (bytes, flags) in [(&b"X"[..], libc::MSG_OOB), (&b"def"[..], 0)] {
+            // SAFETY: send(2) of a live buffer of the stated length on our own socket.
+            let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), flags) };
+            assert_eq!(n, bytes.len() as isize);
+        }
+        // A peek stops at the urgent mark: gather until all seven bytes came.
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            let mut buf = [0u8; 64];
+            match host.tcp_peek(0, &mut buf).expect("peek") {
+                Peek::Data(n) => got.extend_from_slice(&buf[..n]),
+                _ => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+            if got.len() >= 7 {
+                break;
+            }
+        }
+        assert_eq!(got, b"abcXdef");
+        host.tcp_consume(0, 4);
+        host.tcp_rewind(0);
+        assert_eq!(peek(&mut host, 3), b"def");
+    }
+
     /// The stream position of each byte, as the peer sent it.
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8).collect()

@@ -150,6 +150,9 @@ struct RootlessArgs {
     /// Rootless mode: let connections to the gateway address reach the host's 127.0.0.1
     #[arg(long)]
     allow_host_loopback: bool,
+    /// Rootless mode: IPv6 too (guest fd00::100/64, gateway fd00::2, DNS fd00::3)
+    #[arg(long)]
+    enable_ipv6: bool,
 }
 
 impl RootlessArgs {
@@ -158,6 +161,7 @@ impl RootlessArgs {
             mtu: self.mtu,
             cidr: self.cidr,
             allow_host_loopback: self.allow_host_loopback,
+            ipv6: self.enable_ipv6,
             ..Default::default()
         }
     }

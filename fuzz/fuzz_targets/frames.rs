@@ -27,12 +27,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use rnat::rootless::core::{
-    csum, Config, Core, FlowId, Host, Peek, Ready, RxMeta, TxMeta, GATEWAY_MAC,
+    csum, Config, Core, FlowId, Host, Ipv6Config, Peek, Ready, RxMeta, TxMeta, GATEWAY_MAC,
 };
 
 const GUEST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x64];
@@ -40,7 +40,7 @@ const OTHER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x65];
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
 const ETH_LEN: usize = 14;
 const IP_LEN: usize = 20;
-const MAX_FRAME: usize = ETH_LEN + 65535;
+const MAX_FRAME: usize = ETH_LEN + 40 + 65535;
 /// Frames sent by "repeat" events, all of one input together (keeps every input fast).
 const MAX_REPEATS: usize = 2048;
 
@@ -182,9 +182,9 @@ impl Dgram {
 struct Dgram {
     kind: DgramKind,
     /// (source, length, first byte (ICMP type), fill byte)
-    queue: VecDeque<(SocketAddrV4, usize, u8, u8)>,
+    queue: VecDeque<(SocketAddr, usize, u8, u8)>,
     /// The last few destinations sent to, so that replies can come from them.
-    sent_to: Vec<SocketAddrV4>,
+    sent_to: Vec<SocketAddr>,
     recv_error: bool,
 }
 
@@ -207,6 +207,8 @@ struct FakeHost<'a> {
     dgram: BTreeMap<FlowId, Dgram>,
     conns: BTreeMap<(u16, SocketAddrV4), GuestConn>,
     mtu: usize,
+    /// The core runs with IPv6 on.
+    ipv6: bool,
     /// While the harness publishes a port or accepts a client: the kind of socket `adopt` takes
     /// (TCP: true).
     adopting: Option<bool>,
@@ -249,6 +251,7 @@ impl FakeHost<'_> {
                 return;
             }
             0x0800 => {}
+            0x86dd => return self.check_ipv6(f, meta),
             t => panic!("ethertype {t:#x} to the guest"),
         }
         let ip = &f[ETH_LEN..];
@@ -265,7 +268,10 @@ impl FakeHost<'_> {
         let proto = ip[9];
         let seg = &ip[IP_LEN..];
         let l4_ok = |field: usize| match meta.csum {
-            None => csum::fold(csum::add(csum::pseudo(src, dst, proto, seg.len()), seg)) == 0xffff,
+            None => {
+                csum::fold(csum::add(csum::pseudo(src.into(), dst.into(), proto, seg.len()), seg))
+                    == 0xffff
+            }
             Some((start, at)) => usize::from(start) == ETH_LEN + IP_LEN && usize::from(at) == field,
         };
         match proto {
@@ -310,6 +316,36 @@ impl FakeHost<'_> {
     }
 }
 
+impl FakeHost<'_> {
+    fn check_ipv6(&mut self, f: &[u8], meta: TxMeta) {
+        assert!(self.ipv6, "IPv6 to the guest with IPv6 off");
+        let ip = &f[ETH_LEN..];
+        assert!(ip.len() >= 40 && ip[0] >> 4 == 6, "IPv6 header");
+        let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+        assert_eq!(plen + 40, ip.len(), "IPv6 payload length");
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&ip[8..24]);
+        let src = IpAddr::V6(Ipv6Addr::from(a));
+        a.copy_from_slice(&ip[24..40]);
+        let dst = IpAddr::V6(Ipv6Addr::from(a));
+        let seg = &ip[40..];
+        let whole = || csum::fold(csum::add(csum::pseudo(src, dst, ip[6], seg.len()), seg)) == 0xffff;
+        let l4_ok = |field: usize| match meta.csum {
+            None => whole(),
+            Some((start, at)) => usize::from(start) == ETH_LEN + 40 && usize::from(at) == field,
+        };
+        match ip[6] {
+            6 => assert!(seg.len() >= 20 && l4_ok(16), "TCP over IPv6"),
+            17 => assert!(seg.len() >= 8 && l4_ok(6), "UDP over IPv6"),
+            58 => assert!(seg.len() >= 8 && meta.csum.is_none() && whole(), "ICMPv6"),
+            p => panic!("IPv6 next header {p} to the guest"),
+        }
+        if meta.gso_mss.is_none() {
+            assert!(ip.len() <= self.mtu, "IPv6 packet of {} over the MTU", ip.len());
+        }
+    }
+}
+
 impl Host for FakeHost<'_> {
     fn emit(&mut self, frame: &[u8], meta: TxMeta) {
         if trace() && frame.len() >= ETH_LEN + IP_LEN + 14 && frame[ETH_LEN + 9] == 6 {
@@ -325,7 +361,7 @@ impl Host for FakeHost<'_> {
         self.check_frame(frame, meta);
     }
 
-    fn tcp_connect(&mut self, flow: FlowId, _dst: SocketAddrV4) -> io::Result<()> {
+    fn tcp_connect(&mut self, flow: FlowId, _dst: SocketAddr) -> io::Result<()> {
         self.check_new(flow);
         // The socket exists (and must be closed) whatever the connect says.
         self.tcp.insert(flow, TcpSock::default());
@@ -414,7 +450,8 @@ impl Host for FakeHost<'_> {
         self.tcp.remove(&flow);
     }
 
-    fn udp_open(&mut self, flow: FlowId) -> io::Result<()> {
+    fn udp_open(&mut self, flow: FlowId, v6: bool) -> io::Result<()> {
+        assert!(self.ipv6 || !v6, "IPv6 socket with IPv6 off");
         self.check_new(flow);
         if self.script.next() & 15 == 15 {
             return Err(os(libc::EMFILE));
@@ -423,7 +460,7 @@ impl Host for FakeHost<'_> {
         Ok(())
     }
 
-    fn udp_send(&mut self, flow: FlowId, dst: SocketAddrV4, _data: &[u8]) -> io::Result<()> {
+    fn udp_send(&mut self, flow: FlowId, dst: SocketAddr, _data: &[u8]) -> io::Result<()> {
         let fail = self.script.next() & 15 == 15;
         let d = self.dgram(flow, "udp_send");
         assert!(
@@ -446,7 +483,7 @@ impl Host for FakeHost<'_> {
         &mut self,
         flow: FlowId,
         buf: &mut [u8],
-    ) -> io::Result<Option<(SocketAddrV4, usize)>> {
+    ) -> io::Result<Option<(SocketAddr, usize)>> {
         let d = self.dgram(flow, "udp_recv");
         assert!(
             matches!(d.kind, DgramKind::Udp),
@@ -463,7 +500,8 @@ impl Host for FakeHost<'_> {
         Ok(Some((from, n)))
     }
 
-    fn ping_open(&mut self, flow: FlowId) -> io::Result<()> {
+    fn ping_open(&mut self, flow: FlowId, v6: bool) -> io::Result<()> {
+        assert!(self.ipv6 || !v6, "ICMPv6 socket with IPv6 off");
         self.check_new(flow);
         if self.script.next() & 15 == 15 {
             return Err(os(libc::EACCES));
@@ -472,7 +510,7 @@ impl Host for FakeHost<'_> {
         Ok(())
     }
 
-    fn ping_send(&mut self, flow: FlowId, dst: Ipv4Addr, icmp: &[u8]) -> io::Result<()> {
+    fn ping_send(&mut self, flow: FlowId, dst: IpAddr, icmp: &[u8]) -> io::Result<()> {
         let fail = self.script.next() & 15 == 15;
         let d = self.dgram(flow, "ping_send");
         assert!(
@@ -480,7 +518,7 @@ impl Host for FakeHost<'_> {
             "ping_send on a UDP socket"
         );
         assert!(icmp.len() >= 8, "ping_send of {} bytes", icmp.len());
-        let dst = SocketAddrV4::new(dst, 0);
+        let dst = SocketAddr::new(dst, 0);
         if !d.sent_to.contains(&dst) {
             if d.sent_to.len() == 4 {
                 d.sent_to.remove(0);
@@ -493,7 +531,7 @@ impl Host for FakeHost<'_> {
         Ok(())
     }
 
-    fn ping_recv(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>> {
+    fn ping_recv(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Option<(IpAddr, usize)>> {
         let d = self.dgram(flow, "ping_recv");
         assert!(
             matches!(d.kind, DgramKind::Ping),
@@ -510,7 +548,7 @@ impl Host for FakeHost<'_> {
         if n > 0 {
             buf[0] = first;
         }
-        Ok(Some((*from.ip(), n)))
+        Ok(Some((from.ip(), n)))
     }
 
     fn dgram_close(&mut self, flow: FlowId) {
@@ -615,7 +653,7 @@ fn l4_csum(seg: &mut [u8], field: usize, src: Ipv4Addr, dst: Ipv4Addr, proto: u8
     let pseudo = if proto == 1 {
         0
     } else {
-        csum::pseudo(src, dst, proto, seg.len())
+        csum::pseudo(src.into(), dst.into(), proto, seg.len())
     };
     let sum = csum::finish(csum::add(pseudo, seg));
     seg[field..field + 2].copy_from_slice(&sum.to_be_bytes());
@@ -675,13 +713,21 @@ impl Sim<'_> {
         match mode & 3 {
             0 | 1 => {
                 self.frame.clear();
+                let v6 = mode & 3 == 1 && mode & 8 != 0;
                 if mode & 3 == 1 {
                     self.frame.extend_from_slice(&GATEWAY_MAC);
                     self.frame.extend_from_slice(&GUEST_MAC);
-                    self.frame.extend_from_slice(&[0x08, 0x00]);
+                    self.frame.extend_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
                 }
                 let n = body.len().min(MAX_FRAME - self.frame.len());
                 self.frame.extend_from_slice(&body[..n]);
+                if v6 {
+                    // An IPv6 packet of the fuzzer's own: its length made right and, for TCP,
+                    // UDP and ICMPv6, its checksum too.
+                    fix_ipv6(&mut self.frame[ETH_LEN..], mode & 4 != 0);
+                    self.send(rx);
+                    return;
+                }
                 // An IP packet of the fuzzer's own, with its header checksum made right.
                 let hl = usize::from(self.frame.get(ETH_LEN).map_or(0, |b| b & 15)) * 4;
                 if mode & 3 == 1 && mode & 4 != 0 && hl >= 12 && self.frame.len() >= ETH_LEN + hl {
@@ -920,10 +966,10 @@ impl Sim<'_> {
                 // gateway on a published port).
                 let from = match (b >> 6, d.sent_to.len()) {
                     (3, _) | (_, 0) => [
-                        SocketAddrV4::new(Ipv4Addr::new(1, 2, 3, 4), 5678),
-                        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 4000),
-                        SocketAddrV4::new(Ipv4Addr::new(93, 184, 216, 34), 53),
-                        SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 53), 53),
+                        SocketAddr::from((Ipv4Addr::new(1, 2, 3, 4), 5678)),
+                        SocketAddr::from((Ipv4Addr::LOCALHOST, 4000)),
+                        SocketAddr::from((Ipv4Addr::new(93, 184, 216, 34), 53)),
+                        SocketAddr::from((Ipv4Addr::new(192, 0, 2, 53), 53)),
                     ][usize::from(detail & 3)],
                     (i, n) => d.sent_to[usize::from(i) % n],
                 };
@@ -1024,6 +1070,10 @@ fn run(data: &[u8]) {
     let script = ev.take(script_len);
 
     let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
+    if c1 & 0x80 != 0 {
+        cfg.ipv6 = Some(Ipv6Config::slirp());
+    }
+    let ipv6 = cfg.ipv6.is_some();
     cfg.offload = c0 & 1 != 0;
     cfg.allow_host_loopback = c0 & 2 != 0;
     if c0 & 4 != 0 {
@@ -1047,6 +1097,7 @@ fn run(data: &[u8]) {
             dgram: BTreeMap::new(),
             conns: BTreeMap::new(),
             mtu,
+            ipv6,
             adopting: None,
         },
         now: Instant::now(),
@@ -1103,3 +1154,32 @@ fn run(data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| run(data));
+
+/// Sets an IPv6 packet's payload length to what follows its header, and with `csum` the
+/// checksum of a TCP, UDP or ICMPv6 payload.
+fn fix_ipv6(ip: &mut [u8], csum_too: bool) {
+    if ip.len() < 40 {
+        return;
+    }
+    let plen = (ip.len() - 40).min(65535);
+    ip[4..6].copy_from_slice(&(plen as u16).to_be_bytes());
+    let field = match ip[6] {
+        6 => 16,
+        17 => 6,
+        58 => 2,
+        _ => return,
+    };
+    if !csum_too || plen < field + 2 {
+        return;
+    }
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&ip[8..24]);
+    let src = IpAddr::V6(Ipv6Addr::from(a));
+    a.copy_from_slice(&ip[24..40]);
+    let dst = IpAddr::V6(Ipv6Addr::from(a));
+    let proto = ip[6];
+    let seg = &mut ip[40..40 + plen];
+    seg[field..field + 2].copy_from_slice(&[0, 0]);
+    let sum = csum::finish(csum::add(csum::pseudo(src, dst, proto, plen), seg));
+    seg[field..field + 2].copy_from_slice(&sum.to_be_bytes());
+}

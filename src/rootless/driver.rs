@@ -3,7 +3,7 @@
 //! [`Host`] with real sockets and hands it frames and readiness.
 
 use std::io::{self, IoSlice};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
@@ -24,6 +24,7 @@ const VNET_HDR_LEN: usize = 10;
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
 
 /// Datagrams kept for a flow whose socket buffer is full, at most (bytes, all flows).
 const UDP_BACKLOG_MAX: usize = 1 << 20;
@@ -41,6 +42,8 @@ pub struct KernelHost {
     ring: Option<RxRing>,
     vnet_hdr: bool,
     socks: Vec<Option<Socket>>,
+    /// Per flow: its datagram socket is IPv6 (and takes IPv4 peers as mapped addresses).
+    dgram_v6: Vec<bool>,
     /// Whether TCP honours `SO_PEEK_OFF` (Linux 6.9 and later); `None` until the first connect.
     peek_off: Option<bool>,
     /// Without `SO_PEEK_OFF`: per flow, the bytes already peeked (skipped by the next peek).
@@ -50,7 +53,7 @@ pub struct KernelHost {
     options_inherited: Option<bool>,
     scratch: Vec<u8>,
     /// Datagrams queued by `udp_send` until `flush`: (flow, destination, range in `udp_arena`).
-    udp_queue: Vec<(FlowId, SocketAddrV4, std::ops::Range<usize>)>,
+    udp_queue: Vec<(FlowId, SocketAddr, std::ops::Range<usize>)>,
     udp_arena: Vec<u8>,
     /// Flows whose sockets are watched for room (`EPOLLOUT`) because datagrams wait for it.
     udp_armed: Vec<FlowId>,
@@ -88,6 +91,7 @@ impl KernelHost {
             ring: None,
             vnet_hdr,
             socks: Vec::new(),
+            dgram_v6: Vec::new(),
             peek_off: std::env::var_os("RNAT_NO_PEEK_OFF").map(|_| false),
             peeked: Vec::new(),
             options_inherited: None,
@@ -147,19 +151,38 @@ impl KernelHost {
         if self.socks.len() <= id {
             self.socks.resize_with(id + 1, || None);
             self.peeked.resize(id + 1, 0);
+            self.dgram_v6.resize(id + 1, false);
         }
+        self.dgram_v6[id] = false;
         self.socks[id] = Some(s);
         self.peeked[id] = 0;
         Ok(())
     }
 
-    fn dgram(&mut self, id: FlowId, proto: Protocol) -> io::Result<()> {
-        let s = Socket::new(
-            Domain::IPV4,
-            Type::DGRAM.nonblocking().cloexec(),
-            Some(proto),
-        )?;
-        self.install(id, s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET)
+    fn dgram(&mut self, id: FlowId, domain: Domain, proto: Protocol) -> io::Result<()> {
+        let s = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), Some(proto))?;
+        if domain == Domain::IPV6 {
+            // An IPv6 guest's flow may also reach IPv4 peers (the DNS address forwards to the
+            // host's resolvers): as IPv4-mapped addresses on this one socket.
+            s.set_only_v6(false)?;
+        }
+        self.install(id, s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET)?;
+        self.dgram_v6[id] = domain == Domain::IPV6;
+        Ok(())
+    }
+
+    /// The destination as the flow's socket takes it: IPv4 peers of an IPv6 socket are mapped.
+    fn dest_for(&self, id: FlowId, dst: SocketAddr) -> SocketAddr {
+        match dst {
+            SocketAddr::V4(a) if self.v6_socket(id) => {
+                SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0).into()
+            }
+            a => a,
+        }
+    }
+
+    fn v6_socket(&self, id: FlowId) -> bool {
+        self.dgram_v6.get(id).copied().unwrap_or(false)
     }
 }
 
@@ -176,8 +199,14 @@ impl Host for KernelHost {
                 h[0] = VIRTIO_NET_HDR_F_DATA_VALID;
             }
             if let Some(mss) = meta.gso_mss {
-                h[1] = VIRTIO_NET_HDR_GSO_TCPV4;
-                h[2..4].copy_from_slice(&54u16.to_ne_bytes());
+                // Headers without TCP options: Ethernet, IPv4 or IPv6, TCP.
+                let (gso, hdr_len) = if frame.get(12..14) == Some(&[0x86, 0xdd]) {
+                    (VIRTIO_NET_HDR_GSO_TCPV6, 74u16)
+                } else {
+                    (VIRTIO_NET_HDR_GSO_TCPV4, 54u16)
+                };
+                h[1] = gso;
+                h[2..4].copy_from_slice(&hdr_len.to_ne_bytes());
                 h[4..6].copy_from_slice(&mss.to_ne_bytes());
             }
             nix::sys::uio::writev(tap, &[IoSlice::new(&h), IoSlice::new(frame)])
@@ -192,16 +221,16 @@ impl Host for KernelHost {
         }
     }
 
-    fn tcp_connect(&mut self, id: FlowId, dst: SocketAddrV4) -> io::Result<()> {
+    fn tcp_connect(&mut self, id: FlowId, dst: SocketAddr) -> io::Result<()> {
         let s = Socket::new(
-            Domain::IPV4,
+            Domain::for_address(dst),
             Type::STREAM.nonblocking().cloexec(),
             Some(Protocol::TCP),
         )?;
         s.set_tcp_nodelay(true)?;
         // A connection to the host's loopback (the gateway, when allowed) cannot leave from
         // another address.
-        if !dst.ip().is_loopback() {
+        if !dst.ip().is_loopback() && dst.is_ipv4() {
             self.bind_outbound(&s)?;
         }
         self.prepare_tcp(&s)?;
@@ -311,12 +340,14 @@ impl Host for KernelHost {
         }
     }
 
-    fn udp_open(&mut self, id: FlowId) -> io::Result<()> {
-        self.dgram(id, Protocol::UDP)
+    fn udp_open(&mut self, id: FlowId, v6: bool) -> io::Result<()> {
+        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+        self.dgram(id, domain, Protocol::UDP)
     }
 
-    fn udp_send(&mut self, id: FlowId, dst: SocketAddrV4, data: &[u8]) -> io::Result<()> {
+    fn udp_send(&mut self, id: FlowId, dst: SocketAddr, data: &[u8]) -> io::Result<()> {
         sock(&self.socks, id)?;
+        let dst = self.dest_for(id, dst);
         // Queued for one sendmmsg per flow at the end of the batch; the arena is bounded by
         // what one batch of frames can carry.
         let start = self.udp_arena.len();
@@ -377,32 +408,45 @@ impl Host for KernelHost {
         self.arm_writable(&blocked);
     }
 
-    fn udp_recv(
-        &mut self,
-        id: FlowId,
-        buf: &mut [u8],
-    ) -> io::Result<Option<(SocketAddrV4, usize)>> {
+    fn udp_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(SocketAddr, usize)>> {
         let s = sock(&self.socks, id)?;
-        match nix::sys::socket::recvfrom::<nix::sys::socket::SockaddrIn>(s.as_raw_fd(), buf) {
-            Ok((n, Some(from))) => Ok(Some((SocketAddrV4::from(from), n))),
-            Ok((_, None)) => Ok(None),
-            Err(nix::errno::Errno::EAGAIN) => Ok(None),
-            Err(e) => Err(e.into()),
+        let r = nix::sys::socket::recvfrom::<nix::sys::socket::SockaddrStorage>(s.as_raw_fd(), buf);
+        let (n, from) = match r {
+            Ok((n, Some(from))) => (n, from),
+            Ok((_, None)) => return Ok(None),
+            Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let from = if let Some(a) = from.as_sockaddr_in() {
+            SocketAddr::V4(SocketAddrV4::from(*a))
+        } else if let Some(a) = from.as_sockaddr_in6() {
+            let a = SocketAddrV6::from(*a);
+            match a.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
+                None => SocketAddr::V6(a),
+            }
+        } else {
+            return Ok(None);
+        };
+        Ok(Some((from, n)))
+    }
+
+    fn ping_open(&mut self, id: FlowId, v6: bool) -> io::Result<()> {
+        if v6 {
+            self.dgram(id, Domain::IPV6, Protocol::ICMPV6)
+        } else {
+            self.dgram(id, Domain::IPV4, Protocol::ICMPV4)
         }
     }
 
-    fn ping_open(&mut self, id: FlowId) -> io::Result<()> {
-        self.dgram(id, Protocol::ICMPV4)
-    }
-
-    fn ping_send(&mut self, id: FlowId, dst: Ipv4Addr, icmp: &[u8]) -> io::Result<()> {
+    fn ping_send(&mut self, id: FlowId, dst: IpAddr, icmp: &[u8]) -> io::Result<()> {
         sock(&self.socks, id)?
-            .send_to(icmp, &SockAddr::from(SocketAddrV4::new(dst, 0)))
+            .send_to(icmp, &SockAddr::from(SocketAddr::new(dst, 0)))
             .map(drop)
     }
 
-    fn ping_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>> {
-        Ok(self.udp_recv(id, buf)?.map(|(a, n)| (*a.ip(), n)))
+    fn ping_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(IpAddr, usize)>> {
+        Ok(self.udp_recv(id, buf)?.map(|(a, n)| (a.ip(), n)))
     }
 
     fn dgram_close(&mut self, id: FlowId) {
@@ -463,7 +507,7 @@ impl KernelHost {
     ) -> Option<usize> {
         let mut k = range.start;
         while k < range.end {
-            let msgs: Vec<(SocketAddrV4, &[u8])> = self.udp_queue[k..range.end]
+            let msgs: Vec<(SocketAddr, &[u8])> = self.udp_queue[k..range.end]
                 .iter()
                 .map(|(_, d, r)| (*d, &self.udp_arena[r.clone()]))
                 .collect();

@@ -13,7 +13,7 @@ use super::ring;
 use super::sys::{self, IfName};
 
 /// How the TAP device is set up once created.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct TapAddress {
     pub addr: Ipv4Addr,
     pub prefix: u8,
@@ -22,6 +22,17 @@ pub struct TapAddress {
     pub dns: Ipv4Addr,
     pub mtu: u16,
     pub mac: Option<[u8; 6]>,
+    pub ipv6: Option<TapAddress6>,
+}
+
+/// The TAP's IPv6 address (a /64) and default route.
+#[derive(Clone)]
+pub struct TapAddress6 {
+    pub addr: std::net::Ipv6Addr,
+    pub gateway: std::net::Ipv6Addr,
+    /// The TAP's `accept_dad` sysctl: turned off, so the address is usable at once (nothing
+    /// else on the link could hold it).
+    pub accept_dad: CString,
 }
 
 /// Namespaces to enter, by open fd (held by the caller until the child has run).
@@ -314,6 +325,11 @@ fn configure(plan: &TapPlan, a: &TapAddress) -> io::Result<()> {
     let s = ctl.as_raw_fd();
     let lo = IfName::new("lo").map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     sys::if_up(s, &lo)?;
+    if let Some(v6) = &a.ipv6 {
+        // Before the link comes up, so its link-local address is not held back either. Best
+        // effort: with duplicate address detection on, addresses are usable a second later.
+        let _ = sys::write_file(&v6.accept_dad, b"0");
+    }
     if let Some(mac) = a.mac {
         sys::if_set_mac(s, &plan.tap, mac)?;
     }
@@ -328,7 +344,14 @@ fn configure(plan: &TapPlan, a: &TapAddress) -> io::Result<()> {
     for ip in [a.gateway, a.dns] {
         let _ = sys::add_static_arp(s, &plan.tap, ip, GATEWAY_MAC);
     }
-    sys::add_default_route(s, a.gateway)
+    sys::add_default_route(s, a.gateway)?;
+    if let Some(v6) = &a.ipv6 {
+        let ctl6 = sys::ctl_socket6()?;
+        let index = sys::if_index(s, &plan.tap)?;
+        sys::add_addr6(ctl6.as_raw_fd(), index, v6.addr, 64)?;
+        sys::add_default_route6(ctl6.as_raw_fd(), index, v6.gateway)?;
+    }
+    Ok(())
 }
 
 /// A connected pair of UNIX sockets for passing the TAP's fd (close-on-exec).

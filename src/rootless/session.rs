@@ -58,6 +58,8 @@ pub struct Options {
     pub dns: bool,
     /// Bind outbound sockets to this address.
     pub outbound: Option<Ipv4Addr>,
+    /// IPv6 too (slirp4netns' `--enable-ipv6` layout: fd00::/64).
+    pub ipv6: bool,
 }
 
 /// What `rnat attach` does besides serving (slirp4netns' conventions).
@@ -86,6 +88,7 @@ impl Default for Options {
             mac: None,
             dns: true,
             outbound: None,
+            ipv6: false,
         }
     }
 }
@@ -145,8 +148,11 @@ pub fn resolvers(text: &str) -> Vec<Ipv4Addr> {
 
 /// The resolv.conf the container sees: rnat's DNS address, and the host's search domains and
 /// options.
-fn container_resolv(host: &str, dns: Ipv4Addr) -> String {
+fn container_resolv(host: &str, dns: Ipv4Addr, dns6: Option<std::net::Ipv6Addr>) -> String {
     let mut out = format!("nameserver {dns}\n");
+    if let Some(dns6) = dns6 {
+        out.push_str(&format!("nameserver {dns6}\n"));
+    }
     for l in host.lines() {
         let t = l.trim_start();
         if t.starts_with("search ") || t.starts_with("domain ") || t.starts_with("options ") {
@@ -168,6 +174,9 @@ fn build_config(opts: &Options) -> Result<Config, Error> {
     cfg.mtu = opts.mtu;
     cfg.allow_host_loopback = opts.allow_host_loopback;
     cfg.offload = opts.offload;
+    if opts.ipv6 {
+        cfg.ipv6 = Some(crate::rootless::core::Ipv6Config::slirp());
+    }
     if opts.dns {
         cfg.resolvers = resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
     }
@@ -191,6 +200,16 @@ fn tap_address(cfg: &Config, opts: &Options) -> TapAddress {
         dns: cfg.dns,
         mtu: opts.mtu,
         mac: opts.mac,
+        ipv6: cfg.ipv6.map(|v6| crate::rootless::ns::TapAddress6 {
+            addr: v6.guest,
+            gateway: v6.gateway,
+            // Built here: the child that writes it runs after a fork.
+            accept_dad: std::ffi::CString::new(format!(
+                "/proc/sys/net/ipv6/conf/{}/accept_dad",
+                opts.tap_name
+            ))
+            .unwrap_or_default(),
+        }),
     }
 }
 
@@ -292,7 +311,12 @@ pub fn run(opts: &Options, argv: &[String]) -> Result<i32, Error> {
         }),
     )?;
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let resolv_file = write_resolv(&container_resolv(&host_resolv, inst.core.config().dns))?;
+    let c = inst.core.config();
+    let resolv_file = write_resolv(&container_resolv(
+        &host_resolv,
+        c.dns,
+        c.ipv6.map(|v6| v6.dns),
+    ))?;
     let tap_addr = tap_address(inst.core.config(), opts);
     let ring = link.is_ring();
     let plan = TapPlan::new_namespaces(

@@ -30,6 +30,7 @@ User-mode networking for unprivileged network namespaces (rnat's engine, slirp4n
 --userns-path=PATH       specify user namespace path
 --enable-sandbox         create a new mount namespace whose root is an empty tmpfs, and drop all
                          capabilities except CAP_NET_BIND_SERVICE
+-6, --enable-ipv6        enable IPv6 (fd00::/64: guest fd00::100, gateway fd00::2, DNS fd00::3)
 --outbound-addr=IPv4     sets outbound ipv4 address to bound to
 --disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
 --macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
@@ -38,8 +39,7 @@ User-mode networking for unprivileged network namespaces (rnat's engine, slirp4n
 -v, --version            show version and exit
 
 Accepted but refused, because rnat cannot honour them (it exits with an error naming the flag):
-  enable-ipv6 (-6)       rnat's engine is IPv4 only
-  outbound-addr6         rnat's engine is IPv4 only
+  outbound-addr6         IPv6 leaves from the host's own choice of address
   enable-seccomp         no seccomp filter yet
   target-type=bess       only network namespaces are served
 ";
@@ -58,6 +58,7 @@ struct Args {
     userns_path: Option<PathBuf>,
     sandbox: bool,
     outbound: Option<Ipv4Addr>,
+    ipv6: bool,
     disable_dns: bool,
     mac: Option<[u8; 6]>,
     positional: Vec<String>,
@@ -141,12 +142,12 @@ fn parse(argv: &[String]) -> Result<Option<Args>, String> {
                     ));
                 }
             }
-            "-6" | "--enable-ipv6" => {
-                return Err(format!(
-                    "{flag}: rnat's engine is IPv4 only (refused, not ignored)"
-                ))
+            "-6" | "--enable-ipv6" => a.ipv6 = true,
+            "--outbound-addr6" => {
+                return Err(
+                    "--outbound-addr6: rnat cannot bind IPv6 to an outbound address yet".into(),
+                )
             }
-            "--outbound-addr6" => return Err("--outbound-addr6: rnat's engine is IPv4 only".into()),
             "--enable-seccomp" => {
                 return Err("--enable-seccomp: rnat has no seccomp filter yet".into())
             }
@@ -203,6 +204,7 @@ pub fn main(argv: &[String]) -> Result<i32, session::Error> {
         mac: a.mac,
         dns: !a.disable_dns,
         outbound: a.outbound,
+        ipv6: a.ipv6,
         ..Options::default()
     };
     if let Some(c) = a.cidr {
@@ -348,8 +350,6 @@ mod tests {
         );
         assert_eq!(a.positional, vec!["/run/user/1000/netns/cni-x", "tap0"]);
         for flag in [
-            "--enable-ipv6",
-            "-6",
             "--enable-seccomp",
             "--outbound-addr6=::1",
             "--target-type=bess",
@@ -379,10 +379,11 @@ mod tests {
             "--outbound-addr",
             "--disable-dns",
             "--macaddress",
+            "--enable-ipv6",
         ] {
             assert!(HELP.contains(honoured), "{honoured}");
         }
-        for refused in ["--enable-ipv6", "--enable-seccomp", "--outbound-addr6"] {
+        for refused in ["--enable-seccomp", "--outbound-addr6"] {
             assert!(!HELP.contains(refused), "{refused} must not look supported");
             assert!(HELP.contains(&refused[2..]), "{refused} is still listed");
         }

@@ -246,6 +246,70 @@ pub fn add_default_route(sock: RawFd, gateway: Ipv4Addr) -> io::Result<()> {
     cvt(unsafe { libc::ioctl(sock, libc::SIOCADDRT, &mut rt as *mut RtEntry) }).map(drop)
 }
 
+/// An IPv6 datagram socket for the interface ioctls that take IPv6 addresses.
+pub fn ctl_socket6() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fd was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds IPv6 address `addr`/`prefix` to interface `ifindex` (`sock6` from `ctl_socket6`).
+pub fn add_addr6(
+    sock6: RawFd,
+    ifindex: libc::c_int,
+    addr: std::net::Ipv6Addr,
+    prefix: u8,
+) -> io::Result<()> {
+    let mut r = libc::in6_ifreq {
+        ifr6_addr: libc::in6_addr {
+            s6_addr: addr.octets(),
+        },
+        ifr6_prefixlen: u32::from(prefix),
+        ifr6_ifindex: ifindex,
+    };
+    // SAFETY: SIOCSIFADDR on an IPv6 socket reads a struct in6_ifreq, fully initialised here.
+    cvt(unsafe { libc::ioctl(sock6, libc::SIOCSIFADDR, &mut r as *mut libc::in6_ifreq) }).map(drop)
+}
+
+/// `struct in6_rtmsg` (linux/ipv6_route.h); libc's has private fields.
+#[repr(C)]
+struct In6Rtmsg {
+    dst: [u8; 16],
+    src: [u8; 16],
+    gateway: [u8; 16],
+    rtype: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+/// Adds an IPv6 default route through `gateway` on interface `ifindex`.
+pub fn add_default_route6(
+    sock6: RawFd,
+    ifindex: libc::c_int,
+    gateway: std::net::Ipv6Addr,
+) -> io::Result<()> {
+    let mut rt = In6Rtmsg {
+        dst: [0; 16],
+        src: [0; 16],
+        gateway: gateway.octets(),
+        rtype: 0,
+        dst_len: 0,
+        src_len: 0,
+        metric: 1,
+        info: 0,
+        flags: u32::from(libc::RTF_UP | libc::RTF_GATEWAY),
+        ifindex,
+    };
+    // SAFETY: SIOCADDRT on an IPv6 socket reads a struct in6_rtmsg, which In6Rtmsg lays out.
+    cvt(unsafe { libc::ioctl(sock6, libc::SIOCADDRT, &mut rt as *mut In6Rtmsg) }).map(drop)
+}
+
 /// `ATF_COM | ATF_PERM` (linux/if_arp.h): a complete entry that never expires.
 const ATF_COM_PERM: libc::c_int = 0x02 | 0x04;
 
@@ -471,20 +535,13 @@ pub fn accept_nonblocking(fd: RawFd) -> io::Result<(OwnedFd, Option<std::net::So
 /// Sends datagrams `(destination, bytes)` on UDP socket `fd` with one `sendmmsg(2)` per 64;
 /// returns how many the kernel took (it stops at the first one it refuses) and whether it
 /// stopped because the socket's buffer was full (the rest may be sent when it drains).
-pub fn send_datagrams(fd: RawFd, msgs: &[(std::net::SocketAddrV4, &[u8])]) -> (usize, bool) {
+pub fn send_datagrams(fd: RawFd, msgs: &[(std::net::SocketAddr, &[u8])]) -> (usize, bool) {
     let mut sent = 0;
     while sent < msgs.len() {
         let chunk = &msgs[sent..(sent + 64).min(msgs.len())];
-        let mut addrs: Vec<libc::sockaddr_in> = chunk
+        let addrs: Vec<socket2::SockAddr> = chunk
             .iter()
-            .map(|(a, _)| libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*a.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            })
+            .map(|(a, _)| socket2::SockAddr::from(*a))
             .collect();
         let mut iovs: Vec<libc::iovec> = chunk
             .iter()
@@ -498,8 +555,8 @@ pub fn send_datagrams(fd: RawFd, msgs: &[(std::net::SocketAddrV4, &[u8])]) -> (u
                 // SAFETY: msghdr is plain old data; the fields set point into `addrs` and `iovs`,
                 // which outlive the call below.
                 let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
-                h.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
-                h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                h.msg_name = addrs[i].as_ptr().cast_mut().cast();
+                h.msg_namelen = addrs[i].len();
                 h.msg_iov = &mut iovs[i];
                 h.msg_iovlen = 1;
                 libc::mmsghdr {
@@ -530,7 +587,7 @@ pub fn send_datagrams(fd: RawFd, msgs: &[(std::net::SocketAddrV4, &[u8])]) -> (u
 }
 
 /// One datagram through `send_datagrams`' path, for its error.
-fn send_datagrams_once(fd: RawFd, msg: &[(std::net::SocketAddrV4, &[u8])]) -> (usize, bool) {
+fn send_datagrams_once(fd: RawFd, msg: &[(std::net::SocketAddr, &[u8])]) -> (usize, bool) {
     let Some((dst, data)) = msg.first() else {
         return (0, false);
     };
@@ -552,18 +609,11 @@ const UDP_SEGMENT: libc::c_int = 103;
 /// `sendmsg(2)` with UDP generic segmentation offload. Returns the datagrams sent.
 pub fn send_segmented(
     fd: RawFd,
-    dst: std::net::SocketAddrV4,
+    dst: std::net::SocketAddr,
     data: &[u8],
     size: u16,
 ) -> io::Result<usize> {
-    let mut addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: dst.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*dst.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
+    let addr = socket2::SockAddr::from(dst);
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -571,8 +621,8 @@ pub fn send_segmented(
     let mut cbuf = [0u64; 4];
     // SAFETY: msghdr is plain old data; its pointers reference locals alive during the call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    msg.msg_name = addr.as_ptr().cast_mut().cast();
+    msg.msg_namelen = addr.len();
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();

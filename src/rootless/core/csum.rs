@@ -1,6 +1,6 @@
 //! The Internet checksum (RFC 1071), summed 32 bits at a time.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// Adds `data` to a running one's-complement sum (not yet folded).
 pub fn add(mut sum: u64, data: &[u8]) -> u64 {
@@ -22,11 +22,19 @@ pub fn fold(mut sum: u64) -> u16 {
     sum as u16
 }
 
-/// The IPv4 pseudo-header sum for an L4 segment of `len` bytes.
-pub fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u64 {
-    let mut sum = add(0, &src.octets());
-    sum = add(sum, &dst.octets());
+/// The pseudo-header sum for an L4 segment of `len` bytes (IPv4, RFC 793; IPv6, RFC 8200
+/// 8.1: the same fields, so the same sum). Both addresses are of one family.
+pub fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u64 {
+    let mut sum = add_ip(0, src);
+    sum = add_ip(sum, dst);
     sum + u64::from(proto) + len as u64
+}
+
+fn add_ip(sum: u64, ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(a) => add(sum, &a.octets()),
+        IpAddr::V6(a) => add(sum, &a.octets()),
+    }
 }
 
 /// The checksum to store: the inverted fold of `sum`.

@@ -2,7 +2,7 @@
 //! it hands out. The real implementation is `rootless::driver`; tests implement it in memory.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
 /// Index of a flow; the driver uses it as the token of the flow's host socket.
 pub type FlowId = usize;
@@ -13,7 +13,8 @@ pub struct TxMeta {
     /// The L4 checksum field holds only the pseudo-header sum; the checksum starts at `.0` and
     /// its field is at `.0 + .1` (virtio `NEEDS_CSUM`). `None`: the frame is complete.
     pub csum: Option<(u16, u16)>,
-    /// A TCP segment larger than the guest's MSS, to be cut at this size (virtio GSO TCPv4).
+    /// A TCP segment larger than the guest's MSS, to be cut at this size (virtio GSO TCPv4 or
+    /// TCPv6, as the frame's ethertype says).
     pub gso_mss: Option<u16>,
 }
 
@@ -55,7 +56,7 @@ pub trait Host {
     fn emit(&mut self, frame: &[u8], meta: TxMeta);
 
     /// Starts a non-blocking connect; completion is reported as writability.
-    fn tcp_connect(&mut self, flow: FlowId, dst: SocketAddrV4) -> io::Result<()>;
+    fn tcp_connect(&mut self, flow: FlowId, dst: SocketAddr) -> io::Result<()>;
     /// The outcome of a connect that has reported readiness: `Ok` once connected.
     fn tcp_connect_result(&mut self, flow: FlowId) -> io::Result<()>;
     /// Writes as much of `data` as the socket takes; `Ok(0)` when it takes nothing now.
@@ -73,22 +74,21 @@ pub trait Host {
     /// Closes the socket; `reset` sends RST to the peer instead of FIN.
     fn tcp_close(&mut self, flow: FlowId, reset: bool);
 
-    /// Opens an unconnected UDP socket for the flow.
-    fn udp_open(&mut self, flow: FlowId) -> io::Result<()>;
-    fn udp_send(&mut self, flow: FlowId, dst: SocketAddrV4, data: &[u8]) -> io::Result<()>;
-    /// Receives one datagram: its source and length, or `None` when there is none.
-    fn udp_recv(
-        &mut self,
-        flow: FlowId,
-        buf: &mut [u8],
-    ) -> io::Result<Option<(SocketAddrV4, usize)>>;
+    /// Opens an unconnected UDP socket for the flow. With `v6`, it sends to both families (an
+    /// IPv6 guest's flow may reach an IPv4 resolver through the DNS address).
+    fn udp_open(&mut self, flow: FlowId, v6: bool) -> io::Result<()>;
+    fn udp_send(&mut self, flow: FlowId, dst: SocketAddr, data: &[u8]) -> io::Result<()>;
+    /// Receives one datagram: its source (an IPv4 source as IPv4, never IPv4-mapped) and length,
+    /// or `None` when there is none.
+    fn udp_recv(&mut self, flow: FlowId, buf: &mut [u8])
+        -> io::Result<Option<(SocketAddr, usize)>>;
 
-    /// Opens an unprivileged ICMP echo socket for the flow.
-    fn ping_open(&mut self, flow: FlowId) -> io::Result<()>;
-    /// Sends an ICMP echo request (type, code, id, seq and data; the kernel sets id and checksum).
-    fn ping_send(&mut self, flow: FlowId, dst: Ipv4Addr, icmp: &[u8]) -> io::Result<()>;
-    /// Receives one ICMP echo reply (the ICMP message): its source and length.
-    fn ping_recv(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>>;
+    /// Opens an unprivileged ICMP (`v6`: ICMPv6) echo socket for the flow.
+    fn ping_open(&mut self, flow: FlowId, v6: bool) -> io::Result<()>;
+    /// Sends an echo request (type, code, id, seq and data; the kernel sets id and checksum).
+    fn ping_send(&mut self, flow: FlowId, dst: IpAddr, icmp: &[u8]) -> io::Result<()>;
+    /// Receives one echo reply (the ICMP or ICMPv6 message): its source and length.
+    fn ping_recv(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Option<(IpAddr, usize)>>;
 
     /// Closes a UDP or ICMP socket.
     fn dgram_close(&mut self, flow: FlowId);

@@ -20,7 +20,7 @@ mod tests;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
@@ -39,6 +39,44 @@ use udp::{PingFlow, UdpFlow};
 /// The MAC address the gateway and DNS addresses answer with (slirp's convention).
 pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];
 
+/// The router's link-local address: where router advertisements come from and the default route
+/// they give points.
+pub const ROUTER_LL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
+
+/// IPv6 on the guest's link: a /64 with slirp4netns' layout (`--enable-ipv6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Config {
+    /// The /64 prefix, announced for autoconfiguration.
+    pub prefix: Ipv6Addr,
+    /// The address rnat configures on the guest's interface (prefix::100).
+    pub guest: Ipv6Addr,
+    pub gateway: Ipv6Addr,
+    pub dns: Ipv6Addr,
+}
+
+impl Ipv6Config {
+    /// slirp4netns' layout: fd00::/64, guest fd00::100, gateway fd00::2, DNS fd00::3.
+    pub fn slirp() -> Ipv6Config {
+        let at = |n| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, n);
+        Ipv6Config {
+            prefix: at(0),
+            guest: at(0x100),
+            gateway: at(2),
+            dns: at(3),
+        }
+    }
+
+    /// Whether `ip` lies in the guest's /64.
+    pub fn on_link(&self, ip: Ipv6Addr) -> bool {
+        ip.octets()[..8] == self.prefix.octets()[..8]
+    }
+
+    /// Addresses rnat answers for itself: the gateway's two and the DNS server's.
+    fn is_ours(&self, ip: Ipv6Addr) -> bool {
+        ip == self.gateway || ip == self.dns || ip == ROUTER_LL
+    }
+}
+
 /// What the core needs to know about the guest's network and its limits.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -46,6 +84,8 @@ pub struct Config {
     pub guest: Ipv4Addr,
     pub gateway: Ipv4Addr,
     pub dns: Ipv4Addr,
+    /// IPv6 on the link; `None`: the guest's IPv6 frames are dropped (and counted).
+    pub ipv6: Option<Ipv6Config>,
     pub mtu: u16,
     /// Connections to the gateway address reach the host's 127.0.0.1.
     pub allow_host_loopback: bool,
@@ -80,6 +120,7 @@ impl Config {
             guest: Ipv4Addr::from(base + 100),
             gateway: Ipv4Addr::from(base + 2),
             dns: Ipv4Addr::from(base + 3),
+            ipv6: None,
             mtu: 65520,
             allow_host_loopback: false,
             resolvers: Vec::new(),
@@ -92,6 +133,22 @@ impl Config {
             ping_timeout: Duration::from_secs(30),
             seed: 0x9e37_79b9_7f4a_7c15,
         })
+    }
+
+    /// The gateway's address in `ip`'s family (where ICMP errors to the guest come from).
+    pub fn gateway_for(&self, ip: IpAddr) -> IpAddr {
+        match (ip, self.ipv6) {
+            (IpAddr::V6(_), Some(v6)) => v6.gateway.into(),
+            (IpAddr::V6(_), None) => ROUTER_LL.into(),
+            (IpAddr::V4(_), _) => self.gateway.into(),
+        }
+    }
+
+    fn is_dns(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => a == self.dns,
+            IpAddr::V6(a) => self.ipv6.is_some_and(|v6| a == v6.dns),
+        }
     }
 }
 
@@ -132,6 +189,8 @@ pub struct Stats {
     pub icmp_echo_local: u64,
     pub icmp_echo_forwarded: u64,
     pub icmp_unavailable: u64,
+    /// Neighbour and router solicitations answered (IPv6).
+    pub ndp_answered: u64,
     /// New flows refused because `max_flows` or `max_buffered` was reached.
     pub refused_limit: u64,
     pub flows: usize,
@@ -154,9 +213,9 @@ pub enum PublishError {
 }
 
 /// The address the guest sees a host client by: a loopback client appears as the gateway.
-fn client_as_seen(client: SocketAddrV4, gateway: Ipv4Addr) -> SocketAddrV4 {
+fn client_as_seen(client: SocketAddr, gateway: Ipv4Addr) -> SocketAddr {
     if client.ip().is_loopback() {
-        SocketAddrV4::new(gateway, client.port())
+        SocketAddr::new(gateway.into(), client.port())
     } else {
         client
     }
@@ -164,17 +223,23 @@ fn client_as_seen(client: SocketAddrV4, gateway: Ipv4Addr) -> SocketAddrV4 {
 
 /// Where a guest's packet to `dst` goes on the host, or why it goes nowhere.
 enum Route {
-    To(SocketAddrV4),
+    To(SocketAddr),
     Refuse,
+}
+
+fn ipv6_from(b: &[u8]) -> Ipv6Addr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[..16]);
+    Ipv6Addr::from(a)
 }
 
 pub struct Core {
     cfg: Config,
     guest_mac: Option<EthernetAddress>,
     flows: Slab<Flow>,
-    tcp: HashMap<(SocketAddrV4, SocketAddrV4), FlowId>,
-    udp: HashMap<SocketAddrV4, FlowId>,
-    ping: HashMap<(Ipv4Addr, u16), FlowId>,
+    tcp: HashMap<(SocketAddr, SocketAddr), FlowId>,
+    udp: HashMap<SocketAddr, FlowId>,
+    ping: HashMap<(IpAddr, u16), FlowId>,
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     new_timers: Vec<(FlowId, Instant)>,
     acks: Vec<FlowId>,
@@ -230,18 +295,24 @@ impl Core {
     /// An initial sequence number as RFC 6528 makes them: a 4 µs clock plus a keyed hash of the
     /// connection's addresses. A new connection on a 4-tuple the guest still holds in TIME_WAIT
     /// (a client reusing its port) then starts past the old one, and the guest accepts its SYN.
-    fn next_iss(&mut self, a: SocketAddrV4, b: SocketAddrV4, now: Instant) -> u32 {
+    fn next_iss(&mut self, a: SocketAddr, b: SocketAddr, now: Instant) -> u32 {
         let epoch = *self.epoch.get_or_insert(now);
         let clock = (now.saturating_duration_since(epoch).as_micros() / 4) as u32;
         let mut h = self.rng;
-        for word in [
-            u32::from(*a.ip()),
-            u32::from(a.port()),
-            u32::from(*b.ip()),
-            u32::from(b.port()),
-        ] {
+        let mut mix = |word: u32| {
             h = (h ^ u64::from(word)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             h ^= h >> 29;
+        };
+        for end in [a, b] {
+            match end.ip() {
+                IpAddr::V4(ip) => mix(u32::from(ip)),
+                IpAddr::V6(ip) => {
+                    for w in ip.octets().chunks_exact(4) {
+                        mix(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+                    }
+                }
+            }
+            mix(u32::from(end.port()));
         }
         clock.wrapping_add((h >> 32) as u32)
     }
@@ -322,6 +393,9 @@ impl Core {
             EthernetProtocol::Ipv4 if dst == EthernetAddress(GATEWAY_MAC) => {
                 self.on_ipv4(host, eth.payload(), rx, now)
             }
+            EthernetProtocol::Ipv6 if self.cfg.ipv6.is_some() => {
+                self.on_ipv6(host, eth.payload(), dst.is_multicast(), rx, now)
+            }
             _ => self.stats.drop_unsupported += 1,
         }
     }
@@ -390,29 +464,177 @@ impl Core {
             return;
         }
         let ip_packet = &packet[..usize::from(ip.total_len())];
+        let (s, d) = (IpAddr::V4(src), IpAddr::V4(dst));
         match ip.next_header() {
-            IpProtocol::Tcp => self.on_tcp(host, src, dst, ip.payload(), rx, now),
-            IpProtocol::Udp => self.on_udp(host, src, dst, ip.payload(), ip_packet, rx, now),
+            IpProtocol::Tcp => self.on_tcp(host, s, d, ip.payload(), rx, now),
+            IpProtocol::Udp => self.on_udp(host, s, d, ip.payload(), ip_packet, rx, now),
             IpProtocol::Icmp => self.on_icmp(host, src, dst, ip.payload(), now),
             _ => self.stats.drop_unsupported += 1,
         }
     }
 
+    fn on_ipv6<H: Host>(
+        &mut self,
+        host: &mut H,
+        packet: &[u8],
+        multicast: bool,
+        rx: RxMeta,
+        now: Instant,
+    ) {
+        let Some(v6) = self.cfg.ipv6 else { return };
+        if packet.len() < frame::IP6_LEN || packet[0] >> 4 != 6 {
+            self.stats.drop_malformed += 1;
+            return;
+        }
+        let end = frame::IP6_LEN + usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+        if end > packet.len() {
+            self.stats.drop_malformed += 1;
+            return;
+        }
+        let (next, hops) = (packet[6], packet[7]);
+        let src = ipv6_from(&packet[8..24]);
+        let dst = ipv6_from(&packet[24..40]);
+        let payload = &packet[frame::IP6_LEN..end];
+        if next == 58 {
+            return self.on_icmpv6(host, src, dst, hops, payload, multicast, now);
+        }
+        if multicast || dst.is_multicast() {
+            self.stats.drop_unsupported += 1;
+            return;
+        }
+        if !v6.on_link(src) {
+            self.stats.drop_not_for_us += 1;
+            return;
+        }
+        let (s, d) = (IpAddr::V6(src), IpAddr::V6(dst));
+        match next {
+            6 => self.on_tcp(host, s, d, payload, rx, now),
+            17 => self.on_udp(host, s, d, payload, &packet[..end], rx, now),
+            44 => self.stats.drop_fragment += 1,
+            _ => self.stats.drop_unsupported += 1,
+        }
+    }
+
+    /// Neighbour discovery for the gateway's and DNS server's addresses, router solicitations,
+    /// and echo requests (answered for those addresses, forwarded for the others).
+    #[allow(clippy::too_many_arguments)]
+    fn on_icmpv6<H: Host>(
+        &mut self,
+        host: &mut H,
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        hops: u8,
+        msg: &[u8],
+        multicast: bool,
+        now: Instant,
+    ) {
+        let Some(v6) = self.cfg.ipv6 else { return };
+        if msg.len() < 8 {
+            self.stats.drop_malformed += 1;
+            return;
+        }
+        let pseudo = csum::pseudo(src.into(), dst.into(), 58, msg.len());
+        if csum::fold(csum::add(pseudo, msg)) != 0xffff {
+            self.stats.drop_checksum += 1;
+            return;
+        }
+        let Some(macs) = self.macs() else { return };
+        match msg[0] {
+            // Router solicitation (RFC 4861 6.1.1: hop limit 255, code 0).
+            133 if hops == 255 && msg[1] == 0 => {
+                let ra = frame::RouterAdvert {
+                    from: ROUTER_LL,
+                    to: if src.is_unspecified() {
+                        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)
+                    } else {
+                        src
+                    },
+                    prefix: v6.prefix,
+                    mtu: u32::from(self.cfg.mtu),
+                    dns: v6.dns,
+                };
+                let len = frame::router_advert(&mut self.tx, macs, &ra);
+                host.emit(&self.tx[..len], TxMeta::default());
+                self.stats.frames_out += 1;
+                self.stats.ndp_answered += 1;
+            }
+            // Neighbour solicitation for one of our addresses (a duplicate address probe comes
+            // from the unspecified address and gets no answer).
+            135 if hops == 255 && msg[1] == 0 && msg.len() >= 24 => {
+                let target = ipv6_from(&msg[8..24]);
+                if !v6.is_ours(target) || src.is_unspecified() {
+                    self.stats.drop_not_for_us += 1;
+                    return;
+                }
+                let len = frame::neighbour_advert(&mut self.tx, macs, target, src, true);
+                host.emit(&self.tx[..len], TxMeta::default());
+                self.stats.frames_out += 1;
+                self.stats.ndp_answered += 1;
+            }
+            // Echo request.
+            128 if !multicast && !dst.is_multicast() && msg[1] == 0 => {
+                if v6.is_ours(dst) {
+                    self.stats.icmp_echo_local += 1;
+                    if msg.len() > self.tx.len() - frame::ICMP6_AT {
+                        return;
+                    }
+                    let at = frame::ICMP6_AT;
+                    self.tx[at..at + msg.len()].copy_from_slice(msg);
+                    self.tx[at] = 129;
+                    let len = frame::icmpv6(&mut self.tx, macs, dst, src, msg.len());
+                    host.emit(&self.tx[..len], TxMeta::default());
+                    self.stats.frames_out += 1;
+                } else if v6.on_link(src) {
+                    self.ping_forward(host, src.into(), dst.into(), msg, now);
+                } else {
+                    self.stats.drop_not_for_us += 1;
+                }
+            }
+            // Neighbour advertisements, multicast listener reports and the rest.
+            _ => self.stats.drop_unsupported += 1,
+        }
+    }
+
     /// Where traffic to `dst` goes, as the policy says (gateway, DNS, everything else).
-    fn route(&self, dst: SocketAddrV4) -> Route {
-        if *dst.ip() == self.cfg.gateway {
+    fn route(&self, dst: SocketAddr) -> Route {
+        let (gateway, loopback) = match dst.ip() {
+            IpAddr::V4(ip) => (ip == self.cfg.gateway, IpAddr::from(Ipv4Addr::LOCALHOST)),
+            IpAddr::V6(ip) => match self.cfg.ipv6 {
+                Some(v6) => (
+                    ip == v6.gateway || ip == ROUTER_LL,
+                    IpAddr::from(Ipv6Addr::LOCALHOST),
+                ),
+                None => return Route::Refuse,
+            },
+        };
+        if gateway {
             if self.cfg.allow_host_loopback {
-                return Route::To(SocketAddrV4::new(Ipv4Addr::LOCALHOST, dst.port()));
+                return Route::To(SocketAddr::new(loopback, dst.port()));
             }
             return Route::Refuse;
         }
-        if *dst.ip() == self.cfg.dns {
+        if self.cfg.is_dns(dst.ip()) {
             return match self.cfg.resolvers.first() {
-                Some(r) if dst.port() == 53 => Route::To(SocketAddrV4::new(*r, 53)),
+                Some(r) if dst.port() == 53 => Route::To(SocketAddr::new((*r).into(), 53)),
                 _ => Route::Refuse,
             };
         }
-        if self.cfg.cidr.contains(dst.ip()) || dst.ip().is_loopback() {
+        let refused = match dst.ip() {
+            IpAddr::V4(ip) => self.cfg.cidr.contains(&ip) || ip.is_loopback(),
+            IpAddr::V6(ip) => {
+                // The link itself, loopback, link-local and multicast addresses, and IPv4 in
+                // disguise (mapped or compatible: ::ffff:127.0.0.1 would be the host's loopback).
+                let o = ip.octets();
+                self.cfg.ipv6.is_some_and(|v6| v6.on_link(ip))
+                    || ip.is_loopback()
+                    || ip.is_unspecified()
+                    || ip.is_multicast()
+                    || ip.is_unicast_link_local()
+                    || o[..12] == [0; 12]
+                    || ip.to_ipv4_mapped().is_some()
+            }
+        };
+        if refused {
             return Route::Refuse;
         }
         Route::To(dst)
@@ -425,8 +647,8 @@ impl Core {
     fn on_tcp<H: Host>(
         &mut self,
         host: &mut H,
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
+        src: IpAddr,
+        dst: IpAddr,
         seg: &[u8],
         rx: RxMeta,
         now: Instant,
@@ -471,8 +693,8 @@ impl Core {
             mss,
             wscale,
         };
-        let guest = SocketAddrV4::new(src, tcp.src_port());
-        let remote = SocketAddrV4::new(dst, tcp.dst_port());
+        let guest = SocketAddr::new(src, tcp.src_port());
+        let remote = SocketAddr::new(dst, tcp.dst_port());
         if let Some(&id) = self.tcp.get(&(guest, remote)) {
             self.with_tcp(host, id, now, |f, out| f.on_segment(id, &s, out));
             return;
@@ -484,8 +706,8 @@ impl Core {
     fn tcp_new<H: Host>(
         &mut self,
         host: &mut H,
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        guest: SocketAddr,
+        remote: SocketAddr,
         s: &Segment,
         now: Instant,
     ) {
@@ -527,8 +749,8 @@ impl Core {
         &mut self,
         host: &mut H,
         macs: Macs,
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        guest: SocketAddr,
+        remote: SocketAddr,
         s: &Segment,
     ) {
         let (seq, ack, flags) = if s.flags & frame::ACK != 0 {
@@ -558,8 +780,8 @@ impl Core {
     fn on_udp<H: Host>(
         &mut self,
         host: &mut H,
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
+        src: IpAddr,
+        dst: IpAddr,
         seg: &[u8],
         ip_packet: &[u8],
         rx: RxMeta,
@@ -569,13 +791,14 @@ impl Core {
             self.stats.drop_malformed += 1;
             return;
         };
-        if !rx.csum_trusted && udp.checksum() != 0 && !udp.verify_checksum(&src.into(), &dst.into())
-        {
+        // An IPv6 datagram must carry a checksum (RFC 8200 8.1); an IPv4 one may leave it out.
+        let unchecked = udp.checksum() == 0 && src.is_ipv4();
+        if !rx.csum_trusted && !unchecked && !udp.verify_checksum(&src.into(), &dst.into()) {
             self.stats.drop_checksum += 1;
             return;
         }
-        let guest = SocketAddrV4::new(src, udp.src_port());
-        let remote = SocketAddrV4::new(dst, udp.dst_port());
+        let guest = SocketAddr::new(src, udp.src_port());
+        let remote = SocketAddr::new(dst, udp.dst_port());
         // A client of a published port is answered where it came from, whatever the policy.
         let known = match self.udp.get(&guest).and_then(|id| self.flows.get(*id)) {
             Some(Flow::Udp(f)) => f.real_for(remote),
@@ -602,7 +825,7 @@ impl Core {
                     self.stats.refused_limit += 1;
                     return;
                 }
-                let timeout = if *remote.ip() == self.cfg.dns {
+                let timeout = if self.cfg.is_dns(remote.ip()) {
                     self.cfg.dns_timeout
                 } else {
                     self.cfg.udp_timeout
@@ -610,7 +833,7 @@ impl Core {
                 let id = self
                     .flows
                     .insert(Flow::Udp(UdpFlow::new(guest, now, timeout)));
-                if host.udp_open(id).is_err() {
+                if host.udp_open(id, guest.is_ipv6()).is_err() {
                     self.flows.remove(id);
                     self.stats.udp_send_failed += 1;
                     return;
@@ -624,7 +847,7 @@ impl Core {
         if let Some(Flow::Udp(f)) = self.flows.get_mut(id) {
             f.note_peer(real, remote);
             f.last_active = now;
-            if *remote.ip() != self.cfg.dns && !f.published {
+            if !self.cfg.is_dns(remote.ip()) && !f.published {
                 f.idle_timeout = self.cfg.udp_timeout;
             }
         }
@@ -663,7 +886,20 @@ impl Core {
             self.stats.frames_out += 1;
             return;
         }
-        if !matches!(self.route(SocketAddrV4::new(dst, 0)), Route::To(_)) {
+        self.ping_forward(host, src.into(), dst.into(), msg, now);
+    }
+
+    /// Sends the guest's echo request `msg` (ICMP or ICMPv6) on through the flow for its
+    /// identifier.
+    fn ping_forward<H: Host>(
+        &mut self,
+        host: &mut H,
+        src: IpAddr,
+        dst: IpAddr,
+        msg: &[u8],
+        now: Instant,
+    ) {
+        if !matches!(self.route(SocketAddr::new(dst, 0)), Route::To(_)) {
             self.stats.drop_unsupported += 1;
             return;
         }
@@ -680,7 +916,7 @@ impl Core {
                     ident,
                     last_active: now,
                 }));
-                if host.ping_open(id).is_err() {
+                if host.ping_open(id, src.is_ipv6()).is_err() {
                     self.flows.remove(id);
                     self.stats.icmp_unavailable += 1;
                     return;
@@ -721,9 +957,13 @@ impl Core {
         let Some(macs) = self.macs() else {
             return self.wait_for_mac(host, id);
         };
-        let max = usize::from(self.cfg.mtu) - frame::IP_LEN - frame::UDP_LEN;
+        let Some(Flow::Udp(f)) = self.flows.get(id) else {
+            return;
+        };
+        let family = f.guest.ip();
+        let max = usize::from(self.cfg.mtu) - frame::ip_len(family) - frame::UDP_LEN;
         loop {
-            let at = frame::UDP_PAYLOAD_AT;
+            let at = frame::udp_payload_at(family);
             let room = self.tx.len() - at;
             let (from, n) = match host.udp_recv(id, &mut self.tx[at..at + room]) {
                 Ok(Some(r)) => r,
@@ -769,9 +1009,17 @@ impl Core {
         let Some(macs) = self.macs() else {
             return self.wait_for_mac(host, id);
         };
+        let Some(Flow::Ping(p)) = self.flows.get(id) else {
+            return;
+        };
+        let family = p.guest;
+        let (at, reply_type) = if family.is_ipv4() {
+            (frame::ICMP_AT, 0)
+        } else {
+            (frame::ICMP6_AT, 129)
+        };
+        let room = usize::from(self.cfg.mtu) - frame::ip_len(family);
         loop {
-            let at = frame::ICMP_AT;
-            let room = usize::from(self.cfg.mtu) - frame::IP_LEN;
             let (from, n) = match host.ping_recv(id, &mut self.tx[at..at + room]) {
                 Ok(Some(r)) => r,
                 _ => return,
@@ -779,14 +1027,22 @@ impl Core {
             let Some(Flow::Ping(p)) = self.flows.get_mut(id) else {
                 return;
             };
-            if n < 8 || self.tx[at] != 0 {
+            if n < 8 || self.tx[at] != reply_type {
                 continue; // only echo replies come back
             }
             p.last_active = now;
             let (guest, ident) = (p.guest, p.ident);
             self.tx[at + 4..at + 6].copy_from_slice(&ident.to_be_bytes());
-            self.ip_id = self.ip_id.wrapping_add(1);
-            let len = frame::icmp(&mut self.tx, macs, from, guest, n, self.ip_id);
+            let len = match (from, guest) {
+                (IpAddr::V4(from), IpAddr::V4(guest)) => {
+                    self.ip_id = self.ip_id.wrapping_add(1);
+                    frame::icmp(&mut self.tx, macs, from, guest, n, self.ip_id)
+                }
+                (IpAddr::V6(from), IpAddr::V6(guest)) => {
+                    frame::icmpv6(&mut self.tx, macs, from, guest, n)
+                }
+                _ => continue,
+            };
             host.emit(&self.tx[..len], TxMeta::default());
             self.stats.frames_out += 1;
         }
@@ -903,8 +1159,8 @@ impl Core {
         guest_port: u16,
         now: Instant,
     ) -> Option<FlowId> {
-        let guest = SocketAddrV4::new(self.cfg.guest, guest_port);
-        let seen = client_as_seen(client, self.cfg.gateway);
+        let guest = SocketAddr::new(self.cfg.guest.into(), guest_port);
+        let seen = client_as_seen(client.into(), self.cfg.gateway);
         if self.at_limit() || self.tcp.contains_key(&(guest, seen)) {
             self.stats.refused_limit += 1;
             return None;
@@ -948,7 +1204,7 @@ impl Core {
         guest_port: u16,
         now: Instant,
     ) -> Result<FlowId, PublishError> {
-        let guest = SocketAddrV4::new(self.cfg.guest, guest_port);
+        let guest = SocketAddr::new(self.cfg.guest.into(), guest_port);
         if let Some(&id) = self.udp.get(&guest) {
             match self.flows.get(id) {
                 Some(Flow::Udp(f)) if f.published => return Err(PublishError::Published),
@@ -973,7 +1229,7 @@ impl Core {
 
     /// Stops publishing UDP `guest_port`; the host socket is closed.
     pub fn udp_unpublish<H: Host>(&mut self, host: &mut H, guest_port: u16) -> bool {
-        let guest = SocketAddrV4::new(self.cfg.guest, guest_port);
+        let guest = SocketAddr::new(self.cfg.guest.into(), guest_port);
         match self.udp.get(&guest).copied() {
             Some(id) if matches!(self.flows.get(id), Some(Flow::Udp(f)) if f.published) => {
                 self.flows.remove(id);

@@ -2,7 +2,7 @@
 //! Each test drives the core with a minimal in-memory host (`FakeHost`) through the input's steps.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
 use super::{csum, frame, Config, Core, FlowId, Host, Peek, Ready, RxMeta, TxMeta, GATEWAY_MAC};
@@ -40,7 +40,7 @@ impl Host for FakeHost {
             ));
         }
     }
-    fn tcp_connect(&mut self, _: FlowId, _: SocketAddrV4) -> io::Result<()> {
+    fn tcp_connect(&mut self, _: FlowId, _: SocketAddr) -> io::Result<()> {
         Ok(())
     }
     fn tcp_connect_result(&mut self, _: FlowId) -> io::Result<()> {
@@ -74,22 +74,22 @@ impl Host for FakeHost {
     }
     fn tcp_shutdown(&mut self, _: FlowId) {}
     fn tcp_close(&mut self, _: FlowId, _: bool) {}
-    fn udp_open(&mut self, _: FlowId) -> io::Result<()> {
+    fn udp_open(&mut self, _: FlowId, _: bool) -> io::Result<()> {
         Ok(())
     }
-    fn udp_send(&mut self, _: FlowId, _: SocketAddrV4, _: &[u8]) -> io::Result<()> {
+    fn udp_send(&mut self, _: FlowId, _: SocketAddr, _: &[u8]) -> io::Result<()> {
         Ok(())
     }
-    fn udp_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(SocketAddrV4, usize)>> {
+    fn udp_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(SocketAddr, usize)>> {
         Ok(None)
     }
-    fn ping_open(&mut self, _: FlowId) -> io::Result<()> {
+    fn ping_open(&mut self, _: FlowId, _: bool) -> io::Result<()> {
         Ok(())
     }
-    fn ping_send(&mut self, _: FlowId, _: Ipv4Addr, _: &[u8]) -> io::Result<()> {
+    fn ping_send(&mut self, _: FlowId, _: IpAddr, _: &[u8]) -> io::Result<()> {
         Ok(())
     }
-    fn ping_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>> {
+    fn ping_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(IpAddr, usize)>> {
         Ok(None)
     }
     fn dgram_close(&mut self, id: FlowId) {
@@ -230,7 +230,10 @@ fn tseg(sport: u16, seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
         Ipv4Addr::new(10, 0, 2, 100),
         Ipv4Addr::new(93, 184, 216, 34),
     );
-    let sum = csum::finish(csum::add(csum::pseudo(src, dst, 6, t.len()), &t));
+    let sum = csum::finish(csum::add(
+        csum::pseudo(src.into(), dst.into(), 6, t.len()),
+        &t,
+    ));
     t[16..18].copy_from_slice(&sum.to_be_bytes());
     ip_frame(6, dst, &t)
 }

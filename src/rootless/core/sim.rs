@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
@@ -15,6 +15,7 @@ use super::{Config, Core, FlowId, Host, Peek, Ready, RxMeta, TxMeta};
 
 pub const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 pub const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+pub const SERVER6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
 
 /// What a host connect does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +29,7 @@ pub enum Outcome {
 
 #[derive(Debug, Default)]
 pub struct SimSock {
-    pub dst: Option<SocketAddrV4>,
+    pub dst: Option<SocketAddr>,
     pub connecting: Option<Outcome>,
     pub connected: bool,
     /// Server → guest bytes not yet consumed; `peek` of them already peeked.
@@ -53,17 +54,17 @@ pub struct SimSock {
     pub shut_wr: bool,
     pub closed: bool,
     pub reset: bool,
-    pub udp_out: Vec<(SocketAddrV4, Vec<u8>)>,
-    pub udp_in: VecDeque<(SocketAddrV4, Vec<u8>)>,
+    pub udp_out: Vec<(SocketAddr, Vec<u8>)>,
+    pub udp_in: VecDeque<(SocketAddr, Vec<u8>)>,
 }
 
 pub struct SimHost {
     pub to_guest: Vec<Vec<u8>>,
     pub socks: HashMap<FlowId, SimSock>,
-    pub outcome: Box<dyn Fn(SocketAddrV4) -> Outcome>,
+    pub outcome: Box<dyn Fn(SocketAddr) -> Outcome>,
     pub sock_cap: usize,
     pub ping_allowed: bool,
-    pub connects: Vec<SocketAddrV4>,
+    pub connects: Vec<SocketAddr>,
     /// Every frame emitted, when `log_frames` is set.
     pub log_frames: bool,
     pub log: Vec<Vec<u8>>,
@@ -94,7 +95,8 @@ impl SimHost {
     }
 
     /// The open TCP socket connected to `dst`, if any.
-    pub fn by_dst(&mut self, dst: SocketAddrV4) -> Option<(FlowId, &mut SimSock)> {
+    pub fn by_dst(&mut self, dst: impl Into<SocketAddr>) -> Option<(FlowId, &mut SimSock)> {
+        let dst = dst.into();
         self.socks
             .iter_mut()
             .find(|(_, s)| s.dst == Some(dst) && !s.closed)
@@ -109,7 +111,7 @@ impl Host for SimHost {
             self.log.push(frame.to_vec());
         }
     }
-    fn tcp_connect(&mut self, id: FlowId, dst: SocketAddrV4) -> io::Result<()> {
+    fn tcp_connect(&mut self, id: FlowId, dst: SocketAddr) -> io::Result<()> {
         let outcome = (self.outcome)(dst);
         self.connects.push(dst);
         if let Outcome::FailNow(errno) = outcome {
@@ -188,40 +190,36 @@ impl Host for SimHost {
             s.reset = reset;
         }
     }
-    fn udp_open(&mut self, id: FlowId) -> io::Result<()> {
+    fn udp_open(&mut self, id: FlowId, _v6: bool) -> io::Result<()> {
         self.socks.insert(id, SimSock::default());
         Ok(())
     }
-    fn udp_send(&mut self, id: FlowId, dst: SocketAddrV4, data: &[u8]) -> io::Result<()> {
+    fn udp_send(&mut self, id: FlowId, dst: SocketAddr, data: &[u8]) -> io::Result<()> {
         self.sock(id)?.udp_out.push((dst, data.to_vec()));
         Ok(())
     }
-    fn udp_recv(
-        &mut self,
-        id: FlowId,
-        buf: &mut [u8],
-    ) -> io::Result<Option<(SocketAddrV4, usize)>> {
+    fn udp_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(SocketAddr, usize)>> {
         let s = self.sock(id)?;
         Ok(s.udp_in.pop_front().map(|(from, d)| {
             buf[..d.len()].copy_from_slice(&d);
             (from, d.len())
         }))
     }
-    fn ping_open(&mut self, id: FlowId) -> io::Result<()> {
+    fn ping_open(&mut self, id: FlowId, _v6: bool) -> io::Result<()> {
         if !self.ping_allowed {
             return Err(io::Error::from_raw_os_error(libc::EACCES));
         }
         self.socks.insert(id, SimSock::default());
         Ok(())
     }
-    fn ping_send(&mut self, id: FlowId, dst: Ipv4Addr, icmp: &[u8]) -> io::Result<()> {
+    fn ping_send(&mut self, id: FlowId, dst: IpAddr, icmp: &[u8]) -> io::Result<()> {
         self.sock(id)?
             .udp_out
-            .push((SocketAddrV4::new(dst, 0), icmp.to_vec()));
+            .push((SocketAddr::new(dst, 0), icmp.to_vec()));
         Ok(())
     }
-    fn ping_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(Ipv4Addr, usize)>> {
-        Ok(self.udp_recv(id, buf)?.map(|(a, n)| (*a.ip(), n)))
+    fn ping_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(IpAddr, usize)>> {
+        Ok(self.udp_recv(id, buf)?.map(|(a, n)| (a.ip(), n)))
     }
     fn adopt(&mut self, id: FlowId) -> io::Result<()> {
         let s = self
@@ -319,11 +317,23 @@ impl Sim {
         iface.update_ip_addrs(|a| {
             a.push(IpCidr::new(guest.into(), prefix))
                 .expect("one address");
+            if let Some(v6) = cfg.ipv6 {
+                a.push(IpCidr::new(v6.guest.into(), 64))
+                    .expect("room for an IPv6 address");
+            }
         });
         iface
             .routes_mut()
             .add_default_ipv4_route(gw)
             .expect("default route");
+        if let Some(v6) = cfg.ipv6 {
+            // Through the gateway's global address: its neighbour entry comes from the core's
+            // answer to smoltcp's solicitation.
+            iface
+                .routes_mut()
+                .add_default_ipv6_route(v6.gateway)
+                .expect("default IPv6 route");
+        }
         Sim {
             core: Core::new(cfg),
             host: SimHost::new(),

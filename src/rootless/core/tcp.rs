@@ -12,7 +12,7 @@
 //! guest's window, and rnat holds no copy of in-flight data.
 
 use std::collections::VecDeque;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::frame::{self, Macs, TcpHeader, ACK, FIN, PSH, RST, SYN};
@@ -26,7 +26,7 @@ const RTO_MAX: Duration = Duration::from_secs(10);
 const SYNACK_RTO: Duration = Duration::from_secs(1);
 /// Retransmissions without progress before the flow is reset.
 const MAX_RETRIES: u8 = 12;
-/// The largest TCP payload in one IPv4 packet.
+/// The largest TCP payload in one IPv4 packet (an IPv6 one could carry 20 bytes more).
 const MAX_PAYLOAD: usize = frame::MAX_IP_PACKET - frame::IP_LEN - frame::TCP_LEN;
 
 pub(crate) fn seq_lt(a: u32, b: u32) -> bool {
@@ -91,9 +91,9 @@ enum State {
 }
 
 pub(super) struct TcpFlow {
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
     /// The address the guest connected to (before any translation).
-    pub remote: SocketAddrV4,
+    pub remote: SocketAddr,
     state: State,
     // guest → host
     rcv_nxt: u32,
@@ -132,8 +132,8 @@ pub(super) struct TcpFlow {
 impl TcpFlow {
     /// A flow for a guest SYN; the caller starts the host connect.
     pub fn new(
-        guest: SocketAddrV4,
-        remote: SocketAddrV4,
+        guest: SocketAddr,
+        remote: SocketAddr,
         syn: &Segment,
         iss: u32,
         cfg: &Config,
@@ -142,7 +142,7 @@ impl TcpFlow {
             Some(ws) => (ws.min(14), OUR_WSCALE),
             None => (0, 0),
         };
-        let mtu_mss = usize::from(cfg.mtu) - frame::IP_LEN - frame::TCP_LEN;
+        let mtu_mss = usize::from(cfg.mtu) - frame::ip_len(guest.ip()) - frame::TCP_LEN;
         TcpFlow {
             guest,
             remote,
@@ -176,7 +176,7 @@ impl TcpFlow {
 
     /// A flow for a host client of a published port (already accepted on the host): the caller
     /// sends the SYN with `open_to_guest`.
-    pub fn inbound(guest: SocketAddrV4, client: SocketAddrV4, iss: u32, cfg: &Config) -> Self {
+    pub fn inbound(guest: SocketAddr, client: SocketAddr, iss: u32, cfg: &Config) -> Self {
         let syn = Segment {
             seq: 0,
             ack: 0,
@@ -195,7 +195,7 @@ impl TcpFlow {
 
     /// Sends the SYN of an inbound flow (again, on a timeout).
     pub fn open_to_guest(&mut self, id: FlowId, out: &mut Out<impl Host>) {
-        let mss = (usize::from(out.cfg.mtu) - frame::IP_LEN - frame::TCP_LEN).min(65535) as u16;
+        let mss = self.our_mss(out.cfg);
         let [hi, lo] = mss.to_be_bytes();
         self.snd_nxt = self.iss.wrapping_add(1);
         self.snd_max = self.snd_nxt;
@@ -223,6 +223,11 @@ impl TcpFlow {
     /// Whether the guest was last told the window is shut.
     pub fn told_zero_window(&self) -> bool {
         self.last_window == 0 && self.state == State::Established
+    }
+
+    /// The MSS rnat announces: what the guest's MTU leaves after the headers.
+    fn our_mss(&self, cfg: &Config) -> u16 {
+        (usize::from(cfg.mtu) - frame::ip_len(self.guest.ip()) - frame::TCP_LEN).min(65535) as u16
     }
 
     pub fn guest_isn(&self) -> u32 {
@@ -290,7 +295,7 @@ impl TcpFlow {
     }
 
     fn send_synack(&mut self, out: &mut Out<impl Host>) {
-        let mss = (usize::from(out.cfg.mtu) - frame::IP_LEN - frame::TCP_LEN).min(65535) as u16;
+        let mss = self.our_mss(out.cfg);
         let [hi, lo] = mss.to_be_bytes();
         if self.rcv_wscale > 0 {
             self.send_ctl(
@@ -360,7 +365,7 @@ impl TcpFlow {
         let len = frame::unreachable_for_syn(
             out.tx,
             out.macs,
-            out.cfg.gateway,
+            out.cfg.gateway_for(self.guest.ip()),
             code,
             self.guest,
             self.remote,
@@ -408,7 +413,7 @@ impl TcpFlow {
                         self.rcv_wscale = 0;
                     }
                 }
-                let mtu_mss = usize::from(out.cfg.mtu) - frame::IP_LEN - frame::TCP_LEN;
+                let mtu_mss = usize::from(self.our_mss(out.cfg));
                 self.mss = usize::from(seg.mss.unwrap_or(536)).clamp(64, mtu_mss);
                 self.snd_wnd = u32::from(seg.window); // unscaled in a SYN
                 self.snd_una = seg.ack;
@@ -619,7 +624,7 @@ impl TcpFlow {
                 break;
             }
             let room = ((self.snd_wnd - inflight) as usize).min(max_seg);
-            let at = frame::TCP_PAYLOAD_AT;
+            let at = frame::tcp_payload_at(self.guest.ip());
             match out.host.tcp_peek(id, &mut out.tx[at..at + room]) {
                 Ok(Peek::Data(0)) | Ok(Peek::WouldBlock) => {
                     self.host_drained = true;

@@ -1,14 +1,14 @@
 //! The core on a simulated network (see `sim`): smoltcp's TCP as the guest, an in-memory host,
 //! a lossy wire, injected time.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use smoltcp::socket::tcp;
 use smoltcp::wire::{EthernetAddress, EthernetFrame, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket};
 
 use super::frame::{self, Macs, TcpHeader, ACK, FIN, RST, SYN};
 use super::host::Host;
-use super::sim::{Impair, Outcome, Sim, SimHost, GUEST_MAC, SERVER};
+use super::sim::{Impair, Outcome, Sim, SimHost, GUEST_MAC, SERVER, SERVER6};
 use super::tcp::Verdict;
 use super::{Config, Core, Ready, RxMeta, GATEWAY_MAC};
 
@@ -32,13 +32,24 @@ fn guest_socket(
     port: u16,
     local: u16,
 ) -> smoltcp::iface::SocketHandle {
+    guest_socket_to(sim, SERVER.into(), rx, tx, port, local)
+}
+
+fn guest_socket_to(
+    sim: &mut Sim,
+    server: IpAddr,
+    rx: usize,
+    tx: usize,
+    port: u16,
+    local: u16,
+) -> smoltcp::iface::SocketHandle {
     let s = tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0; rx]),
         tcp::SocketBuffer::new(vec![0; tx]),
     );
     let h = sim.sockets.add(s);
     let s = sim.sockets.get_mut::<tcp::Socket>(h);
-    s.connect(sim.iface.context(), (SERVER, port), local)
+    s.connect(sim.iface.context(), (server, port), local)
         .expect("connect");
     h
 }
@@ -52,16 +63,27 @@ fn server(sim: &mut Sim, port: u16) -> Option<&mut super::sim::SimSock> {
 /// Moves `up` from the guest and `down` to it at once, the server closing after its part and
 /// the guest after its own; checks every byte and that the flow is gone at the end.
 fn transfer(impair: Impair, n: usize, server_read: Option<usize>) {
-    let mut sim = Sim::new(cfg());
+    transfer_to(SERVER.into(), impair, n, server_read)
+}
+
+fn transfer_to(server_ip: IpAddr, impair: Impair, n: usize, server_read: Option<usize>) {
+    let mut c = cfg();
+    if server_ip.is_ipv6() {
+        c.ipv6 = Some(super::Ipv6Config::slirp());
+    }
+    let mut sim = Sim::new(c);
     sim.impair = impair;
     sim.server_read = server_read;
-    let h = guest_socket(&mut sim, 256 << 10, 256 << 10, 5001, 40000);
+    let h = guest_socket_to(&mut sim, server_ip, 256 << 10, 256 << 10, 5001, 40000);
+    fn server(sim: &mut Sim, ip: IpAddr, port: u16) -> Option<&mut super::sim::SimSock> {
+        sim.host.by_dst(SocketAddr::new(ip, port)).map(|(_, s)| s)
+    }
     let (up, down) = (pattern(n, 1), pattern(n, 2));
     let (mut sent, mut got) = (0usize, Vec::new());
     let mut fed = false;
     let done = sim.run_until(120_000, |sim| {
         if !fed {
-            if let Some(s) = server(sim, 5001) {
+            if let Some(s) = server(sim, server_ip, 5001) {
                 s.rx.extend_from_slice(&down);
                 s.eof = true;
                 fed = true;
@@ -350,8 +372,8 @@ fn guest_tcp(
     let at = frame::TCP_PAYLOAD_AT + options.len();
     buf[at..at + payload.len()].copy_from_slice(payload);
     let h = TcpHeader {
-        src: SocketAddrV4::new(GUEST, sport),
-        dst,
+        src: SocketAddrV4::new(GUEST, sport).into(),
+        dst: dst.into(),
         seq,
         ack,
         flags,
@@ -369,8 +391,8 @@ fn guest_udp(sport: u16, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     let (len, _) = frame::udp(
         &mut buf,
         guest_macs(),
-        SocketAddrV4::new(GUEST, sport),
-        dst,
+        SocketAddrV4::new(GUEST, sport).into(),
+        dst.into(),
         payload.len(),
         1,
         false,
@@ -551,7 +573,7 @@ fn gateway_reaches_host_loopback_only_when_allowed() {
     );
     assert_eq!(
         host.connects,
-        vec![SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22)]
+        vec![SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22).into()]
     );
 }
 
@@ -587,10 +609,10 @@ fn dns_is_forwarded_to_the_host_resolver_and_strangers_are_filtered() {
         t0,
     );
     let (&id, s) = host.socks.iter_mut().next().expect("a UDP socket");
-    assert_eq!(s.udp_out, vec![(resolver, b"query".to_vec())]);
-    s.udp_in.push_back((resolver, b"answer".to_vec()));
+    assert_eq!(s.udp_out, vec![(resolver.into(), b"query".to_vec())]);
+    s.udp_in.push_back((resolver.into(), b"answer".to_vec()));
     s.udp_in.push_back((
-        SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 53),
+        SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 53).into(),
         b"spoof".to_vec(),
     ));
     core.on_ready(
@@ -686,7 +708,7 @@ fn echo_to_the_gateway_is_answered_and_others_go_through_ping_sockets() {
     assert_eq!(s.udp_out.len(), 1);
     // The kernel's reply carries its own identifier; the guest gets its own back.
     s.udp_in.push_back((
-        SocketAddrV4::new(SERVER, 0),
+        SocketAddrV4::new(SERVER, 0).into(),
         vec![0, 0, 0, 0, 0x12, 0x34, 0, 1, b'p'],
     ));
     core.on_ready(
@@ -758,7 +780,7 @@ fn inbound_tcp_carries_the_clients_address_and_bytes_both_ways() {
     let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 5555);
     let up = pattern(120_000, 7);
     sim.host.staged = Some(super::sim::SimSock {
-        dst: Some(client),
+        dst: Some(client.into()),
         connected: true,
         cap: 1 << 20,
         rx: up.clone(),
@@ -813,7 +835,7 @@ fn inbound_tcp_to_a_closed_guest_port_resets_the_client() {
     sim.run_until(5, |_| false);
     let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 5556);
     sim.host.staged = Some(super::sim::SimSock {
-        dst: Some(client),
+        dst: Some(client.into()),
         connected: true,
         cap: 1 << 20,
         ..Default::default()
@@ -854,8 +876,10 @@ fn published_udp_reaches_the_guest_from_the_client_and_replies_go_back() {
     let external = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 4444);
     let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 4445);
     let s = sim.host.socks.get_mut(&id).expect("sock");
-    s.udp_in.push_back((external, b"from-outside".to_vec()));
-    s.udp_in.push_back((local, b"from-loopback".to_vec()));
+    s.udp_in
+        .push_back((external.into(), b"from-outside".to_vec()));
+    s.udp_in
+        .push_back((local.into(), b"from-loopback".to_vec()));
     let mut seen = Vec::new();
     sim.run_until(200, |sim| {
         let s = sim.sockets.get_mut::<smoltcp::socket::udp::Socket>(h);
@@ -884,8 +908,8 @@ fn published_udp_reaches_the_guest_from_the_client_and_replies_go_back() {
     assert_eq!(
         sim.host.socks[&id].udp_out,
         vec![
-            (external, b"re:from-outside".to_vec()),
-            (local, b"re:from-loopback".to_vec())
+            (external.into(), b"re:from-outside".to_vec()),
+            (local.into(), b"re:from-loopback".to_vec())
         ]
     );
     assert!(sim.core.udp_unpublish(&mut sim.host, 5353));
@@ -900,7 +924,7 @@ fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
     let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 40000);
     let stage = |host: &mut SimHost| {
         host.staged = Some(super::sim::SimSock {
-            dst: Some(client),
+            dst: Some(client.into()),
             connected: true,
             cap: 1 << 20,
             ..Default::default()
@@ -949,7 +973,10 @@ fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
         .expect("a flow");
     let a = tcp_out(&host2.to_guest)[0].1;
     host2.to_guest.clear();
-    let key = (SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 100), 80), client);
+    let key = (
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 100), 80).into(),
+        client.into(),
+    );
     let id = core2.tcp[&key];
     core2.with_tcp(&mut host2, id, t0, |_, out| {
         out.host.tcp_close(id, true);
@@ -969,5 +996,326 @@ fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
     assert!(
         (200_000..300_000).contains(&ahead),
         "ISN moved by {ahead} in 1 s (a 4 µs clock)"
+    );
+}
+
+// ---- IPv6 (`Config::ipv6`) ----
+
+/// smoltcp's guest finds the gateway by neighbour discovery (answered by the core), then moves
+/// bytes both ways to an IPv6 server over a lossy wire, every byte checked.
+#[test]
+fn ipv6_bulk_both_ways_over_loss() {
+    transfer_to(SERVER6.into(), Impair::default(), 200_000, None);
+    transfer_to(
+        SERVER6.into(),
+        Impair {
+            loss: 20,
+            dup: 20,
+            reorder: 30,
+        },
+        100_000,
+        None,
+    );
+}
+
+/// A guest IPv6 frame: Ethernet to the gateway's MAC (or `dst_mac`), IPv6 with `hops`, and an
+/// L4 part whose checksum field (at `csum_at`, if any) is filled in.
+fn guest_ipv6(
+    dst_mac: [u8; 6],
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    next: u8,
+    hops: u8,
+    l4: &[u8],
+    csum_at: Option<usize>,
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[next, hops]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    let at = f.len();
+    f.extend_from_slice(l4);
+    if let Some(c) = csum_at {
+        let pseudo = super::csum::pseudo(src.into(), dst.into(), next, l4.len());
+        let sum = super::csum::finish(super::csum::add(pseudo, &f[at..]));
+        f[at + c..at + c + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+    f
+}
+
+/// ICMPv6 frames to the guest: (source, destination, type, message).
+fn icmp6_out(frames: &[Vec<u8>]) -> Vec<(std::net::Ipv6Addr, std::net::Ipv6Addr, u8, Vec<u8>)> {
+    let a = |b: &[u8]| {
+        let mut o = [0u8; 16];
+        o.copy_from_slice(b);
+        std::net::Ipv6Addr::from(o)
+    };
+    frames
+        .iter()
+        .filter(|f| f.len() >= 62 && f[12..14] == [0x86, 0xdd] && f[20] == 58)
+        .map(|f| {
+            let (src, dst, msg) = (a(&f[22..38]), a(&f[38..54]), f[54..].to_vec());
+            let pseudo = super::csum::pseudo(src.into(), dst.into(), 58, msg.len());
+            assert_eq!(
+                super::csum::fold(super::csum::add(pseudo, &msg)),
+                0xffff,
+                "ICMPv6 checksum"
+            );
+            assert_eq!(f[21], 255, "hop limit of our ICMPv6");
+            (src, dst, msg[0], msg)
+        })
+        .collect()
+}
+
+#[test]
+fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
+    let v6 = super::Ipv6Config::slirp();
+    let mut c = cfg();
+    c.ipv6 = Some(v6);
+    let mut core = Core::new(c);
+    let mut host = SimHost::new();
+    let now = std::time::Instant::now();
+    let rx = RxMeta::default();
+    let guest_ll: std::net::Ipv6Addr = "fe80::64".parse().expect("address");
+    let ns = |target: std::net::Ipv6Addr| {
+        let mut m = vec![135, 0, 0, 0, 0, 0, 0, 0];
+        m.extend_from_slice(&target.octets());
+        m.extend_from_slice(&[1, 1]);
+        m.extend_from_slice(&GUEST_MAC);
+        m
+    };
+    // Neighbour solicitations: for the gateway and the DNS server answered, at our MAC; for
+    // another address on the link, not.
+    let solicited: std::net::Ipv6Addr = "ff02::1:ff00:2".parse().expect("address");
+    for (target, answered) in [
+        (v6.gateway, true),
+        (v6.dns, true),
+        ("fd00::9".parse().expect("address"), false),
+    ] {
+        host.to_guest.clear();
+        let f = guest_ipv6(
+            [0x33, 0x33, 0xff, 0, 0, 2],
+            guest_ll,
+            solicited,
+            58,
+            255,
+            &ns(target),
+            Some(2),
+        );
+        core.on_frame(&mut host, &f, rx, now);
+        let out = icmp6_out(&host.to_guest);
+        if !answered {
+            assert!(out.is_empty(), "{target} answered");
+            continue;
+        }
+        assert_eq!(out.len(), 1, "{target}");
+        let (src, dst, kind, msg) = &out[0];
+        assert_eq!((*src, *dst, *kind), (target, guest_ll, 136));
+        assert_eq!(&msg[8..24], &target.octets(), "target");
+        assert_eq!(
+            &msg[24..32],
+            &[&[2u8, 1][..], &GATEWAY_MAC[..]].concat()[..],
+            "our MAC"
+        );
+    }
+    // A solicitation with a hop limit below 255 came from off the link: ignored.
+    host.to_guest.clear();
+    let f = guest_ipv6(
+        [0x33, 0x33, 0xff, 0, 0, 2],
+        guest_ll,
+        solicited,
+        58,
+        64,
+        &ns(v6.gateway),
+        Some(2),
+    );
+    core.on_frame(&mut host, &f, rx, now);
+    assert!(
+        icmp6_out(&host.to_guest).is_empty(),
+        "off-link solicitation answered"
+    );
+    // A router solicitation gets the prefix, the MTU and the DNS server.
+    host.to_guest.clear();
+    let all_routers: std::net::Ipv6Addr = "ff02::2".parse().expect("address");
+    let f = guest_ipv6(
+        [0x33, 0x33, 0, 0, 0, 2],
+        guest_ll,
+        all_routers,
+        58,
+        255,
+        &[133, 0, 0, 0, 0, 0, 0, 0],
+        Some(2),
+    );
+    core.on_frame(&mut host, &f, rx, now);
+    let out = icmp6_out(&host.to_guest);
+    assert_eq!(out.len(), 1);
+    let (src, dst, kind, ra) = &out[0];
+    assert_eq!((*src, *dst, *kind), (super::ROUTER_LL, guest_ll, 134));
+    let prefix = ra
+        .windows(4)
+        .position(|w| w == [3, 4, 64, 0xc0])
+        .expect("prefix option");
+    assert_eq!(&ra[prefix + 16..prefix + 32], &v6.prefix.octets());
+    let mtu = ra
+        .windows(4)
+        .position(|w| w == [5, 1, 0, 0])
+        .expect("MTU option");
+    assert_eq!(&ra[mtu + 4..mtu + 8], &1500u32.to_be_bytes());
+    assert!(ra.windows(16).any(|w| w == v6.dns.octets()), "DNS server");
+    // Echo to the gateway is answered by rnat, echo elsewhere goes out on a ping socket.
+    host.to_guest.clear();
+    let echo = [128, 0, 0, 0, 0x12, 0x34, 0, 1, b'h', b'i'];
+    let f = guest_ipv6(GATEWAY_MAC, v6.guest, v6.gateway, 58, 64, &echo, Some(2));
+    core.on_frame(&mut host, &f, rx, now);
+    let out = icmp6_out(&host.to_guest);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].0, out[0].1, out[0].2), (v6.gateway, v6.guest, 129));
+    assert_eq!(
+        &out[0].3[4..],
+        &echo[4..],
+        "identifier, sequence and data echoed"
+    );
+    let f = guest_ipv6(GATEWAY_MAC, v6.guest, SERVER6, 58, 64, &echo, Some(2));
+    core.on_frame(&mut host, &f, rx, now);
+    let sent: Vec<_> = host
+        .socks
+        .values()
+        .flat_map(|s| s.udp_out.clone())
+        .collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, SocketAddr::new(SERVER6.into(), 0));
+    assert_eq!((&sent[0].1[..2], &sent[0].1[4..]), (&echo[..2], &echo[4..]));
+    // With IPv6 off, none of this is answered.
+    let mut off = Core::new(cfg());
+    host.to_guest.clear();
+    let f = guest_ipv6(
+        [0x33, 0x33, 0xff, 0, 0, 2],
+        guest_ll,
+        solicited,
+        58,
+        255,
+        &ns(v6.gateway),
+        Some(2),
+    );
+    off.on_frame(&mut host, &f, rx, now);
+    assert!(host.to_guest.is_empty());
+    assert_eq!(off.stats().drop_unsupported, 1);
+}
+
+/// The policy holds for IPv6: the gateway's addresses reach the host's ::1 only when allowed,
+/// IPv4-mapped addresses (::ffff:127.0.0.1 would be the host's loopback) and the link are
+/// refused, DNS at fd00::3 goes to the host's (IPv4) resolver and answers come back from fd00::3.
+#[test]
+fn ipv6_policy_and_dns() {
+    let v6 = super::Ipv6Config::slirp();
+    let mut c = cfg();
+    c.ipv6 = Some(v6);
+    let mut core = Core::new(c);
+    let mut host = SimHost::new();
+    let now = std::time::Instant::now();
+    let rx = RxMeta::default();
+    let syn = |sport: u16, dport: u16| {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = SYN;
+        t[14..16].copy_from_slice(&65535u16.to_be_bytes());
+        t
+    };
+    // Learn the guest's MAC first (any frame does).
+    let f = guest_ipv6(
+        GATEWAY_MAC,
+        v6.guest,
+        SERVER6,
+        6,
+        64,
+        &syn(40000, 80),
+        Some(16),
+    );
+    core.on_frame(&mut host, &f, rx, now);
+    assert_eq!(host.connects, vec![SocketAddr::new(SERVER6.into(), 80)]);
+    for (dst, what) in [
+        (v6.gateway, "the gateway without --allow-host-loopback"),
+        (
+            "::ffff:127.0.0.1".parse().expect("address"),
+            "IPv4-mapped loopback",
+        ),
+        ("::1".parse().expect("address"), "loopback"),
+        ("fd00::9".parse().expect("address"), "the link"),
+        ("fe80::1".parse().expect("address"), "link-local"),
+    ] {
+        host.to_guest.clear();
+        let f = guest_ipv6(GATEWAY_MAC, v6.guest, dst, 6, 64, &syn(40001, 22), Some(16));
+        core.on_frame(&mut host, &f, rx, now);
+        assert_eq!(host.connects.len(), 1, "{what} connected");
+        let rst = host
+            .to_guest
+            .iter()
+            .any(|f| f.len() >= 74 && f[20] == 6 && f[54 + 13] & RST != 0);
+        assert!(rst, "{what}: no RST");
+    }
+    // With permission, the gateway is the host's ::1.
+    let mut c = cfg();
+    c.ipv6 = Some(v6);
+    c.allow_host_loopback = true;
+    let mut allowed = Core::new(c);
+    let f = guest_ipv6(
+        GATEWAY_MAC,
+        v6.guest,
+        v6.gateway,
+        6,
+        64,
+        &syn(40002, 22),
+        Some(16),
+    );
+    allowed.on_frame(&mut host, &f, rx, now);
+    assert_eq!(
+        host.connects[1],
+        "[::1]:22".parse::<SocketAddr>().expect("address")
+    );
+    // DNS over IPv6 to fd00::3, forwarded to the IPv4 resolver; the answer comes back as from
+    // fd00::3, over IPv6.
+    let mut q = vec![0u8; 8];
+    q[0..2].copy_from_slice(&5353u16.to_be_bytes());
+    q[2..4].copy_from_slice(&53u16.to_be_bytes());
+    q[4..6].copy_from_slice(&13u16.to_be_bytes());
+    q.extend_from_slice(b"query");
+    let f = guest_ipv6(GATEWAY_MAC, v6.guest, v6.dns, 17, 64, &q, Some(6));
+    core.on_frame(&mut host, &f, rx, now);
+    let resolver: SocketAddr = "192.0.2.53:53".parse().expect("address");
+    let (&id, s) = host
+        .socks
+        .iter_mut()
+        .find(|(_, s)| !s.udp_out.is_empty())
+        .expect("a UDP socket");
+    assert_eq!(s.udp_out, vec![(resolver, b"query".to_vec())]);
+    s.udp_in.push_back((resolver, b"answer".to_vec()));
+    host.to_guest.clear();
+    core.on_ready(
+        &mut host,
+        id,
+        Ready {
+            readable: true,
+            ..Ready::default()
+        },
+        now,
+    );
+    let f = host.to_guest.first().expect("the answer");
+    assert_eq!(&f[12..14], &[0x86, 0xdd]);
+    assert_eq!(&f[22..38], &v6.dns.octets(), "from fd00::3");
+    assert_eq!(&f[38..54], &v6.guest.octets());
+    assert_eq!(&f[54..56], &53u16.to_be_bytes());
+    assert_eq!(&f[62..], b"answer");
+    let pseudo = super::csum::pseudo(v6.dns.into(), v6.guest.into(), 17, f.len() - 54);
+    assert_eq!(
+        super::csum::fold(super::csum::add(pseudo, &f[54..])),
+        0xffff,
+        "UDP checksum"
     );
 }

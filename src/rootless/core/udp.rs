@@ -4,7 +4,7 @@
 //! talks to, as a well-behaved NAT does), and the filtering is address-and-port dependent: only
 //! datagrams from a peer the guest has sent to come back in.
 
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// Peers remembered per flow; the oldest is forgotten first.
@@ -13,9 +13,9 @@ const MAX_PEERS: usize = 32;
 const MAX_PUBLISHED_PEERS: usize = 4096;
 
 pub(super) struct UdpFlow {
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
     /// (host-side peer, the address the guest knows it by)
-    peers: Vec<(SocketAddrV4, SocketAddrV4)>,
+    peers: Vec<(SocketAddr, SocketAddr)>,
     pub last_active: Instant,
     pub idle_timeout: Duration,
     /// The host socket is a published port's: any client may send, and it never expires.
@@ -23,7 +23,7 @@ pub(super) struct UdpFlow {
 }
 
 impl UdpFlow {
-    pub fn new(guest: SocketAddrV4, now: Instant, idle_timeout: Duration) -> Self {
+    pub fn new(guest: SocketAddr, now: Instant, idle_timeout: Duration) -> Self {
         UdpFlow {
             guest,
             peers: Vec::new(),
@@ -34,7 +34,7 @@ impl UdpFlow {
     }
 
     /// Remembers that the guest sent to `seen`, which the host reaches as `real`.
-    pub fn note_peer(&mut self, real: SocketAddrV4, seen: SocketAddrV4) {
+    pub fn note_peer(&mut self, real: SocketAddr, seen: SocketAddr) {
         if let Some(i) = self.peers.iter().position(|(r, _)| *r == real) {
             self.peers[i].1 = seen;
             return;
@@ -51,7 +51,7 @@ impl UdpFlow {
     }
 
     /// The address the guest knows a host-side peer by, if the guest has sent to it.
-    pub fn seen_as(&self, real: SocketAddrV4) -> Option<SocketAddrV4> {
+    pub fn seen_as(&self, real: SocketAddr) -> Option<SocketAddr> {
         self.peers
             .iter()
             .rev()
@@ -60,7 +60,7 @@ impl UdpFlow {
     }
 
     /// The host-side peer behind an address the guest sends to, if it is a known one.
-    pub fn real_for(&self, seen: SocketAddrV4) -> Option<SocketAddrV4> {
+    pub fn real_for(&self, seen: SocketAddr) -> Option<SocketAddr> {
         self.peers
             .iter()
             .rev()
@@ -70,7 +70,7 @@ impl UdpFlow {
 }
 
 pub(super) struct PingFlow {
-    pub guest: std::net::Ipv4Addr,
+    pub guest: IpAddr,
     /// The echo identifier the guest used (the kernel picks its own for the host socket).
     pub ident: u16,
     pub last_active: Instant,

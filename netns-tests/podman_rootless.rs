@@ -74,8 +74,6 @@ fn write_podman_dir(t: &Topology) -> std::path::PathBuf {
             "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
              [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{d}/events.log\"\n\
              runtime = \"crun\"\nnetwork_cmd_path = \"{d}/slirp4netns\"\n\
-             # rnat has no IPv6: Podman 4.3 would otherwise ask for it, and rnat would refuse.\n\
-             network_cmd_options = [\"enable_ipv6=false\"]\n\
              tmp_dir = \"{d}/tmp\"\nstatic_dir = \"{d}/static\"\nvolume_path = \"{d}/volumes\"\n"
         ),
     )
@@ -103,7 +101,7 @@ fn run_with_handler(
         _ => "slirp4netns".to_string(),
     };
     let ctr =
-        format!("echo hello | nc {U_IP} 7777 > /www/outbound.txt; httpd -p 80 -h /www; sleep 25");
+        format!("echo hello | nc {U_IP} 7777 > /www/outbound.txt; ping -6 -c 1 -W 3 fd00::2 >/dev/null 2>&1 && echo ipv6-ok > /www/ipv6.txt; httpd -p 80 -h /www; sleep 25");
     let get = |path: &str| format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n'");
     let script = format!(
         "set -u\n\
@@ -122,6 +120,7 @@ fn run_with_handler(
          echo \"loopback: $({get} | socat -T3 - TCP:127.0.0.1:{host_port} | tail -1)\"\n\
          echo \"external: $(ip netns exec {c} sh -c \"{get_q} | socat -T3 - TCP:{H_CLIENT_SIDE_IP}:{host_port}\" | tail -1)\"\n\
          echo \"outbound: $({get_out} | socat -T3 - TCP:127.0.0.1:{host_port} | tail -1)\"\n\
+         echo \"ipv6: $({get_v6} | socat -T3 - TCP:127.0.0.1:{host_port} | tail -1)\"\n\
          echo \"peer: $(ip netns exec {c} sh -c \"{get_peer} | socat -T3 - TCP:{H_CLIENT_SIDE_IP}:{host_port}\" | tail -1)\"\n\
          setpriv --reuid {USER} --regid {USER} --init-groups podman rm -f -t 0 rl-{handler} >/dev/null 2>&1\n\
          wait $P\n\
@@ -130,6 +129,7 @@ fn run_with_handler(
         get = get("/index.html"),
         get_q = get("/index.html").replace('"', "\\\""),
         get_out = get("/outbound.txt"),
+        get_v6 = get("/ipv6.txt"),
         get_peer = get("/cgi-bin/peer").replace('"', "\\\""),
     );
     let mut cmd = Command::new("nsenter");
@@ -196,6 +196,13 @@ fn rootless_podman_runs_with_rnat_as_slirp4netns_with_both_port_handlers() {
             line("outbound:"),
             "outbound-ok",
             "{handler}: the container reached U\n{}",
+            out.describe()
+        );
+        // Podman asks for IPv6 by default (`--enable-ipv6`): the container has it.
+        assert_eq!(
+            line("ipv6:"),
+            "ipv6-ok",
+            "{handler}: the container pinged fd00::2\n{}",
             out.describe()
         );
         if handler == "slirp4netns" {

@@ -323,6 +323,92 @@ fn names_resolve_through_the_hosts_resolver() {
     assert_eq!(nslookup_addresses(&text), vec!["203.0.113.77"], "{text}");
 }
 
+/// `--enable-ipv6`: the container gets fd00::100/64 and reaches an IPv6 server in U (bytes both
+/// ways, hashed), UDP and ping over IPv6, the gateway's fd00::2, DNS at fd00::3 (forwarded to H's
+/// IPv4 resolver), and the gateway refuses TCP without `--allow-host-loopback`. Without the flag
+/// the container has no IPv6 route out.
+#[test]
+fn ipv6_reaches_an_ipv6_server_and_resolves_at_fd00_3() {
+    let t = topology!("rl_ipv6");
+    let r = rig(t);
+    // The uplink gets a documentation /64 too; H routes IPv6 through U.
+    for (ns, addr, dev) in [
+        (&r.t.h, "2001:db8:1::1/64", "up0"),
+        (&r.t.u, "2001:db8:1::2/64", "h0"),
+    ] {
+        r.t.ip(ns, &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    r.t.ip(
+        &r.t.h,
+        &["-6", "route", "add", "default", "via", "2001:db8:1::2"],
+    );
+    let data = payload(8 << 20, 13);
+    let file = r.t.work_file("payload6", &data);
+    let want = sha256_of(&file);
+    let file = file.to_str().expect("UTF-8 path").to_string();
+    let _up = r.t.server(
+        &r.t.u,
+        &strings(&[
+            "socat",
+            "TCP6-LISTEN:7100,reuseaddr,fork",
+            "SYSTEM:sha256sum",
+        ]),
+        "tcp",
+        7100,
+    );
+    let _down = r.t.server(
+        &r.t.u,
+        &strings(&[
+            "socat",
+            "TCP6-LISTEN:7101,reuseaddr,fork",
+            &format!("OPEN:{file}"),
+        ]),
+        "tcp",
+        7101,
+    );
+    let _udp = r.t.server(
+        &r.t.u,
+        &strings(&["socat", "UDP6-RECVFROM:7001,fork", "EXEC:cat"]),
+        "udp",
+        7001,
+    );
+    let _dns = start_dns_server(&r.t, &r.t.u, U_IP, &[("svc6.rnat.test", "203.0.113.66")]);
+    r.t.write_etc_netns(&r.t.h, "resolv.conf", &format!("nameserver {U_IP}\n"));
+    let server = "[2001:db8:1::2]";
+    let script = format!(
+        "ip -6 addr show dev tap0 | grep -q 'inet6 fd00::100/64' && echo addr-ok; \
+         socat -t 30 -T 60 - TCP6:{server}:7100 <{file} | cut -d' ' -f1; \
+         socat -u -T 60 TCP6:{server}:7101 - | sha256sum | cut -d' ' -f1; \
+         echo datagram6 | socat -t 2 - UDP6:{server}:7001; \
+         busybox ping -6 -c 2 -W 3 2001:db8:1::2 >/dev/null && echo ping6-upstream-ok; \
+         busybox ping -6 -c 1 -W 3 fd00::2 >/dev/null && echo ping6-gateway-ok; \
+         busybox nslookup svc6.rnat.test fd00::3 | grep -q 203.0.113.66 && echo dns6-ok; \
+         socat -T 5 - TCP6:[fd00::2]:7999,connect-timeout=5 </dev/null 2>/dev/null || echo gateway-refused"
+    );
+    let text = r.run_ok(&["--enable-ipv6"], &script);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "addr-ok",
+            want.as_str(),
+            want.as_str(),
+            "datagram6",
+            "ping6-upstream-ok",
+            "ping6-gateway-ok",
+            "dns6-ok",
+            "gateway-refused"
+        ],
+        "{text}"
+    );
+    // Without the flag: no IPv6 address from rnat and no route out.
+    let text = r.run_ok(
+        &[],
+        "ip -6 addr show dev tap0 | grep -c 'scope global' || true; ip -6 route show default | wc -l",
+    );
+    assert_eq!(text.lines().collect::<Vec<_>>(), vec!["0", "0"], "{text}");
+}
+
 #[test]
 fn refused_and_unreachable_fail_fast_and_loopback_needs_permission() {
     let t = topology!("rl_errors");

@@ -156,6 +156,20 @@ struct RootlessArgs {
 }
 
 impl RootlessArgs {
+    /// The first rootless-only flag given a value other than its default, if any (rootful mode
+    /// refuses them rather than ignore them).
+    fn given(&self) -> Option<&'static str> {
+        let d = rnat::rootless::session::Options::default();
+        [
+            (self.mtu != d.mtu, "--mtu"),
+            (self.cidr != d.cidr, "--cidr"),
+            (self.allow_host_loopback, "--allow-host-loopback"),
+            (self.enable_ipv6, "--enable-ipv6"),
+        ]
+        .into_iter()
+        .find_map(|(set, flag)| set.then_some(flag))
+    }
+
     fn options(&self) -> rnat::rootless::session::Options {
         rnat::rootless::session::Options {
             mtu: self.mtu,
@@ -299,6 +313,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 opts.name = name;
                 let status = rnat::rootless::session::run(&opts, &cmd)?;
                 return Ok(u8::try_from(status).unwrap_or(EXIT_ERROR));
+            }
+            if let Some(flag) = rootless_opts.given() {
+                anyhow::bail!("{flag} applies to rootless mode only (add --rootless)");
             }
             let mut engine = Engine::open(dirs)?;
             let opts = CreateOpts {

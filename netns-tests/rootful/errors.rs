@@ -177,3 +177,33 @@ fn missing_cmd_exits_127() {
     assert_failed_cleanly(&t, &out, 127, None, &before, "missing CMD");
     t.assert_all_gone(&[]);
 }
+
+/// Rootless-only flags given to a rootful run are refused with one line naming the flag (not
+/// silently ignored), and CMD does not run.
+#[test]
+fn rootless_only_flags_are_refused_in_rootful_mode() {
+    let t = topology!("rootless_flags");
+    t.network_create(NET, SUBNET, &[]);
+    let marker = t.work_path("ran-rootless-flag");
+    let marker_s = marker.to_string_lossy().into_owned();
+    for flags in [
+        &["--enable-ipv6"][..],
+        &["--mtu", "1500"],
+        &["--cidr", "192.0.2.0/24"],
+        &["--allow-host-loopback"],
+    ] {
+        let before = t.residue();
+        let mut args = vec!["run", "--network", NET];
+        args.extend_from_slice(flags);
+        args.extend(["--", "touch", &marker_s]);
+        let out = t.rnat(&args);
+        let what = flags.join(" ");
+        assert_failed_cleanly(&t, &out, RNAT_ERROR, Some(&marker), &before, &what);
+        assert!(
+            out.stderr_str().contains(flags[0]) && out.stderr_str().contains("--rootless"),
+            "{what}: the error names the flag and --rootless\n{}",
+            out.describe()
+        );
+    }
+    t.assert_all_gone(&[]);
+}

@@ -373,6 +373,17 @@ fn ipv6_reaches_an_ipv6_server_and_resolves_at_fd00_3() {
         7001,
     );
     let _dns = start_dns_server(&r.t, &r.t.u, U_IP, &[("svc6.rnat.test", "203.0.113.66")]);
+    // On H's ::1, which fd00::2 reaches only with --allow-host-loopback.
+    let _lo = r.t.server(
+        &r.t.h,
+        &strings(&[
+            "socat",
+            "TCP6-LISTEN:7999,bind=[::1],reuseaddr,fork",
+            "SYSTEM:echo hello-from-h-loopback",
+        ]),
+        "tcp",
+        7999,
+    );
     r.t.write_etc_netns(&r.t.h, "resolv.conf", &format!("nameserver {U_IP}\n"));
     let server = "[2001:db8:1::2]";
     let script = format!(
@@ -401,6 +412,12 @@ fn ipv6_reaches_an_ipv6_server_and_resolves_at_fd00_3() {
         ],
         "{text}"
     );
+    // With --allow-host-loopback the same connection reaches H's ::1.
+    let text = r.run_ok(
+        &["--enable-ipv6", "--allow-host-loopback"],
+        "socat -T 5 - TCP6:[fd00::2]:7999,connect-timeout=5 </dev/null",
+    );
+    assert_eq!(text.trim(), "hello-from-h-loopback", "{text}");
     // Without the flag: no IPv6 address from rnat and no route out.
     let text = r.run_ok(
         &[],

@@ -1077,7 +1077,7 @@ fn run(data: &[u8]) {
     cfg.offload = c0 & 1 != 0;
     cfg.allow_host_loopback = c0 & 2 != 0;
     if c0 & 4 != 0 {
-        cfg.resolvers = vec![Ipv4Addr::new(192, 0, 2, 53)];
+        cfg.resolvers = vec![Ipv4Addr::new(192, 0, 2, 53).into()];
     }
     cfg.max_flows = [64, 1, 4, 16][usize::from((c0 >> 4) & 3)];
     cfg.max_buffered = [1 << 16, 1, 4096, 1 << 20][usize::from(c0 >> 6)];

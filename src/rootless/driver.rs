@@ -565,13 +565,24 @@ impl KernelHost {
             match sys::send_segmented(fd, dst, &self.udp_arena[run], size as u16) {
                 Ok(_) => k = end,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(k),
-                Err(e) => {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                    ) =>
+                {
                     // No GSO here (or not for this route): one by one from now on.
                     tracing::info!(
                         "UDP segmentation offload refused ({e}): sending datagrams one by one"
                     );
                     self.udp_gso = false;
                     return self.send_queued_one_by_one(fd, k..j);
+                }
+                Err(_) => {
+                    // The destination failed (unreachable, say), not the offload: the run is
+                    // lost, as its datagrams would be one by one.
+                    self.udp_dropped += (end - k) as u64;
+                    k = end;
                 }
             }
         }

@@ -136,8 +136,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// The IPv4 nameservers in a resolv.conf.
-pub fn resolvers(text: &str) -> Vec<Ipv4Addr> {
+/// The nameservers in a resolv.conf (IPv4 and IPv6; a scoped link-local one is skipped).
+pub fn resolvers(text: &str) -> Vec<std::net::IpAddr> {
     text.lines()
         .filter_map(|l| {
             let mut w = l.split_whitespace();
@@ -175,7 +175,17 @@ fn build_config(opts: &Options) -> Result<Config, Error> {
     cfg.allow_host_loopback = opts.allow_host_loopback;
     cfg.offload = opts.offload;
     if opts.ipv6 {
-        cfg.ipv6 = Some(crate::rootless::core::Ipv6Config::slirp());
+        if opts.mtu < 1280 {
+            return Err(Error::Invalid(format!(
+                "--enable-ipv6 needs an MTU of at least 1280 (IPv6's minimum), not {}",
+                opts.mtu
+            )));
+        }
+        if std::path::Path::new("/proc/net/if_inet6").exists() {
+            cfg.ipv6 = Some(crate::rootless::core::Ipv6Config::slirp());
+        } else {
+            tracing::warn!("IPv6 is disabled on this host: the container gets IPv4 only");
+        }
     }
     if opts.dns {
         cfg.resolvers = resolvers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());

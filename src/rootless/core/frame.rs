@@ -290,19 +290,20 @@ pub fn icmpv6(buf: &mut [u8], macs: Macs, src: Ipv6Addr, dst: Ipv6Addr, len: usi
     ETH_LEN + IP6_LEN + len
 }
 
-/// A neighbour advertisement (RFC 4861 4.4) saying `target` is at `macs.ours`, solicited by the
-/// guest at `to`, from the router (`router` sets the R flag).
+/// A neighbour advertisement (RFC 4861 4.4) saying `target` is at `macs.ours`, to `to`: the
+/// R flag for a router's address, the S flag in answer to a solicitation, always O.
 pub fn neighbour_advert(
     buf: &mut [u8],
     macs: Macs,
     target: Ipv6Addr,
     to: Ipv6Addr,
     router: bool,
+    solicited: bool,
 ) -> usize {
     let m = &mut buf[ICMP6_AT..ICMP6_AT + 32];
     m[..4].copy_from_slice(&[136, 0, 0, 0]);
-    // Solicited and Override; Router for the gateway's addresses.
-    m[4..8].copy_from_slice(&[0x60 | if router { 0x80 } else { 0 }, 0, 0, 0]);
+    let flags = 0x20 | if router { 0x80 } else { 0 } | if solicited { 0x40 } else { 0 };
+    m[4..8].copy_from_slice(&[flags, 0, 0, 0]);
     m[8..24].copy_from_slice(&target.octets());
     m[24..26].copy_from_slice(&[2, 1]); // target link-layer address, 8 bytes
     m[26..32].copy_from_slice(macs.ours.as_bytes());

@@ -42,6 +42,25 @@ pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];
 /// The router's link-local address: where router advertisements come from and the default route
 /// they give points.
 pub const ROUTER_LL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
+/// All nodes on the link.
+const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+/// Unsolicited router advertisements, once a guest has asked for one: well within the lifetimes
+/// they give (30 minutes for the route and DNS server, 1 and 2 hours for the prefix).
+const RA_INTERVAL: Duration = Duration::from_secs(600);
+
+/// The Ethernet address an IPv6 multicast address maps to (RFC 2464 7).
+fn multicast_mac(ip: Ipv6Addr) -> EthernetAddress {
+    let o = ip.octets();
+    EthernetAddress([0x33, 0x33, o[12], o[13], o[14], o[15]])
+}
+
+/// The solicited-node multicast address of `ip` (RFC 4291 2.7.1).
+fn solicited_node(ip: Ipv6Addr) -> Ipv6Addr {
+    let o = ip.octets();
+    Ipv6Addr::from([
+        0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15],
+    ])
+}
 
 /// IPv6 on the guest's link: a /64 with slirp4netns' layout (`--enable-ipv6`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +94,11 @@ impl Ipv6Config {
     fn is_ours(&self, ip: Ipv6Addr) -> bool {
         ip == self.gateway || ip == self.dns || ip == ROUTER_LL
     }
+
+    /// A source the guest may use on the link: its /64, or link-local (not multicast or `::`).
+    fn guest_source(&self, ip: Ipv6Addr) -> bool {
+        self.on_link(ip) || ip.is_unicast_link_local()
+    }
 }
 
 /// What the core needs to know about the guest's network and its limits.
@@ -89,8 +113,9 @@ pub struct Config {
     pub mtu: u16,
     /// Connections to the gateway address reach the host's 127.0.0.1.
     pub allow_host_loopback: bool,
-    /// Where DNS sent to `dns` goes (the host's resolvers, in order).
-    pub resolvers: Vec<Ipv4Addr>,
+    /// Where DNS sent to `dns` goes (the host's resolvers, in order; an IPv4 guest flow uses
+    /// the first IPv4 one, an IPv6 flow the first of either family).
+    pub resolvers: Vec<IpAddr>,
     /// Flows of every kind together.
     pub max_flows: usize,
     /// Bytes queued from the guest toward host sockets, all flows together.
@@ -254,6 +279,8 @@ pub struct Core {
     cap_hit: bool,
     /// Datagram flows with something for the guest before its MAC address was known.
     mac_waiters: Vec<FlowId>,
+    /// When the next unsolicited router advertisement is due (IPv6, once the guest asked).
+    ra_next: Option<Instant>,
     stats: Stats,
 }
 
@@ -277,6 +304,7 @@ impl Core {
             epoch: None,
             cap_hit: false,
             mac_waiters: Vec::new(),
+            ra_next: None,
             stats: Stats::default(),
         }
     }
@@ -539,40 +567,55 @@ impl Core {
             return;
         }
         let Some(macs) = self.macs() else { return };
+        let to_all = Macs {
+            ours: macs.ours,
+            guest: multicast_mac(ALL_NODES),
+        };
         match msg[0] {
-            // Router solicitation (RFC 4861 6.1.1: hop limit 255, code 0).
+            // Router solicitation (RFC 4861 6.1.1: hop limit 255, code 0), from the guest's own
+            // address or from `::` (answered to all nodes).
             133 if hops == 255 && msg[1] == 0 => {
-                let ra = frame::RouterAdvert {
-                    from: ROUTER_LL,
-                    to: if src.is_unspecified() {
-                        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)
-                    } else {
-                        src
-                    },
-                    prefix: v6.prefix,
-                    mtu: u32::from(self.cfg.mtu),
-                    dns: v6.dns,
-                };
-                let len = frame::router_advert(&mut self.tx, macs, &ra);
-                host.emit(&self.tx[..len], TxMeta::default());
-                self.stats.frames_out += 1;
-                self.stats.ndp_answered += 1;
-            }
-            // Neighbour solicitation for one of our addresses (a duplicate address probe comes
-            // from the unspecified address and gets no answer).
-            135 if hops == 255 && msg[1] == 0 && msg.len() >= 24 => {
-                let target = ipv6_from(&msg[8..24]);
-                if !v6.is_ours(target) || src.is_unspecified() {
+                if src.is_unspecified() {
+                    self.send_ra(host, to_all, ALL_NODES);
+                } else if v6.guest_source(src) {
+                    self.send_ra(host, macs, src);
+                } else {
                     self.stats.drop_not_for_us += 1;
                     return;
                 }
-                let len = frame::neighbour_advert(&mut self.tx, macs, target, src, true);
+                self.stats.ndp_answered += 1;
+                self.ra_next = Some(now + RA_INTERVAL);
+            }
+            // Neighbour solicitation for one of our addresses, sent to it or to its
+            // solicited-node group (RFC 4861 7.1.1, 7.2.4).
+            135 if hops == 255 && msg[1] == 0 && msg.len() >= 24 => {
+                let target = ipv6_from(&msg[8..24]);
+                let to_target = dst == target || dst == solicited_node(target);
+                if !v6.is_ours(target) || !to_target {
+                    self.stats.drop_not_for_us += 1;
+                    return;
+                }
+                let router = target != v6.dns;
+                let len = if src.is_unspecified() {
+                    // The guest probes for a duplicate of one of our addresses: defend it, to
+                    // all nodes (RFC 4862 5.4.3).
+                    frame::neighbour_advert(&mut self.tx, to_all, target, ALL_NODES, router, false)
+                } else if v6.guest_source(src) {
+                    frame::neighbour_advert(&mut self.tx, macs, target, src, router, true)
+                } else {
+                    self.stats.drop_not_for_us += 1;
+                    return;
+                };
                 host.emit(&self.tx[..len], TxMeta::default());
                 self.stats.frames_out += 1;
                 self.stats.ndp_answered += 1;
             }
-            // Echo request.
+            // Echo request, from the guest's own address.
             128 if !multicast && !dst.is_multicast() && msg[1] == 0 => {
+                if !v6.guest_source(src) {
+                    self.stats.drop_not_for_us += 1;
+                    return;
+                }
                 if v6.is_ours(dst) {
                     self.stats.icmp_echo_local += 1;
                     if msg.len() > self.tx.len() - frame::ICMP6_AT {
@@ -595,6 +638,21 @@ impl Core {
         }
     }
 
+    /// A router advertisement (for the link, with its prefix, MTU and DNS server) to `to`.
+    fn send_ra<H: Host>(&mut self, host: &mut H, macs: Macs, to: Ipv6Addr) {
+        let Some(v6) = self.cfg.ipv6 else { return };
+        let ra = frame::RouterAdvert {
+            from: ROUTER_LL,
+            to,
+            prefix: v6.prefix,
+            mtu: u32::from(self.cfg.mtu),
+            dns: v6.dns,
+        };
+        let len = frame::router_advert(&mut self.tx, macs, &ra);
+        host.emit(&self.tx[..len], TxMeta::default());
+        self.stats.frames_out += 1;
+    }
+
     /// Where traffic to `dst` goes, as the policy says (gateway, DNS, everything else).
     fn route(&self, dst: SocketAddr) -> Route {
         let (gateway, loopback) = match dst.ip() {
@@ -614,8 +672,9 @@ impl Core {
             return Route::Refuse;
         }
         if self.cfg.is_dns(dst.ip()) {
-            return match self.cfg.resolvers.first() {
-                Some(r) if dst.port() == 53 => Route::To(SocketAddr::new((*r).into(), 53)),
+            let usable = |r: &&IpAddr| dst.is_ipv6() || r.is_ipv4();
+            return match self.cfg.resolvers.iter().find(usable) {
+                Some(r) if dst.port() == 53 => Route::To(SocketAddr::new(*r, 53)),
                 _ => Route::Refuse,
             };
         }
@@ -791,9 +850,15 @@ impl Core {
             self.stats.drop_malformed += 1;
             return;
         };
-        // An IPv6 datagram must carry a checksum (RFC 8200 8.1); an IPv4 one may leave it out.
-        let unchecked = udp.checksum() == 0 && src.is_ipv4();
-        if !rx.csum_trusted && !unchecked && !udp.verify_checksum(&src.into(), &dst.into()) {
+        // An IPv6 datagram must carry a checksum (RFC 8200 8.1); an IPv4 one may leave it out
+        // (smoltcp's check passes a zero checksum whatever the version).
+        let zero = udp.checksum() == 0;
+        let bad = if zero {
+            src.is_ipv6()
+        } else {
+            !udp.verify_checksum(&src.into(), &dst.into())
+        };
+        if !rx.csum_trusted && bad {
             self.stats.drop_checksum += 1;
             return;
         }
@@ -1111,12 +1176,24 @@ impl Core {
         if self.next_sweep.is_some_and(|t| t <= now) {
             self.sweep(host, now);
         }
+        if self.ra_next.is_some_and(|t| t <= now) {
+            // Unsolicited, to all nodes: renews the route, prefix and DNS server the guest
+            // learnt, which would otherwise expire (it solicits only when its link comes up).
+            if let Some(macs) = self.macs() {
+                let to_all = Macs {
+                    ours: macs.ours,
+                    guest: multicast_mac(ALL_NODES),
+                };
+                self.send_ra(host, to_all, ALL_NODES);
+            }
+            self.ra_next = Some(now + RA_INTERVAL);
+        }
         self.flush(host, now);
         let t = self.timers.peek().map(|Reverse((at, _))| *at);
-        match (t, self.next_sweep) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [t, self.next_sweep, self.ra_next]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Expires idle UDP and ICMP flows.

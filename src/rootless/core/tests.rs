@@ -15,7 +15,7 @@ use super::{Config, Core, Ready, RxMeta, GATEWAY_MAC};
 fn cfg() -> Config {
     let mut c = Config::for_cidr("10.0.2.0/24".parse().expect("cidr")).expect("config");
     c.mtu = 1500;
-    c.resolvers = vec![Ipv4Addr::new(192, 0, 2, 53)];
+    c.resolvers = vec![Ipv4Addr::new(192, 0, 2, 53).into()];
     c
 }
 
@@ -1073,6 +1073,7 @@ fn icmp6_out(frames: &[Vec<u8>]) -> Vec<(std::net::Ipv6Addr, std::net::Ipv6Addr,
 
 #[test]
 fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
+    use std::net::Ipv6Addr;
     let v6 = super::Ipv6Config::slirp();
     let mut c = cfg();
     c.ipv6 = Some(v6);
@@ -1080,74 +1081,92 @@ fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
     let mut host = SimHost::new();
     let now = std::time::Instant::now();
     let rx = RxMeta::default();
-    let guest_ll: std::net::Ipv6Addr = "fe80::64".parse().expect("address");
-    let ns = |target: std::net::Ipv6Addr| {
+    let ip = |s: &str| s.parse::<Ipv6Addr>().expect("address");
+    let guest_ll = ip("fe80::64");
+    let ns = |target: Ipv6Addr| {
         let mut m = vec![135, 0, 0, 0, 0, 0, 0, 0];
         m.extend_from_slice(&target.octets());
         m.extend_from_slice(&[1, 1]);
         m.extend_from_slice(&GUEST_MAC);
         m
     };
-    // Neighbour solicitations: for the gateway and the DNS server answered, at our MAC; for
-    // another address on the link, not.
-    let solicited: std::net::Ipv6Addr = "ff02::1:ff00:2".parse().expect("address");
-    for (target, answered) in [
-        (v6.gateway, true),
-        (v6.dns, true),
-        ("fd00::9".parse().expect("address"), false),
+    let group = |t: Ipv6Addr| {
+        let o = t.octets();
+        Ipv6Addr::from([
+            0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15],
+        ])
+    };
+    let mcast = [0x33, 0x33, 0xff, 0, 0, 2];
+    // Neighbour solicitations (to the target's solicited-node group): for the gateway and the
+    // DNS server answered, at our MAC, solicited, the router flag for the gateway only; for
+    // another address on the link, or sent to another group, not.
+    let nine = ip("fd00::9");
+    for (target, to, answer) in [
+        (v6.gateway, group(v6.gateway), Some(0xe0u8)),
+        (v6.dns, group(v6.dns), Some(0x60)),
+        (nine, group(nine), None),
+        (v6.gateway, group(nine), None),
     ] {
         host.to_guest.clear();
-        let f = guest_ipv6(
-            [0x33, 0x33, 0xff, 0, 0, 2],
-            guest_ll,
-            solicited,
-            58,
-            255,
-            &ns(target),
-            Some(2),
-        );
+        let f = guest_ipv6(mcast, guest_ll, to, 58, 255, &ns(target), Some(2));
         core.on_frame(&mut host, &f, rx, now);
         let out = icmp6_out(&host.to_guest);
-        if !answered {
-            assert!(out.is_empty(), "{target} answered");
+        let Some(flags) = answer else {
+            assert!(out.is_empty(), "{target} via {to} answered");
             continue;
-        }
+        };
         assert_eq!(out.len(), 1, "{target}");
         let (src, dst, kind, msg) = &out[0];
         assert_eq!((*src, *dst, *kind), (target, guest_ll, 136));
+        assert_eq!(msg[4], flags, "{target}: R, S and O flags");
         assert_eq!(&msg[8..24], &target.octets(), "target");
-        assert_eq!(
-            &msg[24..32],
-            &[&[2u8, 1][..], &GATEWAY_MAC[..]].concat()[..],
-            "our MAC"
-        );
+        let option = [&[2u8, 1][..], &GATEWAY_MAC[..]].concat();
+        assert_eq!(&msg[24..32], &option[..], "our MAC");
     }
+    let solicited = group(v6.gateway);
     // A solicitation with a hop limit below 255 came from off the link: ignored.
     host.to_guest.clear();
-    let f = guest_ipv6(
-        [0x33, 0x33, 0xff, 0, 0, 2],
-        guest_ll,
-        solicited,
-        58,
-        64,
-        &ns(v6.gateway),
-        Some(2),
-    );
+    let f = guest_ipv6(mcast, guest_ll, solicited, 58, 64, &ns(v6.gateway), Some(2));
     core.on_frame(&mut host, &f, rx, now);
     assert!(
         icmp6_out(&host.to_guest).is_empty(),
         "off-link solicitation answered"
     );
+    // The guest probing for a duplicate of the gateway's address (from ::) is told it is
+    // taken, to all nodes.
+    host.to_guest.clear();
+    let f = guest_ipv6(
+        mcast,
+        ip("::"),
+        solicited,
+        58,
+        255,
+        &ns(v6.gateway),
+        Some(2),
+    );
+    core.on_frame(&mut host, &f, rx, now);
+    let out = icmp6_out(&host.to_guest);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0].1, out[0].3[4]),
+        (ip("ff02::1"), 0xa0),
+        "unsolicited, to all"
+    );
+    assert_eq!(
+        &host.to_guest[0][..6],
+        &[0x33, 0x33, 0, 0, 0, 1],
+        "all-nodes MAC"
+    );
     // A router solicitation gets the prefix, the MTU and the DNS server.
     host.to_guest.clear();
-    let all_routers: std::net::Ipv6Addr = "ff02::2".parse().expect("address");
+    let rs = [133, 0, 0, 0, 0, 0, 0, 0];
     let f = guest_ipv6(
         [0x33, 0x33, 0, 0, 0, 2],
         guest_ll,
-        all_routers,
+        ip("ff02::2"),
         58,
         255,
-        &[133, 0, 0, 0, 0, 0, 0, 0],
+        &rs,
         Some(2),
     );
     core.on_frame(&mut host, &f, rx, now);
@@ -1166,6 +1185,14 @@ fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
         .expect("MTU option");
     assert_eq!(&ra[mtu + 4..mtu + 8], &1500u32.to_be_bytes());
     assert!(ra.windows(16).any(|w| w == v6.dns.octets()), "DNS server");
+    // Then unsolicited, to all nodes, every ten minutes: the lifetimes it gives never run out.
+    host.to_guest.clear();
+    let later = now + std::time::Duration::from_secs(601);
+    let next = core.on_timer(&mut host, later).expect("a timer");
+    assert!(next <= later + std::time::Duration::from_secs(600));
+    let out = icmp6_out(&host.to_guest);
+    assert_eq!(out.len(), 1, "an unsolicited advertisement");
+    assert_eq!((out[0].1, out[0].2), (ip("ff02::1"), 134));
     // Echo to the gateway is answered by rnat, echo elsewhere goes out on a ping socket.
     host.to_guest.clear();
     let echo = [128, 0, 0, 0, 0x12, 0x34, 0, 1, b'h', b'i'];
@@ -1189,11 +1216,39 @@ fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].0, SocketAddr::new(SERVER6.into(), 0));
     assert_eq!((&sent[0].1[..2], &sent[0].1[4..]), (&echo[..2], &echo[4..]));
+    // The reply (with the host socket's own identifier) reaches the guest with the guest's.
+    let (&id, s) = host
+        .socks
+        .iter_mut()
+        .find(|(_, s)| !s.udp_out.is_empty())
+        .expect("the ping socket");
+    s.udp_in.push_back((
+        SocketAddr::new(SERVER6.into(), 0),
+        vec![129, 0, 0, 0, 0x77, 0x77, 0, 1, b'h', b'i'],
+    ));
+    host.to_guest.clear();
+    let readable = Ready {
+        readable: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, id, readable, now);
+    let out = icmp6_out(&host.to_guest);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].0, out[0].1, out[0].2), (SERVER6, v6.guest, 129));
+    assert_eq!(&out[0].3[4..], &echo[4..], "the guest's identifier back");
+    // Echo from :: is nobody's to answer.
+    host.to_guest.clear();
+    let f = guest_ipv6(GATEWAY_MAC, ip("::"), v6.gateway, 58, 64, &echo, Some(2));
+    core.on_frame(&mut host, &f, rx, now);
+    assert!(
+        icmp6_out(&host.to_guest).is_empty(),
+        "echo from :: answered"
+    );
     // With IPv6 off, none of this is answered.
     let mut off = Core::new(cfg());
     host.to_guest.clear();
     let f = guest_ipv6(
-        [0x33, 0x33, 0xff, 0, 0, 2],
+        mcast,
         guest_ll,
         solicited,
         58,
@@ -1206,11 +1261,13 @@ fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
     assert_eq!(off.stats().drop_unsupported, 1);
 }
 
-/// The policy holds for IPv6: the gateway's addresses reach the host's ::1 only when allowed,
-/// IPv4-mapped addresses (::ffff:127.0.0.1 would be the host's loopback) and the link are
-/// refused, DNS at fd00::3 goes to the host's (IPv4) resolver and answers come back from fd00::3.
+/// The policy holds for IPv6: the gateway reaches the host's ::1 only when allowed, IPv4-mapped
+/// and -compatible addresses (::ffff:127.0.0.1 would be the host's loopback), `::` and the link
+/// are refused; DNS at fd00::3 goes to the host's (IPv4) resolver and answers come back from
+/// fd00::3; a UDP datagram without a checksum is dropped.
 #[test]
 fn ipv6_policy_and_dns() {
+    use std::net::Ipv6Addr;
     let v6 = super::Ipv6Config::slirp();
     let mut c = cfg();
     c.ipv6 = Some(v6);
@@ -1218,6 +1275,7 @@ fn ipv6_policy_and_dns() {
     let mut host = SimHost::new();
     let now = std::time::Instant::now();
     let rx = RxMeta::default();
+    let ip = |s: &str| s.parse::<Ipv6Addr>().expect("address");
     let syn = |sport: u16, dport: u16| {
         let mut t = vec![0u8; 20];
         t[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -1228,7 +1286,6 @@ fn ipv6_policy_and_dns() {
         t[14..16].copy_from_slice(&65535u16.to_be_bytes());
         t
     };
-    // Learn the guest's MAC first (any frame does).
     let f = guest_ipv6(
         GATEWAY_MAC,
         v6.guest,
@@ -1242,13 +1299,12 @@ fn ipv6_policy_and_dns() {
     assert_eq!(host.connects, vec![SocketAddr::new(SERVER6.into(), 80)]);
     for (dst, what) in [
         (v6.gateway, "the gateway without --allow-host-loopback"),
-        (
-            "::ffff:127.0.0.1".parse().expect("address"),
-            "IPv4-mapped loopback",
-        ),
-        ("::1".parse().expect("address"), "loopback"),
-        ("fd00::9".parse().expect("address"), "the link"),
-        ("fe80::1".parse().expect("address"), "link-local"),
+        (ip("::ffff:127.0.0.1"), "IPv4-mapped loopback"),
+        (ip("::127.0.0.1"), "IPv4-compatible loopback"),
+        (ip("::"), "the unspecified address"),
+        (ip("::1"), "loopback"),
+        (ip("fd00::9"), "the link"),
+        (ip("fe80::1"), "link-local"),
     ] {
         host.to_guest.clear();
         let f = guest_ipv6(GATEWAY_MAC, v6.guest, dst, 6, 64, &syn(40001, 22), Some(16));
@@ -1286,6 +1342,14 @@ fn ipv6_policy_and_dns() {
     q[2..4].copy_from_slice(&53u16.to_be_bytes());
     q[4..6].copy_from_slice(&13u16.to_be_bytes());
     q.extend_from_slice(b"query");
+    // Without a checksum (which IPv6 requires): dropped.
+    let f = guest_ipv6(GATEWAY_MAC, v6.guest, v6.dns, 17, 64, &q, None);
+    core.on_frame(&mut host, &f, rx, now);
+    assert_eq!(
+        core.stats().drop_checksum,
+        1,
+        "a zero UDP checksum over IPv6"
+    );
     let f = guest_ipv6(GATEWAY_MAC, v6.guest, v6.dns, 17, 64, &q, Some(6));
     core.on_frame(&mut host, &f, rx, now);
     let resolver: SocketAddr = "192.0.2.53:53".parse().expect("address");
@@ -1297,15 +1361,11 @@ fn ipv6_policy_and_dns() {
     assert_eq!(s.udp_out, vec![(resolver, b"query".to_vec())]);
     s.udp_in.push_back((resolver, b"answer".to_vec()));
     host.to_guest.clear();
-    core.on_ready(
-        &mut host,
-        id,
-        Ready {
-            readable: true,
-            ..Ready::default()
-        },
-        now,
-    );
+    let readable = Ready {
+        readable: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, id, readable, now);
     let f = host.to_guest.first().expect("the answer");
     assert_eq!(&f[12..14], &[0x86, 0xdd]);
     assert_eq!(&f[22..38], &v6.dns.octets(), "from fd00::3");

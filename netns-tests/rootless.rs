@@ -232,35 +232,47 @@ fn without_tun_access_rnat_falls_back_to_the_ring_link() {
     );
 }
 
-#[test]
-fn bulk_tcp_both_ways_arrives_intact() {
-    let t = topology!("rl_bulk");
-    let r = rig(t);
-    let data = payload(24 << 20, 11);
-    let file = r.t.work_file("payload", &data);
+/// A payload of SIZE bytes in a file, and two servers in U on LISTEN (socat's `TCP-LISTEN` or
+/// `TCP6-LISTEN`): port 7100 answers with the hash of what it receives, 7101 sends the file.
+/// Returns the payload's hash, the file's path and the servers.
+fn hash_servers(
+    r: &Rig,
+    listen: &str,
+    size: usize,
+    seed: u64,
+) -> (String, String, [crate::procs::BgProc; 2]) {
+    let file =
+        r.t.work_file(&format!("payload-{listen}"), &payload(size, seed));
     let want = sha256_of(&file);
     let file = file.to_str().expect("UTF-8 path").to_string();
-    // Upload: U hashes what it receives; download: U sends the file.
-    let _up = r.t.server(
+    let up = r.t.server(
         &r.t.u,
         &strings(&[
             "socat",
-            "TCP-LISTEN:7100,reuseaddr,fork",
+            &format!("{listen}:7100,reuseaddr,fork"),
             "SYSTEM:sha256sum",
         ]),
         "tcp",
         7100,
     );
-    let _down = r.t.server(
+    let down = r.t.server(
         &r.t.u,
         &strings(&[
             "socat",
-            "TCP-LISTEN:7101,reuseaddr,fork",
+            &format!("{listen}:7101,reuseaddr,fork"),
             &format!("OPEN:{file}"),
         ]),
         "tcp",
         7101,
     );
+    (want, file, [up, down])
+}
+
+#[test]
+fn bulk_tcp_both_ways_arrives_intact() {
+    let t = topology!("rl_bulk");
+    let r = rig(t);
+    let (want, file, _servers) = hash_servers(&r, "TCP-LISTEN", 24 << 20, 11);
     // The last round peeks without SO_PEEK_OFF, as on kernels before 6.9.
     // The packet ring link carries the same bytes (its reordering guard and the kernel's
     // segmentation of its large frames are what the ring rounds check).
@@ -342,30 +354,7 @@ fn ipv6_reaches_an_ipv6_server_and_resolves_at_fd00_3() {
         &r.t.h,
         &["-6", "route", "add", "default", "via", "2001:db8:1::2"],
     );
-    let data = payload(8 << 20, 13);
-    let file = r.t.work_file("payload6", &data);
-    let want = sha256_of(&file);
-    let file = file.to_str().expect("UTF-8 path").to_string();
-    let _up = r.t.server(
-        &r.t.u,
-        &strings(&[
-            "socat",
-            "TCP6-LISTEN:7100,reuseaddr,fork",
-            "SYSTEM:sha256sum",
-        ]),
-        "tcp",
-        7100,
-    );
-    let _down = r.t.server(
-        &r.t.u,
-        &strings(&[
-            "socat",
-            "TCP6-LISTEN:7101,reuseaddr,fork",
-            &format!("OPEN:{file}"),
-        ]),
-        "tcp",
-        7101,
-    );
+    let (want, file, _servers) = hash_servers(&r, "TCP6-LISTEN", 8 << 20, 13);
     let _udp = r.t.server(
         &r.t.u,
         &strings(&["socat", "UDP6-RECVFROM:7001,fork", "EXEC:cat"]),

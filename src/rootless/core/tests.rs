@@ -1071,16 +1071,19 @@ fn icmp6_out(frames: &[Vec<u8>]) -> Vec<(std::net::Ipv6Addr, std::net::Ipv6Addr,
         .collect()
 }
 
-#[test]
-fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
-    use std::net::Ipv6Addr;
+/// A core with IPv6 on (slirp4netns' layout), a simulated host, the time and the frames' metadata.
+fn ipv6_core() -> (super::Ipv6Config, Core, SimHost, std::time::Instant, RxMeta) {
     let v6 = super::Ipv6Config::slirp();
     let mut c = cfg();
     c.ipv6 = Some(v6);
-    let mut core = Core::new(c);
-    let mut host = SimHost::new();
     let now = std::time::Instant::now();
-    let rx = RxMeta::default();
+    (v6, Core::new(c), SimHost::new(), now, RxMeta::default())
+}
+
+#[test]
+fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
+    use std::net::Ipv6Addr;
+    let (v6, mut core, mut host, now, rx) = ipv6_core();
     let ip = |s: &str| s.parse::<Ipv6Addr>().expect("address");
     let guest_ll = ip("fe80::64");
     let ns = |target: Ipv6Addr| {
@@ -1268,13 +1271,7 @@ fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
 #[test]
 fn ipv6_policy_and_dns() {
     use std::net::Ipv6Addr;
-    let v6 = super::Ipv6Config::slirp();
-    let mut c = cfg();
-    c.ipv6 = Some(v6);
-    let mut core = Core::new(c);
-    let mut host = SimHost::new();
-    let now = std::time::Instant::now();
-    let rx = RxMeta::default();
+    let (v6, mut core, mut host, now, rx) = ipv6_core();
     let ip = |s: &str| s.parse::<Ipv6Addr>().expect("address");
     let syn = |sport: u16, dport: u16| {
         let mut t = vec![0u8; 20];

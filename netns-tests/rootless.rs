@@ -469,6 +469,139 @@ fn attach_serves_a_namespace_made_by_someone_else() {
     }
 }
 
+/// slirp4netns' `--outbound-addr` and `--outbound-addr6`: the server in U sees the container's
+/// TCP and UDP come from the given addresses of H (one given as an interface name), not H's
+/// first address; ping still works from the bound socket.
+#[test]
+fn slirp4netns_outbound_addresses_are_the_sources_servers_see() {
+    let t = topology!("rl_outbound");
+    let r = rig(t);
+    r.t.ip(&r.t.h, &["addr", "add", "198.51.100.3/24", "dev", "up0"]);
+    // cl0, H's link to C, has 203.0.113.1: U answers it through H.
+    r.t.ip(
+        &r.t.u,
+        &["route", "add", "203.0.113.0/24", "via", "198.51.100.1"],
+    );
+    for (ns, addr, dev) in [
+        (&r.t.h, "2001:db8:1::1/64", "up0"),
+        (&r.t.h, "2001:db8:1::3/64", "up0"),
+        (&r.t.u, "2001:db8:1::2/64", "h0"),
+    ] {
+        r.t.ip(ns, &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    r.t.ip(
+        &r.t.h,
+        &["-6", "route", "add", "default", "via", "2001:db8:1::2"],
+    );
+    let _tcp =
+        r.t.server(&r.t.u, &peer_addr_server("tcp", 7200), "tcp", 7200);
+    let _udp =
+        r.t.server(&r.t.u, &peer_addr_server("udp", 7201), "udp", 7201);
+    let _tcp6 = r.t.server(
+        &r.t.u,
+        &strings(&[
+            "socat",
+            "TCP6-LISTEN:7202,fork,reuseaddr",
+            "SYSTEM:echo peer=$SOCAT_PEERADDR",
+        ]),
+        "tcp",
+        7202,
+    );
+    let client = format!(
+        "socat -T 5 - TCP:{U_IP}:7200,connect-timeout=5 </dev/null; \
+         echo x | socat -t 3 - UDP:{U_IP}:7201; \
+         socat -T 5 - TCP6:[2001:db8:1::2]:7202,connect-timeout=5 </dev/null; \
+         busybox ping -c 1 -W 3 {U_IP} >/dev/null && echo ping-ok"
+    );
+    for (outbound, want4) in [("198.51.100.3", "198.51.100.3"), ("cl0", "203.0.113.1")] {
+        let (out, served) = in_slirp_namespace(
+            &r,
+            &[
+                "--enable-ipv6",
+                &format!("--outbound-addr={outbound}"),
+                "--outbound-addr6=2001:db8:1::3",
+            ],
+            &client,
+        );
+        let text = out.stdout_str();
+        // socat gives the address alone, IPv6 in brackets and written out in full.
+        let peers: Vec<std::net::IpAddr> = peer_lines(&text)
+            .iter()
+            .filter_map(|p| p.trim_matches(['[', ']']).parse().ok())
+            .collect();
+        let want: Vec<std::net::IpAddr> = [want4, want4, "2001:db8:1::3"]
+            .iter()
+            .map(|a| a.parse().expect("address"))
+            .collect();
+        assert_eq!(
+            peers,
+            want,
+            "--outbound-addr={outbound}: the sources U saw\n{text}\n{}",
+            served.describe_now()
+        );
+        assert!(text.contains("ping-ok"), "{text}");
+    }
+}
+
+/// Runs `rnat slirp4netns --configure FLAGS PID tap0` (as the test user) for a new user and
+/// network namespace, and CLIENT in it once traffic passes; returns what CLIENT printed and
+/// the still-running rnat (dropped: stopped).
+fn in_slirp_namespace(r: &Rig, flags: &[&str], client: &str) -> (Finished, crate::procs::BgProc) {
+    let holder = r.t.spawn_command(r.as_user(&[
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--net",
+        "sleep",
+        "60",
+    ]));
+    let pid = procs::poll(|| {
+        procs::descendants(holder.pid())
+            .into_iter()
+            .chain([holder.pid()])
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            })
+    })
+    .expect("the namespace holder started");
+    let pid_s = pid.to_string();
+    let mut argv = vec![r.rnat.as_str(), "slirp4netns", "--configure"];
+    argv.extend_from_slice(flags);
+    argv.extend([pid_s.as_str(), "tap0"]);
+    let served = r.t.spawn_command(r.as_user(&argv));
+    let run = || {
+        procs::run_bounded(
+            r.as_user(&[
+                "nsenter",
+                "--target",
+                &pid_s,
+                "--user",
+                "--net",
+                "--preserve-credentials",
+                "sh",
+                "-c",
+                client,
+            ]),
+            None,
+            Duration::from_secs(30),
+        )
+    };
+    // The first line answers once rnat serves the namespace.
+    let out = procs::poll(|| {
+        let out = run();
+        (!peer_lines(&out.stdout_str()).is_empty()).then_some(out)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no traffic through slirp4netns mode\n{}",
+            served.describe_now()
+        )
+    });
+    drop(holder);
+    (out, served)
+}
+
 fn attach_once(r: &Rig, link: &str) {
     // A user-owned namespace pair with a process that waits in it.
     let mut holder = r.t.spawn_command(r.as_user(&[

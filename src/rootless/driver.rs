@@ -63,8 +63,10 @@ pub struct KernelHost {
     udp_gso: bool,
     /// Datagrams the host's socket buffers refused.
     pub udp_dropped: u64,
-    /// The address outbound sockets are bound to (slirp4netns' `--outbound-addr`).
+    /// The addresses outbound sockets are bound to (slirp4netns' `--outbound-addr` and
+    /// `--outbound-addr6`): TCP, UDP and ping alike.
     pub outbound: Option<std::net::Ipv4Addr>,
+    pub outbound6: Option<std::net::Ipv6Addr>,
     /// A socket accepted or bound for a published port, waiting for the core to adopt it.
     staged: Option<(Socket, EpollFlags)>,
     /// Frames the TAP refused (its queue full).
@@ -98,6 +100,7 @@ impl KernelHost {
             scratch: Vec::new(),
             staged: None,
             outbound: None,
+            outbound6: None,
             udp_queue: Vec::new(),
             udp_arena: Vec::new(),
             udp_armed: Vec::new(),
@@ -163,9 +166,11 @@ impl KernelHost {
         let s = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), Some(proto))?;
         if domain == Domain::IPV6 {
             // An IPv6 guest's flow may also reach IPv4 peers (the DNS address forwards to the
-            // host's resolvers): as IPv4-mapped addresses on this one socket.
+            // host's resolvers): as IPv4-mapped addresses on this one socket (not when bound
+            // to an outbound IPv6 address).
             s.set_only_v6(false)?;
         }
+        self.bind_outbound(&s, domain == Domain::IPV6)?;
         self.install(id, s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET)?;
         self.dgram_v6[id] = domain == Domain::IPV6;
         Ok(())
@@ -230,8 +235,8 @@ impl Host for KernelHost {
         s.set_tcp_nodelay(true)?;
         // A connection to the host's loopback (the gateway, when allowed) cannot leave from
         // another address.
-        if !dst.ip().is_loopback() && dst.is_ipv4() {
-            self.bind_outbound(&s)?;
+        if !dst.ip().is_loopback() {
+            self.bind_outbound(&s, dst.is_ipv6())?;
         }
         self.prepare_tcp(&s)?;
         match s.connect(&SockAddr::from(dst)) {
@@ -472,9 +477,17 @@ impl Host for KernelHost {
 }
 
 impl KernelHost {
-    fn bind_outbound(&self, s: &Socket) -> io::Result<()> {
-        match self.outbound {
-            Some(ip) => s.bind(&SockAddr::from(SocketAddrV4::new(ip, 0))),
+    /// Binds an outbound socket (`v6`: of family IPv6) to the outbound address of its family,
+    /// if one was given.
+    fn bind_outbound(&self, s: &Socket, v6: bool) -> io::Result<()> {
+        let at: Option<SocketAddr> = if v6 {
+            self.outbound6
+                .map(|ip| SocketAddrV6::new(ip, 0, 0, 0).into())
+        } else {
+            self.outbound.map(|ip| SocketAddrV4::new(ip, 0).into())
+        };
+        match at {
+            Some(a) => s.bind(&SockAddr::from(a)),
             None => Ok(()),
         }
     }

@@ -56,8 +56,9 @@ pub struct Options {
     pub mac: Option<[u8; 6]>,
     /// Forward DNS at the DNS address to the host's resolvers.
     pub dns: bool,
-    /// Bind outbound sockets to this address.
+    /// Bind outbound sockets to these addresses (IPv4, IPv6).
     pub outbound: Option<Ipv4Addr>,
+    pub outbound6: Option<std::net::Ipv6Addr>,
     /// IPv6 too (slirp4netns' `--enable-ipv6` layout: fd00::/64).
     pub ipv6: bool,
 }
@@ -88,6 +89,7 @@ impl Default for Options {
             mac: None,
             dns: true,
             outbound: None,
+            outbound6: None,
             ipv6: false,
         }
     }
@@ -455,6 +457,8 @@ impl Instance {
     ) -> Result<Instance, Error> {
         let setup = io_err("setting up the event loop");
         let mut host = KernelHost::new(opts.offload).map_err(setup)?;
+        host.outbound = opts.outbound;
+        host.outbound6 = opts.outbound6;
         let signals = SignalPipe::new().map_err(io_err("installing signal handlers"))?;
         host.watch(signals.read.as_fd(), SIGNAL_TOKEN)
             .map_err(io_err("setting up the event loop"))?;

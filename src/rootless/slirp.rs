@@ -32,6 +32,9 @@ User-mode networking for unprivileged network namespaces (rnat's engine, slirp4n
                          capabilities except CAP_NET_BIND_SERVICE
 -6, --enable-ipv6        enable IPv6 (fd00::/64: guest fd00::100, gateway fd00::2, DNS fd00::3)
 --outbound-addr=IPv4     sets outbound ipv4 address to bound to
+--outbound-addr=IFACE    the same, with the first IPv4 address of interface IFACE
+--outbound-addr6=IPv6    sets outbound ipv6 address to bound to (with --enable-ipv6)
+--outbound-addr6=IFACE   the same, with the first global IPv6 address of interface IFACE
 --disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
 --macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
 --target-type=TYPE       specify the target type ([netns], default=netns)
@@ -39,10 +42,35 @@ User-mode networking for unprivileged network namespaces (rnat's engine, slirp4n
 -v, --version            show version and exit
 
 Accepted but refused, because rnat cannot honour them (it exits with an error naming the flag):
-  outbound-addr6         IPv6 leaves from the host's own choice of address
   enable-seccomp         no seccomp filter yet
   target-type=bess       only network namespaces are served
 ";
+
+/// The first address of interface `name` that `pick` takes, from the host's interfaces (as
+/// slirp4netns resolves `--outbound-addr=INTERFACE`: once, at start).
+fn interface_address<T>(name: &str, pick: impl Fn(IpAddr) -> Option<T>) -> Result<T, String> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing interfaces: {e}"))?;
+    let mut found = false;
+    for a in addrs.filter(|a| a.interface_name == name) {
+        found = true;
+        let Some(sa) = a.address else { continue };
+        let ip = if let Some(v4) = sa.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = sa.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        if let Some(t) = pick(ip) {
+            return Ok(t);
+        }
+    }
+    Err(if found {
+        format!("interface {name} has no such address")
+    } else {
+        format!("there is no interface {name}")
+    })
+}
 
 /// What the command line asks for.
 #[derive(Debug, Default)]
@@ -58,6 +86,7 @@ struct Args {
     userns_path: Option<PathBuf>,
     sandbox: bool,
     outbound: Option<Ipv4Addr>,
+    outbound6: Option<std::net::Ipv6Addr>,
     ipv6: bool,
     disable_dns: bool,
     mac: Option<[u8; 6]>,
@@ -127,10 +156,25 @@ fn parse(argv: &[String]) -> Result<Option<Args>, String> {
             "--enable-sandbox" => a.sandbox = true,
             "--outbound-addr" => {
                 let v = value("--outbound-addr")?;
-                a.outbound = Some(
-                    v.parse()
-                        .map_err(|_| format!("--outbound-addr {v}: not an IPv4 address"))?,
-                );
+                a.outbound = Some(match v.parse() {
+                    Ok(ip) => ip,
+                    Err(_) => interface_address(&v, |ip| match ip {
+                        IpAddr::V4(a) => Some(a),
+                        IpAddr::V6(_) => None,
+                    })
+                    .map_err(|e| format!("--outbound-addr {v}: not an IPv4 address, and {e}"))?,
+                });
+            }
+            "--outbound-addr6" => {
+                let v = value("--outbound-addr6")?;
+                a.outbound6 = Some(match v.parse() {
+                    Ok(ip) => ip,
+                    Err(_) => interface_address(&v, |ip| match ip {
+                        IpAddr::V6(a) if !a.is_unicast_link_local() && !a.is_loopback() => Some(a),
+                        _ => None,
+                    })
+                    .map_err(|e| format!("--outbound-addr6 {v}: not an IPv6 address, and {e}"))?,
+                });
             }
             "--disable-dns" => a.disable_dns = true,
             "--macaddress" => a.mac = Some(parse_mac(&value("--macaddress")?)?),
@@ -143,11 +187,6 @@ fn parse(argv: &[String]) -> Result<Option<Args>, String> {
                 }
             }
             "-6" | "--enable-ipv6" => a.ipv6 = true,
-            "--outbound-addr6" => {
-                return Err(
-                    "--outbound-addr6: rnat cannot bind IPv6 to an outbound address yet".into(),
-                )
-            }
             "--enable-seccomp" => {
                 return Err("--enable-seccomp: rnat has no seccomp filter yet".into())
             }
@@ -192,6 +231,11 @@ pub fn main(argv: &[String]) -> Result<i32, session::Error> {
             )))
         }
     };
+    if a.outbound6.is_some() && !a.ipv6 {
+        return Err(session::Error::Invalid(
+            "--outbound-addr6 needs --enable-ipv6 (without it there is no IPv6 traffic)".into(),
+        ));
+    }
     if a.mac.is_some() && !a.configure {
         return Err(session::Error::Invalid(
             "--macaddress is only valid with --configure".into(),
@@ -204,6 +248,7 @@ pub fn main(argv: &[String]) -> Result<i32, session::Error> {
         mac: a.mac,
         dns: !a.disable_dns,
         outbound: a.outbound,
+        outbound6: a.outbound6,
         ipv6: a.ipv6,
         ..Options::default()
     };
@@ -351,7 +396,8 @@ mod tests {
         assert_eq!(a.positional, vec!["/run/user/1000/netns/cni-x", "tap0"]);
         for flag in [
             "--enable-seccomp",
-            "--outbound-addr6=::1",
+            "--outbound-addr=no-such-interface0",
+            "--outbound-addr6=no-such-interface0",
             "--target-type=bess",
             "--bogus",
         ] {
@@ -361,6 +407,22 @@ mod tests {
                 "{flag}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn outbound_addresses_take_addresses_and_interfaces() {
+        let parsed = |args: &[&str]| {
+            let argv: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            parse(&argv).expect("parses").expect("not help")
+        };
+        let a = parsed(&["--outbound-addr=192.0.2.7", "--outbound-addr6=2001:db8::7"]);
+        assert_eq!(a.outbound, Some(Ipv4Addr::new(192, 0, 2, 7)));
+        assert_eq!(a.outbound6, Some("2001:db8::7".parse().expect("address")));
+        // Every namespace has lo, with 127.0.0.1.
+        assert_eq!(
+            parsed(&["--outbound-addr=lo"]).outbound,
+            Some(Ipv4Addr::LOCALHOST)
+        );
     }
 
     #[test]
@@ -380,13 +442,13 @@ mod tests {
             "--disable-dns",
             "--macaddress",
             "--enable-ipv6",
+            "--outbound-addr6",
         ] {
             assert!(HELP.contains(honoured), "{honoured}");
         }
-        for refused in ["--enable-seccomp", "--outbound-addr6"] {
-            assert!(!HELP.contains(refused), "{refused} must not look supported");
-            assert!(HELP.contains(&refused[2..]), "{refused} is still listed");
-        }
+        let refused = "--enable-seccomp";
+        assert!(!HELP.contains(refused), "{refused} must not look supported");
+        assert!(HELP.contains(&refused[2..]), "{refused} is still listed");
     }
 
     #[test]

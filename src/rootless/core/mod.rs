@@ -113,8 +113,8 @@ pub struct Config {
     pub mtu: u16,
     /// Connections to the gateway address reach the host's 127.0.0.1.
     pub allow_host_loopback: bool,
-    /// Where DNS sent to `dns` goes (the host's resolvers, in order; an IPv4 guest flow uses
-    /// the first IPv4 one, an IPv6 flow the first of either family).
+    /// Where DNS sent to `dns` goes (the host's resolvers, in order; a flow uses the first of
+    /// its own family, an IPv6 flow falling back to the first of any).
     pub resolvers: Vec<IpAddr>,
     /// Flows of every kind together.
     pub max_flows: usize,
@@ -672,8 +672,15 @@ impl Core {
             return Route::Refuse;
         }
         if self.cfg.is_dns(dst.ip()) {
-            let usable = |r: &&IpAddr| dst.is_ipv6() || r.is_ipv4();
-            return match self.cfg.resolvers.iter().find(usable) {
+            // A resolver of the flow's own family first; an IPv6 flow falls back to an IPv4
+            // one (its UDP socket is dual-stack), an IPv4 flow cannot reach an IPv6 one.
+            let same = |r: &&IpAddr| r.is_ipv6() == dst.is_ipv6();
+            let resolvers = &self.cfg.resolvers;
+            let pick = resolvers
+                .iter()
+                .find(same)
+                .or_else(|| resolvers.first().filter(|_| dst.is_ipv6()));
+            return match pick {
                 Some(r) if dst.port() == 53 => Route::To(SocketAddr::new(*r, 53)),
                 _ => Route::Refuse,
             };

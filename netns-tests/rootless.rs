@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::dns::{nslookup_addresses, start_dns_server};
 use crate::fixtures::*;
-use crate::harness::{Topology, U_IP};
+use crate::harness::{Topology, H_UPLINK_IP, U_IP};
 use crate::procs::{self, Finished};
 use crate::rnat::RNAT;
 use crate::topology;
@@ -541,6 +541,39 @@ fn slirp4netns_outbound_addresses_are_the_sources_servers_see() {
         );
         assert!(text.contains("ping-ok"), "{text}");
     }
+}
+
+/// slirp4netns' `--enable-seccomp`: rnat serves with a seccomp filter in place, which the kernel
+/// shows in /proc/PID/status, and traffic passes. (Not with `--enable-sandbox` here: that needs
+/// the capabilities rnat has inside Podman's user namespace, not as a plain user.)
+#[test]
+fn slirp4netns_enable_seccomp_installs_a_filter_and_serves() {
+    let t = topology!("rl_seccomp");
+    let r = rig(t);
+    let _tcp =
+        r.t.server(&r.t.u, &peer_addr_server("tcp", 7200), "tcp", 7200);
+    let client = format!(
+        "socat -T 5 - TCP:{U_IP}:7200,connect-timeout=5 </dev/null; \
+         busybox ping -c 1 -W 3 {U_IP} >/dev/null && echo ping-ok"
+    );
+    let flags = ["--enable-seccomp"];
+    let (out, served) = in_slirp_namespace(&r, &flags, &client);
+    let text = out.stdout_str();
+    assert_eq!(peer_lines(&text), vec![H_UPLINK_IP], "{text}");
+    assert!(text.contains("ping-ok"), "{text}");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", served.pid())).expect("rnat's status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(field("Seccomp:"), "2", "filter mode\n{status}");
+    assert_eq!(field("Seccomp_filters:"), "1", "one filter\n{status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "no_new_privs\n{status}");
 }
 
 /// Runs `rnat slirp4netns --configure FLAGS PID tap0` (as the test user) for a new user and

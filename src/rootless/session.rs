@@ -74,6 +74,8 @@ pub struct AttachExtras {
     pub ready_fd: Option<OwnedFd>,
     /// After set-up, leave every file behind: a new mount namespace whose root is an empty tmpfs.
     pub sandbox: bool,
+    /// Then a seccomp filter refusing the system calls the engine never makes.
+    pub seccomp: bool,
 }
 
 impl Default for Options {
@@ -889,6 +891,10 @@ pub fn attach_with(
     }
     if extras.sandbox {
         sys::enter_sandbox().map_err(io_err("entering the sandbox (--enable-sandbox)"))?;
+    }
+    if extras.seccomp {
+        sys::install_seccomp()
+            .map_err(io_err("installing the seccomp filter (--enable-seccomp)"))?;
     }
     if let Some(fd) = extras.ready_fd {
         let mut f = std::fs::File::from(fd);

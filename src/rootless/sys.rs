@@ -246,6 +246,116 @@ pub fn add_default_route(sock: RawFd, gateway: Ipv4Addr) -> io::Result<()> {
     cvt(unsafe { libc::ioctl(sock, libc::SIOCADDRT, &mut rt as *mut RtEntry) }).map(drop)
 }
 
+/// System calls the serving engine never makes, refused (`EPERM`) once `--enable-seccomp` has
+/// installed its filter: running programs, tracing or reading other processes, mounts, kernel
+/// modules, keys, BPF, clocks, swap, reboot. `setns` and `prctl` stay: the socket maker that
+/// rnat forks again when one dies enters the container's namespaces and asks for its parent's
+/// death signal.
+#[cfg(target_arch = "x86_64")]
+const SECCOMP_DENIED: &[libc::c_long] = &[
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_unshare,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_fsopen,
+    libc::SYS_fsmount,
+    libc::SYS_fsconfig,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_mount_setattr,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_lookup_dcookie,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_adjtimex,
+    libc::SYS_clock_adjtime,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+    libc::SYS_userfaultfd,
+    libc::SYS_uselib,
+];
+
+/// The seccomp BPF program for `SECCOMP_DENIED`: another architecture's calls (or x32's) are
+/// refused too, everything else allowed.
+#[cfg(target_arch = "x86_64")]
+fn seccomp_program() -> Vec<libc::sock_filter> {
+    const LD_ABS_W: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const JGE_K: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let n = SECCOMP_DENIED.len();
+    // Layout: 0 load arch, 1 check it, 2 load nr, 3 x32, then one test per call, ALLOW, DENY.
+    let mut p = vec![
+        op(LD_ABS_W, 0, 0, 4), // seccomp_data.arch
+        op(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        op(RET_K, 0, 0, RET_EPERM),
+        op(LD_ABS_W, 0, 0, 0), // seccomp_data.nr
+        op(JGE_K, (n + 1) as u8, 0, X32_SYSCALL_BIT),
+    ];
+    for (i, nr) in SECCOMP_DENIED.iter().enumerate() {
+        p.push(op(JEQ_K, (n - i) as u8, 0, *nr as u32));
+    }
+    p.push(op(RET_K, 0, 0, RET_ALLOW));
+    p.push(op(RET_K, 0, 0, RET_EPERM));
+    p
+}
+
+/// Installs the `SECCOMP_DENIED` filter for this process (single-threaded here) and what it
+/// forks from now on. Needs `no_new_privs`, which it sets.
+#[cfg(target_arch = "x86_64")]
+pub fn install_seccomp() -> io::Result<()> {
+    let mut prog = seccomp_program();
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: prctl with integer arguments.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    // SAFETY: PR_SET_SECCOMP reads the sock_fprog, whose filter points into `prog`, alive here.
+    cvt(unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &fprog as *const libc::sock_fprog,
+        )
+    })
+    .map(drop)
+}
+
+/// Seccomp filters are written for x86_64 only.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn install_seccomp() -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
 /// An IPv6 datagram socket for the interface ioctls that take IPv6 addresses.
 pub fn ctl_socket6() -> io::Result<OwnedFd> {
     // SAFETY: socket(2) with constant arguments.
@@ -975,6 +1085,41 @@ pub fn packet_tx(ifindex: libc::c_int, vnet_hdr: bool) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    /// Every denied call's test jumps to the refusing return, and only the end allows.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_seccomp_program_refuses_exactly_the_denied_calls() {
+        let p = seccomp_program();
+        let n = SECCOMP_DENIED.len();
+        assert_eq!(p.len(), 5 + n + 2);
+        let (allow, deny) = (p.len() - 2, p.len() - 1);
+        assert_eq!((p[allow].code, p[allow].k), (0x06, 0x7fff_0000));
+        assert_eq!(
+            (p[deny].code, p[deny].k),
+            (0x06, 0x0005_0000 | libc::EPERM as u32)
+        );
+        // Wrong architecture: refused (the instruction after the arch test).
+        assert_eq!((p[1].jt, p[1].jf, p[2].k), (1, 0, p[deny].k));
+        // x32 calls jump to the refusal.
+        assert_eq!(4 + 1 + usize::from(p[4].jt), deny);
+        for (i, nr) in SECCOMP_DENIED.iter().enumerate() {
+            let at = 5 + i;
+            assert_eq!((p[at].code, p[at].k, p[at].jf), (0x15, *nr as u32, 0));
+            assert_eq!(at + 1 + usize::from(p[at].jt), deny, "call {nr}");
+        }
+        for nr in [
+            libc::SYS_setns,
+            libc::SYS_prctl,
+            libc::SYS_read,
+            libc::SYS_clone,
+        ] {
+            assert!(
+                !SECCOMP_DENIED.contains(&nr),
+                "{nr} is needed after the filter"
+            );
+        }
+    }
 
     #[test]
     fn two_fds_cross_in_one_message() {

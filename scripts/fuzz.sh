@@ -28,7 +28,8 @@ if [ $# -gt 0 ] && [ -e "$1" ]; then
 fi
 cd fuzz
 # New inputs go to corpus/ (not in git); seeds/ holds a few handwritten ones (a TCP handshake
-# with data both ways, duplicate ACKs, UDP, ICMP, tight limits, a failing host).
+# with data both ways, duplicate ACKs, UDP, ICMP, tight limits, a failing host, IPv6 discovery,
+# echo, TCP and UDP).
 mkdir -p "corpus/$target" "artifacts/$target"
 status=0
 cargo fuzz run $build_flags "$target" "corpus/$target" "seeds/$target" -- \

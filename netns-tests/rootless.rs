@@ -385,22 +385,25 @@ fn ipv6_reaches_an_ipv6_server_and_resolves_at_fd00_3() {
          busybox nslookup svc6.rnat.test fd00::3 | grep -q 203.0.113.66 && echo dns6-ok; \
          socat -T 5 - TCP6:[fd00::2]:7999,connect-timeout=5 </dev/null 2>/dev/null || echo gateway-refused"
     );
-    let text = r.run_ok(&["--enable-ipv6"], &script);
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(
-        lines,
-        vec![
-            "addr-ok",
-            want.as_str(),
-            want.as_str(),
-            "datagram6",
-            "ping6-upstream-ok",
-            "ping6-gateway-ok",
-            "dns6-ok",
-            "gateway-refused"
-        ],
-        "{text}"
-    );
+    // Over the TAP, and over the packet ring link.
+    for env in [None, Some(("RNAT_LINK", "ring"))] {
+        let text = r.run_env_ok(env.as_slice(), &["--enable-ipv6"], &script);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            vec![
+                "addr-ok",
+                want.as_str(),
+                want.as_str(),
+                "datagram6",
+                "ping6-upstream-ok",
+                "ping6-gateway-ok",
+                "dns6-ok",
+                "gateway-refused"
+            ],
+            "{env:?}: {text}"
+        );
+    }
     // With --allow-host-loopback the same connection reaches H's ::1.
     let text = r.run_ok(
         &["--enable-ipv6", "--allow-host-loopback"],

@@ -335,6 +335,22 @@ fn names_resolve_through_the_hosts_resolver() {
     assert_eq!(nslookup_addresses(&text), vec!["203.0.113.77"], "{text}");
 }
 
+/// IPv6 on the H–U link, a documentation /64: H 2001:db8:1::1 (and EXTRA addresses), U ::2;
+/// H routes IPv6 through U.
+fn ipv6_uplink(r: &Rig, extra: &[&str]) {
+    let h = ["2001:db8:1::1/64"]
+        .iter()
+        .chain(extra)
+        .map(|a| (&r.t.h, *a, "up0"));
+    for (ns, addr, dev) in h.chain([(&r.t.u, "2001:db8:1::2/64", "h0")]) {
+        r.t.ip(ns, &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    r.t.ip(
+        &r.t.h,
+        &["-6", "route", "add", "default", "via", "2001:db8:1::2"],
+    );
+}
+
 /// `--enable-ipv6`: the container gets fd00::100/64 and reaches an IPv6 server in U (bytes both
 /// ways, hashed), UDP and ping over IPv6, the gateway's fd00::2, DNS at fd00::3 (forwarded to H's
 /// IPv4 resolver), and the gateway refuses TCP without `--allow-host-loopback`. Without the flag
@@ -343,17 +359,7 @@ fn names_resolve_through_the_hosts_resolver() {
 fn ipv6_reaches_an_ipv6_server_and_resolves_at_fd00_3() {
     let t = topology!("rl_ipv6");
     let r = rig(t);
-    // The uplink gets a documentation /64 too; H routes IPv6 through U.
-    for (ns, addr, dev) in [
-        (&r.t.h, "2001:db8:1::1/64", "up0"),
-        (&r.t.u, "2001:db8:1::2/64", "h0"),
-    ] {
-        r.t.ip(ns, &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
-    }
-    r.t.ip(
-        &r.t.h,
-        &["-6", "route", "add", "default", "via", "2001:db8:1::2"],
-    );
+    ipv6_uplink(&r, &[]);
     let (want, file, _servers) = hash_servers(&r, "TCP6-LISTEN", 8 << 20, 13);
     let _udp = r.t.server(
         &r.t.u,
@@ -485,17 +491,7 @@ fn slirp4netns_outbound_addresses_are_the_sources_servers_see() {
         &r.t.u,
         &["route", "add", "203.0.113.0/24", "via", "198.51.100.1"],
     );
-    for (ns, addr, dev) in [
-        (&r.t.h, "2001:db8:1::1/64", "up0"),
-        (&r.t.h, "2001:db8:1::3/64", "up0"),
-        (&r.t.u, "2001:db8:1::2/64", "h0"),
-    ] {
-        r.t.ip(ns, &["-6", "addr", "add", addr, "dev", dev, "nodad"]);
-    }
-    r.t.ip(
-        &r.t.h,
-        &["-6", "route", "add", "default", "via", "2001:db8:1::2"],
-    );
+    ipv6_uplink(&r, &["2001:db8:1::3/64"]);
     let _tcp =
         r.t.server(&r.t.u, &peer_addr_server("tcp", 7200), "tcp", 7200);
     let _udp =
@@ -582,10 +578,9 @@ fn slirp4netns_enable_seccomp_installs_a_filter_and_serves() {
     assert_eq!(field("NoNewPrivs:"), "1", "no_new_privs\n{status}");
 }
 
-/// Runs `rnat slirp4netns --configure FLAGS PID tap0` (as the test user) for a new user and
-/// network namespace, and CLIENT in it once traffic passes; returns what CLIENT printed and
-/// the still-running rnat (dropped: stopped).
-fn in_slirp_namespace(r: &Rig, flags: &[&str], client: &str) -> (Finished, crate::procs::BgProc) {
+/// A new user and network namespace owned by the test user, held by a `sleep` in it: the
+/// holder and the sleep's PID.
+fn user_namespace_holder(r: &Rig) -> (crate::procs::BgProc, u32) {
     let holder = r.t.spawn_command(r.as_user(&[
         "unshare",
         "--user",
@@ -604,69 +599,21 @@ fn in_slirp_namespace(r: &Rig, flags: &[&str], client: &str) -> (Finished, crate
             })
     })
     .expect("the namespace holder started");
-    let pid_s = pid.to_string();
-    let mut argv = vec![r.rnat.as_str(), "slirp4netns", "--configure"];
-    argv.extend_from_slice(flags);
-    argv.extend([pid_s.as_str(), "tap0"]);
-    let served = r.t.spawn_command(r.as_user(&argv));
-    let run = || {
-        procs::run_bounded(
-            r.as_user(&[
-                "nsenter",
-                "--target",
-                &pid_s,
-                "--user",
-                "--net",
-                "--preserve-credentials",
-                "sh",
-                "-c",
-                client,
-            ]),
-            None,
-            Duration::from_secs(30),
-        )
-    };
-    // The first line answers once rnat serves the namespace.
-    let out = procs::poll(|| {
-        let out = run();
-        (!peer_lines(&out.stdout_str()).is_empty()).then_some(out)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "no traffic through slirp4netns mode\n{}",
-            served.describe_now()
-        )
-    });
-    drop(holder);
-    (out, served)
+    (holder, pid)
 }
 
-fn attach_once(r: &Rig, link: &str) {
-    // A user-owned namespace pair with a process that waits in it.
-    let mut holder = r.t.spawn_command(r.as_user(&[
-        "unshare",
-        "--user",
-        "--map-root-user",
-        "--net",
-        "sleep",
-        "60",
-    ]));
-    let pid = procs::poll(|| {
-        procs::descendants(holder.pid())
-            .into_iter()
-            .chain([holder.pid()])
-            .find(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/comm"))
-                    .is_ok_and(|c| c.trim() == "sleep")
-            })
-    })
-    .expect("the namespace holder started");
+/// Runs SCRIPT in the namespaces of PID (as the test user) until `done` accepts its result,
+/// which it returns; panics with WHAT and the serving rnat's state if it never does.
+fn poll_in_namespace(
+    r: &Rig,
+    pid: u32,
+    script: &str,
+    served: &crate::procs::BgProc,
+    what: &str,
+    done: impl Fn(&Finished) -> bool,
+) -> Finished {
     let pid_s = pid.to_string();
-    let mut attach = r.as_user(&[&r.rnat, "attach", "--pid", &pid_s, "--configure"]);
-    attach.env("RNAT_LINK", link);
-    let mut served = r.t.spawn_command(attach);
-    let client = format!("echo via-attach | socat -t 5 -T 10 - TCP:{U_IP}:7000,connect-timeout=10");
-    let out = procs::poll(|| {
+    procs::poll(|| {
         let out = procs::run_bounded(
             r.as_user(&[
                 "nsenter",
@@ -677,19 +624,43 @@ fn attach_once(r: &Rig, link: &str) {
                 "--preserve-credentials",
                 "sh",
                 "-c",
-                &client,
+                script,
             ]),
             None,
-            Duration::from_secs(20),
+            Duration::from_secs(30),
         );
-        out.success().then_some(out)
+        done(&out).then_some(out)
     })
-    .unwrap_or_else(|| {
-        panic!(
-            "no traffic through the attached namespace ({link})\n{}",
-            served.describe_now()
-        )
+    .unwrap_or_else(|| panic!("no traffic through {what}\n{}", served.describe_now()))
+}
+
+/// Runs `rnat slirp4netns --configure FLAGS PID tap0` (as the test user) for a new user and
+/// network namespace, and CLIENT in it once traffic passes (its first `peer=` line); returns
+/// what CLIENT printed and the still-running rnat (dropped: stopped).
+fn in_slirp_namespace(r: &Rig, flags: &[&str], client: &str) -> (Finished, crate::procs::BgProc) {
+    let (holder, pid) = user_namespace_holder(r);
+    let pid_s = pid.to_string();
+    let mut argv = vec![r.rnat.as_str(), "slirp4netns", "--configure"];
+    argv.extend_from_slice(flags);
+    argv.extend([pid_s.as_str(), "tap0"]);
+    let served = r.t.spawn_command(r.as_user(&argv));
+    let out = poll_in_namespace(r, pid, client, &served, "slirp4netns mode", |out| {
+        !peer_lines(&out.stdout_str()).is_empty()
     });
+    drop(holder);
+    (out, served)
+}
+
+fn attach_once(r: &Rig, link: &str) {
+    // A user-owned namespace pair with a process that waits in it.
+    let (mut holder, pid) = user_namespace_holder(r);
+    let pid_s = pid.to_string();
+    let mut attach = r.as_user(&[&r.rnat, "attach", "--pid", &pid_s, "--configure"]);
+    attach.env("RNAT_LINK", link);
+    let mut served = r.t.spawn_command(attach);
+    let client = format!("echo via-attach | socat -t 5 -T 10 - TCP:{U_IP}:7000,connect-timeout=10");
+    let what = format!("the attached namespace ({link})");
+    let out = poll_in_namespace(r, pid, &client, &served, &what, Finished::success);
     assert_eq!(out.stdout_str().trim(), "via-attach");
     // When the namespace's process exits, rnat attach exits too.
     holder.signal("KILL");

@@ -513,8 +513,14 @@ fn slirp4netns_outbound_addresses_are_the_sources_servers_see() {
          for i in 1 2 3; do r=$(echo x | socat -t 3 - UDP:{U_IP}:7201); \
            [ -n \"$r\" ] && {{ echo \"$r\"; break; }}; done; \
          socat -T 5 - TCP6:[2001:db8:1::2]:7202,connect-timeout=5 </dev/null; \
-         busybox ping -c 1 -W 3 {U_IP} >/dev/null && echo ping-ok"
+         busybox ping -c 1 -W 3 {U_IP} >/dev/null && echo ping-ok; \
+         busybox nslookup svc.rnat.test 10.0.2.3 | grep -q 203.0.113.88 && echo dns4-ok; \
+         busybox nslookup svc.rnat.test fd00::3 | grep -q 203.0.113.88 && echo dns6-ok"
     );
+    // DNS from both families to H's IPv4 resolver: an IPv6 flow's socket reaches it from the
+    // IPv4 outbound address (a socket bound to the IPv6 one could not).
+    let _dns = start_dns_server(&r.t, &r.t.u, U_IP, &[("svc.rnat.test", "203.0.113.88")]);
+    r.t.write_etc_netns(&r.t.h, "resolv.conf", &format!("nameserver {U_IP}\n"));
     for (outbound, want4) in [("198.51.100.3", "198.51.100.3"), ("cl0", "203.0.113.1")] {
         let (out, served) = in_slirp_namespace(
             &r,
@@ -524,6 +530,7 @@ fn slirp4netns_outbound_addresses_are_the_sources_servers_see() {
                 "--outbound-addr6=2001:db8:1::3",
             ],
             &client,
+            3,
         );
         let text = out.stdout_str();
         // socat gives the address alone, IPv6 in brackets and written out in full.
@@ -541,7 +548,9 @@ fn slirp4netns_outbound_addresses_are_the_sources_servers_see() {
             "--outbound-addr={outbound}: the sources U saw\n{text}\n{}",
             served.describe_now()
         );
-        assert!(text.contains("ping-ok"), "{text}");
+        for want in ["ping-ok", "dns4-ok", "dns6-ok"] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
     }
 }
 
@@ -559,7 +568,7 @@ fn slirp4netns_enable_seccomp_installs_a_filter_and_serves() {
          busybox ping -c 1 -W 3 {U_IP} >/dev/null && echo ping-ok"
     );
     let flags = ["--enable-seccomp"];
-    let (out, served) = in_slirp_namespace(&r, &flags, &client);
+    let (out, served) = in_slirp_namespace(&r, &flags, &client, 1);
     let text = out.stdout_str();
     assert_eq!(peer_lines(&text), vec![H_UPLINK_IP], "{text}");
     assert!(text.contains("ping-ok"), "{text}");
@@ -635,9 +644,14 @@ fn poll_in_namespace(
 }
 
 /// Runs `rnat slirp4netns --configure FLAGS PID tap0` (as the test user) for a new user and
-/// network namespace, and CLIENT in it once traffic passes (its first `peer=` line); returns
-/// what CLIENT printed and the still-running rnat (dropped: stopped).
-fn in_slirp_namespace(r: &Rig, flags: &[&str], client: &str) -> (Finished, crate::procs::BgProc) {
+/// network namespace, and CLIENT in it until it prints WANT `peer=` lines (traffic passes);
+/// returns what CLIENT printed and the still-running rnat (dropped: stopped).
+fn in_slirp_namespace(
+    r: &Rig,
+    flags: &[&str],
+    client: &str,
+    want: usize,
+) -> (Finished, crate::procs::BgProc) {
     let (holder, pid) = user_namespace_holder(r);
     let pid_s = pid.to_string();
     let mut argv = vec![r.rnat.as_str(), "slirp4netns", "--configure"];
@@ -645,7 +659,7 @@ fn in_slirp_namespace(r: &Rig, flags: &[&str], client: &str) -> (Finished, crate
     argv.extend([pid_s.as_str(), "tap0"]);
     let served = r.t.spawn_command(r.as_user(&argv));
     let out = poll_in_namespace(r, pid, client, &served, "slirp4netns mode", |out| {
-        !peer_lines(&out.stdout_str()).is_empty()
+        peer_lines(&out.stdout_str()).len() >= want
     });
     drop(holder);
     (out, served)

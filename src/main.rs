@@ -141,12 +141,13 @@ Serves until killed, until the process given by --pid exits, or until the namesp
 /// Options of rootless mode.
 #[derive(clap::Args)]
 struct RootlessArgs {
-    /// Rootless mode: MTU of the TAP device
-    #[arg(long, default_value_t = 65520)]
-    mtu: u16,
-    /// Rootless mode: the container's network (guest .100, gateway .2, DNS .3)
-    #[arg(long, default_value = "10.0.2.0/24")]
-    cidr: Ipv4Net,
+    /// Rootless mode: MTU of the TAP device [default: 65520]
+    #[arg(long)]
+    mtu: Option<u16>,
+    /// Rootless mode: the container's network (guest .100, gateway .2, DNS .3) [default:
+    /// 10.0.2.0/24]
+    #[arg(long)]
+    cidr: Option<Ipv4Net>,
     /// Rootless mode: let connections to the gateway address reach the host's 127.0.0.1
     #[arg(long)]
     allow_host_loopback: bool,
@@ -159,10 +160,9 @@ impl RootlessArgs {
     /// The first rootless-only flag given a value other than its default, if any (rootful mode
     /// refuses them rather than ignore them).
     fn given(&self) -> Option<&'static str> {
-        let d = rnat::rootless::session::Options::default();
         [
-            (self.mtu != d.mtu, "--mtu"),
-            (self.cidr != d.cidr, "--cidr"),
+            (self.mtu.is_some(), "--mtu"),
+            (self.cidr.is_some(), "--cidr"),
             (self.allow_host_loopback, "--allow-host-loopback"),
             (self.enable_ipv6, "--enable-ipv6"),
         ]
@@ -171,9 +171,10 @@ impl RootlessArgs {
     }
 
     fn options(&self) -> rnat::rootless::session::Options {
+        let d = rnat::rootless::session::Options::default();
         rnat::rootless::session::Options {
-            mtu: self.mtu,
-            cidr: self.cidr,
+            mtu: self.mtu.unwrap_or(d.mtu),
+            cidr: self.cidr.unwrap_or(d.cidr),
             allow_host_loopback: self.allow_host_loopback,
             ipv6: self.enable_ipv6,
             ..Default::default()

@@ -189,6 +189,7 @@ fn rootless_only_flags_are_refused_in_rootful_mode() {
     for flags in [
         &["--enable-ipv6"][..],
         &["--mtu", "1500"],
+        &["--mtu", "65520"],
         &["--cidr", "192.0.2.0/24"],
         &["--allow-host-loopback"],
     ] {

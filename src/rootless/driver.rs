@@ -44,6 +44,9 @@ pub struct KernelHost {
     socks: Vec<Option<Socket>>,
     /// Per flow: its datagram socket is IPv6 (and takes IPv4 peers as mapped addresses).
     dgram_v6: Vec<bool>,
+    /// Per flow: its UDP socket waits for its first destination to be bound (or not) to an
+    /// outbound address.
+    dgram_unbound: Vec<bool>,
     /// Whether TCP honours `SO_PEEK_OFF` (Linux 6.9 and later); `None` until the first connect.
     peek_off: Option<bool>,
     /// Without `SO_PEEK_OFF`: per flow, the bytes already peeked (skipped by the next peek).
@@ -94,6 +97,7 @@ impl KernelHost {
             vnet_hdr,
             socks: Vec::new(),
             dgram_v6: Vec::new(),
+            dgram_unbound: Vec::new(),
             peek_off: std::env::var_os("RNAT_NO_PEEK_OFF").map(|_| false),
             peeked: Vec::new(),
             options_inherited: None,
@@ -155,8 +159,10 @@ impl KernelHost {
             self.socks.resize_with(id + 1, || None);
             self.peeked.resize(id + 1, 0);
             self.dgram_v6.resize(id + 1, false);
+            self.dgram_unbound.resize(id + 1, false);
         }
         self.dgram_v6[id] = false;
+        self.dgram_unbound[id] = false;
         self.socks[id] = Some(s);
         self.peeked[id] = 0;
         Ok(())
@@ -166,14 +172,44 @@ impl KernelHost {
         let s = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), Some(proto))?;
         if domain == Domain::IPV6 {
             // An IPv6 guest's flow may also reach IPv4 peers (the DNS address forwards to the
-            // host's resolvers): as IPv4-mapped addresses on this one socket (not when bound
-            // to an outbound IPv6 address).
+            // host's resolvers): as IPv4-mapped addresses on this one socket.
             s.set_only_v6(false)?;
         }
-        self.bind_outbound(&s, domain == Domain::IPV6)?;
+        // A ping socket's destinations are never the host's loopback: bound now. A UDP
+        // socket waits for its first destination (`bind_udp_for`).
+        let udp = proto == Protocol::UDP;
+        if !udp {
+            self.bind_outbound(&s, domain == Domain::IPV6)?;
+        }
         self.install(id, s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET)?;
         self.dgram_v6[id] = domain == Domain::IPV6;
+        self.dgram_unbound[id] = udp;
         Ok(())
+    }
+
+    /// Binds a new UDP flow's socket by its first destination: not at all for the host's
+    /// loopback (a resolver there, such as systemd-resolved's 127.0.0.53, answers only local
+    /// sources), else to the outbound address of the destination's family (an IPv6 socket
+    /// reaching an IPv4 peer takes the IPv4 one, mapped). The socket keeps that source.
+    fn bind_udp_for(&mut self, id: FlowId, dst: SocketAddr) -> io::Result<()> {
+        if !std::mem::take(&mut self.dgram_unbound[id]) || dst.ip().is_loopback() {
+            return Ok(());
+        }
+        let at: Option<SocketAddr> = match (dst, self.v6_socket(id)) {
+            (SocketAddr::V4(_), false) => self.outbound.map(|ip| SocketAddrV4::new(ip, 0).into()),
+            (SocketAddr::V4(_), true) => self
+                .outbound
+                .map(|ip| SocketAddrV6::new(ip.to_ipv6_mapped(), 0, 0, 0).into()),
+            (SocketAddr::V6(_), _) => self
+                .outbound6
+                .map(|ip| SocketAddrV6::new(ip, 0, 0, 0).into()),
+        };
+        let Some(a) = at else { return Ok(()) };
+        let bound = sock(&self.socks, id)?.bind(&SockAddr::from(a));
+        // A failed bind fails every send after it too: the flow never leaves from another
+        // address than the one asked for.
+        self.dgram_unbound[id] = bound.is_err();
+        bound
     }
 
     /// The destination as the flow's socket takes it: IPv4 peers of an IPv6 socket are mapped.
@@ -352,6 +388,7 @@ impl Host for KernelHost {
 
     fn udp_send(&mut self, id: FlowId, dst: SocketAddr, data: &[u8]) -> io::Result<()> {
         sock(&self.socks, id)?;
+        self.bind_udp_for(id, dst)?;
         let dst = self.dest_for(id, dst);
         // Queued for one sendmmsg per flow at the end of the batch; the arena is bounded by
         // what one batch of frames can carry.

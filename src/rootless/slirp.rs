@@ -16,36 +16,56 @@ use serde_json::{json, Value};
 use super::session::{self, AttachExtras, Options, Target};
 use crate::spec::{PortMapping, Protocol};
 
-pub const HELP: &str = "Usage: slirp4netns [OPTION]... PID|PATH [TAPNAME]
-User-mode networking for unprivileged network namespaces (rnat's engine, slirp4netns 1.2 compatible).
+/// The help text, with `--enable-seccomp` among the honoured flags where rnat has a filter for
+/// the architecture (Podman passes every flag it finds there) and among the refused ones
+/// elsewhere.
+macro_rules! help_text {
+    ($seccomp:literal, $seccomp_refused:literal) => {
+        concat!(
+            "Usage: slirp4netns [OPTION]... PID|PATH [TAPNAME]\n",
+            "User-mode networking for unprivileged network namespaces (rnat's engine, slirp4netns 1.2 compatible).\n",
+            "\n",
+            "-c, --configure          bring up the interface\n",
+            "-e, --exit-fd=FD         specify the FD for terminating slirp4netns\n",
+            "-r, --ready-fd=FD        specify the FD to write to when the network is configured\n",
+            "-m, --mtu=MTU            specify MTU (default=1500, max=65521)\n",
+            "-a, --api-socket=PATH    specify API socket path\n",
+            "--cidr=CIDR              specify network address CIDR (default=10.0.2.0/24)\n",
+            "--disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace\n",
+            "--netns-type=TYPE        specify network namespace type ([path|pid], default=pid)\n",
+            "--userns-path=PATH       specify user namespace path\n",
+            "--enable-sandbox         create a new mount namespace whose root is an empty tmpfs, and drop all\n",
+            "                         capabilities except CAP_NET_BIND_SERVICE\n",
+            "-6, --enable-ipv6        enable IPv6 (fd00::/64: guest fd00::100, gateway fd00::2, DNS fd00::3)\n",
+            "--outbound-addr=IPv4     sets outbound ipv4 address to bound to\n",
+            "--outbound-addr=IFACE    the same, with the first IPv4 address of interface IFACE\n",
+            "--outbound-addr6=IPv6    sets outbound ipv6 address to bound to (for --enable-ipv6)\n",
+            "--outbound-addr6=IFACE   the same, with the first global IPv6 address of interface IFACE\n",
+            $seccomp,
+            "--disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect\n",
+            "--macaddress=MAC         specify the MAC address of the TAP (only valid with -c)\n",
+            "--target-type=TYPE       specify the target type ([netns], default=netns)\n",
+            "-h, --help               show this help and exit\n",
+            "-v, --version            show version and exit\n",
+            "\n",
+            "Accepted but refused, because rnat cannot honour them (it exits with an error naming the flag):\n",
+            "  target-type=bess       only network namespaces are served\n",
+            $seccomp_refused,
+            "\n",
+        )
+    };
+}
 
--c, --configure          bring up the interface
--e, --exit-fd=FD         specify the FD for terminating slirp4netns
--r, --ready-fd=FD        specify the FD to write to when the network is configured
--m, --mtu=MTU            specify MTU (default=1500, max=65521)
--a, --api-socket=PATH    specify API socket path
---cidr=CIDR              specify network address CIDR (default=10.0.2.0/24)
---disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
---netns-type=TYPE        specify network namespace type ([path|pid], default=pid)
---userns-path=PATH       specify user namespace path
---enable-sandbox         create a new mount namespace whose root is an empty tmpfs, and drop all
-                         capabilities except CAP_NET_BIND_SERVICE
--6, --enable-ipv6        enable IPv6 (fd00::/64: guest fd00::100, gateway fd00::2, DNS fd00::3)
---outbound-addr=IPv4     sets outbound ipv4 address to bound to
---outbound-addr=IFACE    the same, with the first IPv4 address of interface IFACE
---outbound-addr6=IPv6    sets outbound ipv6 address to bound to (with --enable-ipv6)
---outbound-addr6=IFACE   the same, with the first global IPv6 address of interface IFACE
---enable-seccomp         refuse the system calls the engine never makes (execve, ptrace, mount,
-                         module, key, BPF and clock calls...; x86_64)
---disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect
---macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
---target-type=TYPE       specify the target type ([netns], default=netns)
--h, --help               show this help and exit
--v, --version            show version and exit
-
-Accepted but refused, because rnat cannot honour them (it exits with an error naming the flag):
-  target-type=bess       only network namespaces are served
-";
+#[cfg(target_arch = "x86_64")]
+pub const HELP: &str = help_text!(
+    "--enable-seccomp         refuse the system calls the engine never makes (execve, ptrace, mount,\n                         module, key, BPF and clock calls...)\n",
+    ""
+);
+#[cfg(not(target_arch = "x86_64"))]
+pub const HELP: &str = help_text!(
+    "",
+    "  enable-seccomp         no filter for this architecture yet\n"
+);
 
 /// The first address of interface `name` that `pick` takes, from the host's interfaces (as
 /// slirp4netns resolves `--outbound-addr=INTERFACE`: once, at start).
@@ -231,11 +251,6 @@ pub fn main(argv: &[String]) -> Result<i32, session::Error> {
             )))
         }
     };
-    if a.outbound6.is_some() && !a.ipv6 {
-        return Err(session::Error::Invalid(
-            "--outbound-addr6 needs --enable-ipv6 (without it there is no IPv6 traffic)".into(),
-        ));
-    }
     if a.mac.is_some() && !a.configure {
         return Err(session::Error::Invalid(
             "--macaddress is only valid with --configure".into(),
@@ -418,11 +433,18 @@ mod tests {
         let a = parsed(&["--outbound-addr=192.0.2.7", "--outbound-addr6=2001:db8::7"]);
         assert_eq!(a.outbound, Some(Ipv4Addr::new(192, 0, 2, 7)));
         assert_eq!(a.outbound6, Some("2001:db8::7".parse().expect("address")));
-        // Every namespace has lo, with 127.0.0.1.
-        assert_eq!(
-            parsed(&["--outbound-addr=lo"]).outbound,
-            Some(Ipv4Addr::LOCALHOST)
-        );
+        // An interface of this machine with an IPv4 address, by name (a namespace whose lo is
+        // still down may have none).
+        let any = nix::ifaddrs::getifaddrs()
+            .expect("interfaces")
+            .find_map(|a| {
+                let v4 = a.address?.as_sockaddr_in()?.ip();
+                Some((a.interface_name, v4))
+            });
+        if let Some((name, v4)) = any {
+            let flag = format!("--outbound-addr={name}");
+            assert_eq!(parsed(&[flag.as_str()]).outbound, Some(v4));
+        }
     }
 
     #[test]

@@ -1086,6 +1086,51 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    /// The filter, installed in a forked child: a denied call (`unshare`, with no flags: it
+    /// would otherwise succeed) fails with EPERM, allowed ones (`prctl`, `getpid`) work.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_seccomp_filter_refuses_in_a_child() {
+        // SAFETY: the child makes raw system calls only and leaves with _exit.
+        match unsafe { libc::fork() } {
+            0 => {
+                let code = (|| {
+                    if install_seccomp().is_err() {
+                        return 10;
+                    }
+                    // SAFETY: plain system calls with integer arguments.
+                    unsafe {
+                        if libc::unshare(0) != -1 || *libc::__errno_location() != libc::EPERM {
+                            return 11;
+                        }
+                        if libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1 {
+                            return 12;
+                        }
+                        if libc::getpid() <= 0 {
+                            return 13;
+                        }
+                    }
+                    0
+                })();
+                // SAFETY: ends the forked child without running the parent's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            -1 => panic!("fork: {}", io::Error::last_os_error()),
+            child => {
+                let mut status = 0;
+                // SAFETY: waits for our own child.
+                let r = unsafe { libc::waitpid(child, &mut status, 0) };
+                assert_eq!(r, child);
+                assert!(libc::WIFEXITED(status), "the child died: {status:#x}");
+                assert_eq!(
+                    libc::WEXITSTATUS(status),
+                    0,
+                    "10 install, 11 unshare, 12 prctl"
+                );
+            }
+        }
+    }
+
     /// Every denied call's test jumps to the refusing return, and only the end allows.
     #[cfg(target_arch = "x86_64")]
     #[test]

@@ -195,16 +195,9 @@ impl KernelHost {
         if !std::mem::take(&mut self.dgram_unbound[id]) || dst.ip().is_loopback() {
             return Ok(());
         }
-        let at: Option<SocketAddr> = match (dst, self.v6_socket(id)) {
-            (SocketAddr::V4(_), false) => self.outbound.map(|ip| SocketAddrV4::new(ip, 0).into()),
-            (SocketAddr::V4(_), true) => self
-                .outbound
-                .map(|ip| SocketAddrV6::new(ip.to_ipv6_mapped(), 0, 0, 0).into()),
-            (SocketAddr::V6(_), _) => self
-                .outbound6
-                .map(|ip| SocketAddrV6::new(ip, 0, 0, 0).into()),
+        let Some(a) = self.outbound_for(dst.is_ipv6(), self.v6_socket(id)) else {
+            return Ok(());
         };
-        let Some(a) = at else { return Ok(()) };
         let bound = sock(&self.socks, id)?.bind(&SockAddr::from(a));
         // A failed bind fails every send after it too: the flow never leaves from another
         // address than the one asked for.
@@ -517,15 +510,23 @@ impl KernelHost {
     /// Binds an outbound socket (`v6`: of family IPv6) to the outbound address of its family,
     /// if one was given.
     fn bind_outbound(&self, s: &Socket, v6: bool) -> io::Result<()> {
-        let at: Option<SocketAddr> = if v6 {
-            self.outbound6
-                .map(|ip| SocketAddrV6::new(ip, 0, 0, 0).into())
-        } else {
-            self.outbound.map(|ip| SocketAddrV4::new(ip, 0).into())
-        };
-        match at {
+        match self.outbound_for(v6, v6) {
             Some(a) => s.bind(&SockAddr::from(a)),
             None => Ok(()),
+        }
+    }
+
+    /// The address to bind a socket (`socket_v6`: an IPv6 one) to for peers of one family
+    /// (`peer_v6`): the outbound address of the peer's family, IPv4-mapped on an IPv6 socket.
+    fn outbound_for(&self, peer_v6: bool, socket_v6: bool) -> Option<SocketAddr> {
+        match (peer_v6, socket_v6) {
+            (true, _) => self
+                .outbound6
+                .map(|ip| SocketAddrV6::new(ip, 0, 0, 0).into()),
+            (false, false) => self.outbound.map(|ip| SocketAddrV4::new(ip, 0).into()),
+            (false, true) => self
+                .outbound
+                .map(|ip| SocketAddrV6::new(ip.to_ipv6_mapped(), 0, 0, 0).into()),
         }
     }
 

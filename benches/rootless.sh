@@ -41,6 +41,7 @@
 #   OUT [benches/results/rootless-YYYYmmdd-HHMM[-quick].md] (a .csv of the medians goes next to it)
 #   SVG [docs/rootless-throughput.svg; with QUICK: next to OUT]  (benches/plot_rootless.py)
 #   PYTHON [/usr/bin/python3]  KEEP_WORK=1 keeps the logs
+#   RNAT_LOG [unset]                 passed to rnat (RNAT_LOG=debug logs its counters at each stop)
 #
 # Topology (all namespaces created here, names rnbr-*-<PID>):
 #
@@ -216,7 +217,7 @@ fi
 host_user() {
 	cd / && exec ip netns exec "$HOSTNS" prlimit --nofile="$FWD_NOFILE" -- \
 		setpriv --reuid "$USER_NAME" --regid "$USER_NAME" --clear-groups \
-		env -i PATH="$CLEAN_PATH" HOME=/ LC_ALL=C RNB_TAG="$RNB_TAG" "$@"
+		env -i PATH="$CLEAN_PATH" HOME=/ LC_ALL=C RNB_TAG="$RNB_TAG" RNAT_LOG="${RNAT_LOG:-}" "$@"
 }
 
 # Raising a hard limit needs CAP_SYS_RESOURCE, which some containers drop:

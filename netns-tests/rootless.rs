@@ -896,6 +896,181 @@ fn published_ports_carry_bytes_and_the_clients_address() {
     stop(&mut bg);
 }
 
+/// IPv6 on the C–H link: H 2001:db8:2::1, C 2001:db8:2::2.
+const H6: &str = "[2001:db8:2::1]";
+const C6: &str = "2001:db8:2::2";
+
+/// The addresses in `peer=` lines (socat writes IPv6 ones bracketed and in full; an IPv4-mapped
+/// one is taken as IPv4).
+fn peer_ips(output: &str) -> Vec<std::net::IpAddr> {
+    peer_lines(output)
+        .iter()
+        .filter_map(|l| {
+            let ip: std::net::IpAddr = l.trim_matches(['[', ']']).parse().ok()?;
+            Some(match ip {
+                std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+                v4 => v4,
+            })
+        })
+        .collect()
+}
+
+fn ips(v: &[&str]) -> Vec<std::net::IpAddr> {
+    v.iter().map(|s| s.parse().expect("IP address")).collect()
+}
+
+fn ipv6_client_link(r: &Rig) {
+    r.t.ip(
+        &r.t.h,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:2::1/64",
+            "dev",
+            "cl0",
+            "nodad",
+        ],
+    );
+    r.t.ip(
+        &r.t.c,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:2::2/64",
+            "dev",
+            "h0",
+            "nodad",
+        ],
+    );
+}
+
+/// A port published without a host address listens on IPv6 too. With `--enable-ipv6` an IPv6
+/// client goes through the engine to fd00::100 and the container sees its address (TCP and UDP),
+/// `::1` is spliced, and IPv4 clients go on as before. Without it an IPv6 TCP client is spliced
+/// to the container's IPv4 (its address is not kept), UDP stays IPv4-only, and `0.0.0.0:PORT`
+/// is IPv4-only.
+#[test]
+fn published_ports_over_ipv6() {
+    let t = topology!("rl_pub6");
+    let r = rig(t);
+    ipv6_client_link(&r);
+    // Dual-stack servers (socat's TCP6-LISTEN takes IPv4 clients too).
+    let script = "socat TCP6-LISTEN:80,fork,reuseaddr EXEC:cat & \
+                  socat TCP6-LISTEN:81,fork,reuseaddr SYSTEM:'echo peer=$SOCAT_PEERADDR' & \
+                  socat UDP6-RECVFROM:53,fork SYSTEM:'read l; echo peer=$SOCAT_PEERADDR' & \
+                  sleep 60";
+    let mut bg = r.run_bg(
+        "web6",
+        &[
+            "--enable-ipv6",
+            "-p",
+            "8080:80",
+            "-p",
+            "8081:81",
+            "-p",
+            "5353:53/udp",
+        ],
+        script,
+    );
+    r.wait_published("web6", "8080->80/tcp");
+    wait_answer(&r.t, &r.t.c, H6, 8080);
+    let data = payload(2 << 20, 23);
+    assert_tcp_echo(&r.t, &r.t.c, H6, 8080, &data, "IPv6 client, engine path");
+    assert_tcp_echo(
+        &r.t,
+        &r.t.h,
+        "[::1]",
+        8080,
+        &data,
+        "::1 client, splice path",
+    );
+    assert_tcp_echo(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8080, &data, "IPv4 client");
+    let peer = tcp_exchange(&r.t, &r.t.c, H6, 8081, b"");
+    assert_eq!(
+        peer_ips(&peer.stdout_str()),
+        ips(&[C6]),
+        "the container sees the IPv6 client\n{}",
+        peer.describe()
+    );
+    let peer = udp_exchange(&r.t, &r.t.c, H6, 5353, b"hello\n");
+    assert_eq!(
+        peer_ips(&peer.stdout_str()),
+        ips(&[C6]),
+        "UDP over IPv6 keeps the client address\n{}",
+        peer.describe()
+    );
+    let peer = udp_exchange(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 5353, b"hello\n");
+    assert_eq!(
+        peer_ips(&peer.stdout_str()),
+        ips(&[C_IP]),
+        "UDP over IPv4 goes on\n{}",
+        peer.describe()
+    );
+    stop(&mut bg);
+
+    // Without --enable-ipv6: IPv4-only servers.
+    let script = "socat TCP-LISTEN:80,fork,reuseaddr EXEC:cat & \
+                  socat TCP-LISTEN:81,fork,reuseaddr SYSTEM:'echo peer=$SOCAT_PEERADDR' & \
+                  socat UDP-RECVFROM:53,fork SYSTEM:'read l; echo peer=$SOCAT_PEERADDR' & \
+                  sleep 60";
+    let mut bg = r.run_bg(
+        "web4",
+        &[
+            "-p",
+            "8080:80",
+            "-p",
+            "8081:81",
+            "-p",
+            "5353:53/udp",
+            "-p",
+            "0.0.0.0:8082:80",
+        ],
+        script,
+    );
+    r.wait_published("web4", "8080->80/tcp");
+    wait_answer(&r.t, &r.t.c, H6, 8080);
+    assert_tcp_echo(
+        &r.t,
+        &r.t.c,
+        H6,
+        8080,
+        &data,
+        "IPv6 client, spliced to IPv4",
+    );
+    let peer = tcp_exchange(&r.t, &r.t.c, H6, 8081, b"");
+    assert_eq!(
+        peer_ips(&peer.stdout_str()),
+        ips(&["127.0.0.1"]),
+        "an IPv6 client arrives as a loopback client does\n{}",
+        peer.describe()
+    );
+    let peer = udp_exchange(&r.t, &r.t.c, H6, 5353, b"hello\n");
+    assert!(
+        peer_lines(&peer.stdout_str()).is_empty(),
+        "UDP is not published on IPv6 without --enable-ipv6\n{}",
+        peer.describe()
+    );
+    let peer = udp_exchange(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 5353, b"hello\n");
+    assert_eq!(
+        peer_ips(&peer.stdout_str()),
+        ips(&[C_IP]),
+        "{}",
+        peer.describe()
+    );
+    assert_tcp_echo(
+        &r.t,
+        &r.t.c,
+        H_CLIENT_SIDE_IP,
+        8082,
+        &data,
+        "0.0.0.0:8082 over IPv4",
+    );
+    assert_tcp_no_answer(&r.t, &r.t.c, H6, 8082, "0.0.0.0:8082 is IPv4-only");
+    stop(&mut bg);
+}
+
 #[test]
 fn publish_and_unpublish_on_a_running_instance_spare_open_connections() {
     let t = topology!("rl_republish");
@@ -967,9 +1142,22 @@ fn a_port_in_use_or_privileged_fails_before_the_command_runs() {
     );
     let marker = r.t.work_path("ran");
     let script = format!("touch {}", marker.display());
+    // Taken on IPv6 only: a mapping without an address listens on both families, so it fails.
+    let _taken6 = r.t.server(
+        &r.t.h,
+        &strings(&[
+            "socat",
+            "TCP6-LISTEN:8086,ipv6only=1,reuseaddr,fork",
+            "EXEC:cat",
+        ]),
+        "tcp",
+        8086,
+    );
     for (spec, want) in [
         ("8085:80", "Address already in use"),
+        ("8086:80", "Address already in use"),
         ("80:80", "ip_unprivileged_port_start"),
+        ("[::1]:5356:53/udp", "needs --enable-ipv6"),
     ] {
         let out = r.run(&["-p", spec], &script);
         assert_eq!(out.code(), Some(125), "{}", out.describe());
@@ -986,6 +1174,13 @@ fn a_port_in_use_or_privileged_fails_before_the_command_runs() {
         );
         assert!(!marker.exists(), "the command ran although {spec} failed");
     }
+    // The failed 8086 left no IPv4 listener behind: IPv4 alone can still be published.
+    let out = r.run(&["-p", "0.0.0.0:8086:80"], "echo ran");
+    assert!(
+        out.success() && out.stdout_str().trim() == "ran",
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]

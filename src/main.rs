@@ -523,9 +523,13 @@ fn print_rootless_ps(list: &[serde_json::Value], json: bool) -> anyhow::Result<(
             .map(|a| {
                 a.iter()
                     .map(|p| {
+                        let host = match p["host_ip"].as_str().unwrap_or("") {
+                            "" => String::new(),
+                            ip if ip.contains(':') => format!("[{ip}]:"),
+                            ip => format!("{ip}:"),
+                        };
                         format!(
-                            "{}:{}->{}/{}",
-                            p["host_ip"].as_str().unwrap_or(""),
+                            "{host}{}->{}/{}",
                             p["host_port"],
                             p["container_port"],
                             p["protocol"].as_str().unwrap_or("")

@@ -269,8 +269,10 @@ impl FakeHost<'_> {
         let seg = &ip[IP_LEN..];
         let l4_ok = |field: usize| match meta.csum {
             None => {
-                csum::fold(csum::add(csum::pseudo(src.into(), dst.into(), proto, seg.len()), seg))
-                    == 0xffff
+                csum::fold(csum::add(
+                    csum::pseudo(src.into(), dst.into(), proto, seg.len()),
+                    seg,
+                )) == 0xffff
             }
             Some((start, at)) => usize::from(start) == ETH_LEN + IP_LEN && usize::from(at) == field,
         };
@@ -329,7 +331,8 @@ impl FakeHost<'_> {
         a.copy_from_slice(&ip[24..40]);
         let dst = IpAddr::V6(Ipv6Addr::from(a));
         let seg = &ip[40..];
-        let whole = || csum::fold(csum::add(csum::pseudo(src, dst, ip[6], seg.len()), seg)) == 0xffff;
+        let whole =
+            || csum::fold(csum::add(csum::pseudo(src, dst, ip[6], seg.len()), seg)) == 0xffff;
         let l4_ok = |field: usize| match meta.csum {
             None => whole(),
             Some((start, at)) => usize::from(start) == ETH_LEN + 40 && usize::from(at) == field,
@@ -341,7 +344,11 @@ impl FakeHost<'_> {
             p => panic!("IPv6 next header {p} to the guest"),
         }
         if meta.gso_mss.is_none() {
-            assert!(ip.len() <= self.mtu, "IPv6 packet of {} over the MTU", ip.len());
+            assert!(
+                ip.len() <= self.mtu,
+                "IPv6 packet of {} over the MTU",
+                ip.len()
+            );
         }
     }
 }
@@ -717,7 +724,8 @@ impl Sim<'_> {
                 if mode & 3 == 1 {
                     self.frame.extend_from_slice(&GATEWAY_MAC);
                     self.frame.extend_from_slice(&GUEST_MAC);
-                    self.frame.extend_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+                    self.frame
+                        .extend_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
                 }
                 let n = body.len().min(MAX_FRAME - self.frame.len());
                 self.frame.extend_from_slice(&body[..n]);
@@ -1000,13 +1008,29 @@ impl Sim<'_> {
         match b & 3 {
             0 | 1 => {
                 // Clients the guest's TCP events can answer: two outside, one on the host's
-                // loopback (seen as the gateway).
-                let client = [
-                    SocketAddrV4::new(Ipv4Addr::new(93, 184, 216, 34), 80),
-                    SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 22),
-                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80),
-                    SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 80),
-                ][usize::from((b >> 2) & 3)];
+                // loopback (seen as the gateway); with bit 6, their IPv6 counterparts (refused
+                // when the guest has no IPv6).
+                let i = usize::from((b >> 2) & 3);
+                let client = if b & 0x40 != 0 {
+                    SocketAddr::from((
+                        [
+                            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x34),
+                            Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1),
+                            Ipv6Addr::LOCALHOST,
+                            Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2),
+                        ][i],
+                        80,
+                    ))
+                } else {
+                    SocketAddr::V4(
+                        [
+                            SocketAddrV4::new(Ipv4Addr::new(93, 184, 216, 34), 80),
+                            SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 22),
+                            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 80),
+                            SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 80),
+                        ][i],
+                    )
+                };
                 let port = 40000 + u16::from((b >> 4) & 3);
                 self.host.adopting = Some(true);
                 self.core
@@ -1015,11 +1039,13 @@ impl Sim<'_> {
             2 => {
                 let port = 50000 + u16::from((b >> 4) & 3);
                 self.host.adopting = Some(false);
-                let _ = self.core.udp_publish(&mut self.host, port, self.now);
+                let _ = self
+                    .core
+                    .udp_publish(&mut self.host, port, b & 0x40 != 0, self.now);
             }
             _ => {
                 let port = 50000 + u16::from((b >> 4) & 3);
-                self.core.udp_unpublish(&mut self.host, port);
+                self.core.udp_unpublish(&mut self.host, port, b & 0x40 != 0);
             }
         }
         self.host.adopting = None;

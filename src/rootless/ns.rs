@@ -33,6 +33,11 @@ pub struct TapAddress6 {
     /// The TAP's `accept_dad` sysctl: turned off, so the address is usable at once (nothing
     /// else on the link could hold it).
     pub accept_dad: CString,
+    /// The TAP's `autoconf` sysctl: turned off, so `addr` is the container's only global
+    /// address. With a second one from the router advertisement's prefix, the kernel would pick
+    /// that as the source of new flows, and the answers of a UDP server to clients of a port
+    /// published to `addr` would leave from an address they never wrote to.
+    pub autoconf: CString,
 }
 
 /// Namespaces to enter, by open fd (held by the caller until the child has run).
@@ -329,6 +334,7 @@ fn configure(plan: &TapPlan, a: &TapAddress) -> io::Result<()> {
         // Before the link comes up, so its link-local address is not held back either. Best
         // effort: with duplicate address detection on, addresses are usable a second later.
         let _ = sys::write_file(&v6.accept_dad, b"0");
+        let _ = sys::write_file(&v6.autoconf, b"0");
     }
     if let Some(mac) = a.mac {
         sys::if_set_mac(s, &plan.tap, mac)?;

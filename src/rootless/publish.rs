@@ -6,9 +6,16 @@
 //!   through pipes, never through rnat's memory.
 //! - Any other client goes through the engine (`Core::tcp_inbound`), so the container sees the
 //!   client's real address and port. UDP always goes through the engine.
+//!
+//! A mapping without a host address listens on both families (`0.0.0.0` and `[::]`, the latter
+//! IPv6-only), as Docker and pasta do; `0.0.0.0` or `[::]` given explicitly means that family
+//! alone. IPv6 clients reach the container's IPv6 address when it has one (`--enable-ipv6`).
+//! Without one, an IPv6 TCP client is spliced to the container's 127.0.0.1 like a loopback client
+//! (its address is not kept), and UDP is published on IPv4 only (an IPv6 host address for UDP is
+//! refused).
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Instant;
 
@@ -23,7 +30,8 @@ use super::keeper::Keeper;
 use super::sys;
 use crate::spec::{PortMapping, Protocol};
 
-/// Listener tokens start here; spliced connections' at `SPLICE_BASE`.
+/// Listener tokens start here (two per mapping: its IPv4 and IPv6 sockets); spliced
+/// connections' at `SPLICE_BASE`.
 pub const LISTEN_BASE: u64 = 1 << 41;
 pub const SPLICE_BASE: u64 = 1 << 42;
 /// Connections accepted per readiness event of a listener before others get a turn.
@@ -35,8 +43,8 @@ const KEEPER_RESTARTS: u32 = 3;
 /// Why a port could not be published or unpublished.
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
-    #[error("{0}: IPv6 host addresses are not supported in rootless mode")]
-    Ipv6(PortMapping),
+    #[error("{0}: UDP on an IPv6 host address needs --enable-ipv6 (the container has no IPv6 address to forward to)")]
+    UdpIpv6(PortMapping),
     #[error("{0}: host port {1} is below net.ipv4.ip_unprivileged_port_start ({2}); lower that sysctl or use a higher port")]
     Privileged(PortMapping, u16, u16),
     #[error("{0}: already published")]
@@ -49,8 +57,27 @@ pub enum PortError {
 
 struct Entry {
     mapping: PortMapping,
-    /// TCP: the listener. UDP: the socket belongs to the engine's flow.
-    listener: Option<Socket>,
+    /// TCP: the listeners, by family (IPv4, IPv6). UDP: none; the sockets belong to the
+    /// engine's flows.
+    listeners: [Option<Socket>; 2],
+    /// UDP: the families published (IPv4, IPv6).
+    udp: [bool; 2],
+}
+
+/// The host addresses a mapping binds: its own, or both wildcards (`[::]` only where the host has
+/// IPv6 and, for UDP, the container too).
+fn bind_addresses(m: &PortMapping, container_v6: bool) -> Vec<IpAddr> {
+    match m.host_ip {
+        Some(ip) => vec![ip],
+        None => {
+            let mut v = vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+            let host_v6 = std::path::Path::new("/proc/net/if_inet6").exists();
+            if host_v6 && (m.protocol == Protocol::Tcp || container_v6) {
+                v.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+            }
+            v
+        }
+    }
 }
 
 /// One direction of a spliced connection: source socket → pipe → destination socket.
@@ -156,12 +183,12 @@ impl Ports {
         {
             return Err(PortError::Published(*m));
         }
-        let ip = match m.host_ip {
-            None => Ipv4Addr::UNSPECIFIED,
-            Some(IpAddr::V4(ip)) => ip,
-            Some(IpAddr::V6(_)) => return Err(PortError::Ipv6(*m)),
-        };
-        let addr = SockAddr::from(SocketAddrV4::new(ip, m.host_port));
+        if m.protocol == Protocol::Udp
+            && matches!(m.host_ip, Some(IpAddr::V6(_)))
+            && !core.has_ipv6()
+        {
+            return Err(PortError::UdpIpv6(*m));
+        }
         let io = |e: io::Error| {
             let start = unprivileged_port_start();
             if e.raw_os_error() == Some(libc::EACCES) && m.host_port < start {
@@ -175,46 +202,68 @@ impl Ports {
             .iter()
             .position(Option::is_none)
             .unwrap_or(self.entries.len());
-        let token = LISTEN_BASE + slot as u64;
-        let entry = match m.protocol {
-            Protocol::Tcp => {
-                let s = Socket::new(
-                    Domain::IPV4,
-                    Type::STREAM.nonblocking().cloexec(),
-                    Some(SockProto::TCP),
-                )
-                .map_err(io)?;
-                s.set_reuse_address(true).map_err(io)?;
-                host.prepare_listener(&s).map_err(io)?;
-                s.bind(&addr).map_err(io)?;
-                s.listen(4096).map_err(io)?;
-                host.register(s.as_fd(), token, EpollFlags::EPOLLIN)
-                    .map_err(io)?;
-                Entry {
-                    mapping: *m,
-                    listener: Some(s),
-                }
-            }
-            Protocol::Udp => {
-                let s = Socket::new(
-                    Domain::IPV4,
-                    Type::DGRAM.nonblocking().cloexec(),
-                    Some(SockProto::UDP),
-                )
-                .map_err(io)?;
-                s.bind(&addr).map_err(io)?;
-                host.stage_bound_udp(s);
-                core.udp_publish(host, m.container_port, now)
-                    .map_err(|e| match e {
-                        super::core::PublishError::Published => PortError::Published(*m),
-                        super::core::PublishError::Host(e) => PortError::Io(*m, e),
-                    })?;
-                Entry {
-                    mapping: *m,
-                    listener: None,
-                }
-            }
+        let mut entry = Entry {
+            mapping: *m,
+            listeners: [None, None],
+            udp: [false, false],
         };
+        // On an error, dropping `entry` closes its listeners; UDP flows are taken back below.
+        let result = (|| {
+            for ip in bind_addresses(m, core.has_ipv6()) {
+                let fam = usize::from(ip.is_ipv6());
+                let domain = if ip.is_ipv6() {
+                    Domain::IPV6
+                } else {
+                    Domain::IPV4
+                };
+                let addr = SockAddr::from(SocketAddr::new(ip, m.host_port));
+                let kind = match m.protocol {
+                    Protocol::Tcp => Type::STREAM,
+                    Protocol::Udp => Type::DGRAM,
+                };
+                let proto = match m.protocol {
+                    Protocol::Tcp => SockProto::TCP,
+                    Protocol::Udp => SockProto::UDP,
+                };
+                let s =
+                    Socket::new(domain, kind.nonblocking().cloexec(), Some(proto)).map_err(io)?;
+                if ip.is_ipv6() {
+                    s.set_only_v6(true).map_err(io)?;
+                }
+                match m.protocol {
+                    Protocol::Tcp => {
+                        s.set_reuse_address(true).map_err(io)?;
+                        host.prepare_listener(&s).map_err(io)?;
+                        s.bind(&addr).map_err(io)?;
+                        s.listen(4096).map_err(io)?;
+                        let token = LISTEN_BASE + ((slot as u64) << 1) + fam as u64;
+                        host.register(s.as_fd(), token, EpollFlags::EPOLLIN)
+                            .map_err(io)?;
+                        entry.listeners[fam] = Some(s);
+                    }
+                    Protocol::Udp => {
+                        s.bind(&addr).map_err(io)?;
+                        host.stage_bound_udp(s);
+                        core.udp_publish(host, m.container_port, ip.is_ipv6(), now)
+                            .map_err(|e| match e {
+                                super::core::PublishError::Published => PortError::Published(*m),
+                                super::core::PublishError::NoIpv6 => PortError::UdpIpv6(*m),
+                                super::core::PublishError::Host(e) => PortError::Io(*m, e),
+                            })?;
+                        entry.udp[fam] = true;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (fam, on) in entry.udp.iter().enumerate() {
+                if *on {
+                    core.udp_unpublish(host, m.container_port, fam == 1);
+                }
+            }
+            return Err(e);
+        }
         if slot == self.entries.len() {
             self.entries.push(Some(entry));
         } else {
@@ -238,10 +287,12 @@ impl Ports {
         let entry = self.entries[slot]
             .take()
             .ok_or(PortError::NotPublished(*m))?;
-        if entry.mapping.protocol == Protocol::Udp {
-            core.udp_unpublish(host, entry.mapping.container_port);
+        for (fam, on) in entry.udp.iter().enumerate() {
+            if *on {
+                core.udp_unpublish(host, entry.mapping.container_port, fam == 1);
+            }
         }
-        Ok(()) // dropping the listener closes it (and takes it out of epoll)
+        Ok(()) // dropping the listeners closes them (and takes them out of epoll)
     }
 
     /// Handles a token of ours; false if it is not one.
@@ -253,7 +304,8 @@ impl Ports {
         now: Instant,
     ) -> bool {
         if (LISTEN_BASE..SPLICE_BASE).contains(&token) {
-            self.accept(core, host, (token - LISTEN_BASE) as usize, now);
+            let n = (token - LISTEN_BASE) as usize;
+            self.accept(core, host, n >> 1, n & 1, now);
             true
         } else if (SPLICE_BASE..SPLICE_BASE * 2).contains(&token) {
             self.pump((token - SPLICE_BASE) as usize >> 1);
@@ -263,12 +315,19 @@ impl Ports {
         }
     }
 
-    fn accept(&mut self, core: &mut Core, host: &mut KernelHost, slot: usize, now: Instant) {
+    fn accept(
+        &mut self,
+        core: &mut Core,
+        host: &mut KernelHost,
+        slot: usize,
+        fam: usize,
+        now: Instant,
+    ) {
         for _ in 0..ACCEPT_BUDGET {
             let Some(Some(entry)) = self.entries.get(slot) else {
                 return;
             };
-            let Some(listener) = &entry.listener else {
+            let Some(listener) = &entry.listeners[fam] else {
                 return;
             };
             let guest_port = entry.mapping.container_port;
@@ -293,20 +352,25 @@ impl Ports {
             let Some(peer) = peer else {
                 continue;
             };
-            if peer.ip().is_loopback() && self.splices.len() < self.max_splices {
+            // An IPv6 client of a container without IPv6 can only be spliced (to its IPv4).
+            let splice_only = peer.is_ipv6() && !core.has_ipv6();
+            if (peer.ip().is_loopback() || splice_only) && self.splices.len() < self.max_splices {
                 match self.splice_to(host, sock, guest_port) {
                     Ok(()) => {
                         self.stats.spliced += 1;
-                        continue;
                     }
-                    Err(sock) => {
-                        // No keeper (or no fds): the engine carries it instead.
-                        if let Some(sock) = sock {
-                            self.via_engine(core, host, sock, peer, guest_port, now);
-                        }
-                        continue;
+                    // No keeper (or no fds): the engine carries it instead, if it can.
+                    Err(Some(sock)) if !splice_only => {
+                        self.via_engine(core, host, sock, peer, guest_port, now);
                     }
+                    Err(Some(sock)) => refuse(&mut self.stats, sock),
+                    Err(None) => {}
                 }
+                continue;
+            }
+            if splice_only {
+                refuse(&mut self.stats, sock);
+                continue;
             }
             self.via_engine(core, host, sock, peer, guest_port, now);
         }
@@ -317,7 +381,7 @@ impl Ports {
         core: &mut Core,
         host: &mut KernelHost,
         sock: Socket,
-        peer: SocketAddrV4,
+        peer: SocketAddr,
         guest_port: u16,
         now: Instant,
     ) {
@@ -504,6 +568,12 @@ fn pump_one(p: &mut Pipe, src: &Socket, dst: &Socket) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Resets a client no path can carry.
+fn refuse(stats: &mut PortStats, sock: Socket) {
+    let _ = sock.set_linger(Some(std::time::Duration::ZERO));
+    stats.refused += 1;
 }
 
 /// Whether an error means this process (or the system) has no descriptor to spare.

@@ -223,6 +223,11 @@ fn tap_address(cfg: &Config, opts: &Options) -> TapAddress {
                 opts.tap_name
             ))
             .unwrap_or_default(),
+            autoconf: std::ffi::CString::new(format!(
+                "/proc/sys/net/ipv6/conf/{}/autoconf",
+                opts.tap_name
+            ))
+            .unwrap_or_default(),
         }),
     }
 }
@@ -722,7 +727,8 @@ fn describe(
         "rnat_pid": std::process::id(),
         "started": started.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "ports": ports.list().iter().map(|p| serde_json::json!({
-            "host_ip": p.host_ip.map_or("0.0.0.0".to_string(), |i| i.to_string()),
+            // Empty: every address of both families.
+            "host_ip": p.host_ip.map_or(String::new(), |i| i.to_string()),
             "host_port": p.host_port, "container_port": p.container_port, "protocol": p.protocol,
         })).collect::<Vec<_>>(),
         "stats": core.stats(),

@@ -335,7 +335,9 @@ pub fn parse_request(body: &[u8], guest: Ipv4Addr) -> Result<ApiOp, Value> {
                 _ => return Err(bad("add_hostfwd: bad arguments.proto")),
             };
             let host_addr = match args.get("host_addr").and_then(Value::as_str).unwrap_or("") {
-                "" | "0.0.0.0" => None,
+                // IPv4 only, as slirp4netns 1.2 binds it (a mapping without an address would
+                // listen on IPv6 too).
+                "" | "0.0.0.0" => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
                 s => match s.parse::<Ipv4Addr>() {
                     Ok(ip) => Some(IpAddr::V4(ip)),
                     Err(_) => return Err(bad("add_hostfwd: bad arguments.host_addr")),
@@ -480,7 +482,7 @@ mod tests {
         match parse_request(add, GUEST) {
             Ok(ApiOp::Add(m)) => assert_eq!(
                 (m.host_ip, m.host_port, m.container_port, m.protocol),
-                (None, 8091, 80, Protocol::Tcp)
+                (Some(Ipv4Addr::UNSPECIFIED.into()), 8091, 80, Protocol::Tcp)
             ),
             _ => panic!("add_hostfwd"),
         }

@@ -614,32 +614,57 @@ pub fn peek_off(sock: RawFd) -> io::Result<libc::c_int> {
 }
 
 /// Accepts a connection on listener `fd` as a non-blocking, close-on-exec socket, with its peer's
-/// address when that is IPv4.
-pub fn accept_nonblocking(fd: RawFd) -> io::Result<(OwnedFd, Option<std::net::SocketAddrV4>)> {
-    // SAFETY: an all-zero sockaddr_in is a valid value of the type.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+/// address (IPv4 or IPv6).
+pub fn accept_nonblocking(fd: RawFd) -> io::Result<(OwnedFd, Option<std::net::SocketAddr>)> {
+    // SAFETY: an all-zero sockaddr_storage is a valid value of the type.
+    let mut sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: accept4 writes at most `len` bytes of the peer's address into `sa` and returns a
     // new descriptor that nothing else owns.
     let conn = cvt(unsafe {
         libc::accept4(
             fd,
-            (&mut sa as *mut libc::sockaddr_in).cast(),
+            (&mut sa as *mut libc::sockaddr_storage).cast(),
             &mut len,
             libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
         )
     })?;
     // SAFETY: `conn` was just returned by accept4 and is owned by no one else.
     let conn = unsafe { OwnedFd::from_raw_fd(conn) };
-    let peer = (sa.sin_family == libc::AF_INET as libc::sa_family_t
-        && len as usize >= std::mem::size_of::<libc::sockaddr_in>())
-    .then(|| {
-        std::net::SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-            u16::from_be(sa.sin_port),
-        )
-    });
-    Ok((conn, peer))
+    Ok((conn, sockaddr_to_std(&sa, len as usize)))
+}
+
+/// The address in `sa` (of `len` bytes, as the kernel filled it), if it is IPv4 or IPv6; an
+/// IPv4-mapped IPv6 address comes back as IPv4.
+fn sockaddr_to_std(sa: &libc::sockaddr_storage, len: usize) -> Option<std::net::SocketAddr> {
+    use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+    match i32::from(sa.ss_family) {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the kernel wrote a sockaddr_in (its family and length say so), and
+            // sockaddr_storage is large enough and aligned for any socket address type.
+            let a = unsafe { &*(sa as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for a sockaddr_in6.
+            let a = unsafe { &*(sa as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            let port = u16::from_be(a.sin6_port);
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
+                None => SocketAddr::V6(SocketAddrV6::new(
+                    ip,
+                    port,
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )),
+            })
+        }
+        _ => None,
+    }
 }
 
 /// Sends datagrams `(destination, bytes)` on UDP socket `fd` with one `sendmmsg(2)` per 64;

@@ -20,7 +20,7 @@ mod tests;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
@@ -233,17 +233,23 @@ enum Flow {
 pub enum PublishError {
     #[error("the port is already published")]
     Published,
+    #[error("the container has no IPv6 (--enable-ipv6 gives it some)")]
+    NoIpv6,
     #[error(transparent)]
     Host(#[from] std::io::Error),
 }
 
-/// The address the guest sees a host client by: a loopback client appears as the gateway.
-fn client_as_seen(client: SocketAddr, gateway: Ipv4Addr) -> SocketAddr {
-    if client.ip().is_loopback() {
-        SocketAddr::new(gateway.into(), client.port())
-    } else {
-        client
+/// The address the guest sees a host client by: a loopback client appears as the gateway of its
+/// family (the IPv4 one when the guest has no IPv6).
+fn client_as_seen(client: SocketAddr, cfg: &Config) -> SocketAddr {
+    if !client.ip().is_loopback() {
+        return client;
     }
+    let gateway = match (client, &cfg.ipv6) {
+        (SocketAddr::V6(_), Some(v6)) => v6.gateway.into(),
+        _ => cfg.gateway.into(),
+    };
+    SocketAddr::new(gateway, client.port())
 }
 
 /// Where a guest's packet to `dst` goes on the host, or why it goes nowhere.
@@ -1047,7 +1053,7 @@ impl Core {
             let seen = match f.seen_as(from) {
                 Some(s) => s,
                 None if f.published => {
-                    let seen = client_as_seen(from, self.cfg.gateway);
+                    let seen = client_as_seen(from, &self.cfg);
                     f.note_peer(from, seen);
                     seen
                 }
@@ -1233,18 +1239,33 @@ impl Core {
         self.next_sweep = any.then(|| now + Duration::from_secs(1));
     }
 
-    /// A host client accepted on a published TCP port: opens a flow to `guest_port`, as if from
-    /// `client` (a loopback client appears as the gateway). The host adopts the accepted socket
-    /// for the new flow. Returns `None` (the caller closes the socket) at a limit.
+    /// The guest's address in the family of `v6`, if it has one.
+    fn guest_addr(&self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            self.cfg.ipv6.map(|c| c.guest.into())
+        } else {
+            Some(self.cfg.guest.into())
+        }
+    }
+
+    /// Whether the guest has IPv6 (`--enable-ipv6`).
+    pub fn has_ipv6(&self) -> bool {
+        self.cfg.ipv6.is_some()
+    }
+
+    /// A host client accepted on a published TCP port: opens a flow to `guest_port` at the
+    /// guest's address of the client's family, as if from `client` (a loopback client appears as
+    /// the gateway). The host adopts the accepted socket for the new flow. Returns `None` (the
+    /// caller closes the socket) at a limit, or for an IPv6 client when the guest has no IPv6.
     pub fn tcp_inbound<H: Host>(
         &mut self,
         host: &mut H,
-        client: SocketAddrV4,
+        client: SocketAddr,
         guest_port: u16,
         now: Instant,
     ) -> Option<FlowId> {
-        let guest = SocketAddr::new(self.cfg.guest.into(), guest_port);
-        let seen = client_as_seen(client.into(), self.cfg.gateway);
+        let guest = SocketAddr::new(self.guest_addr(client.is_ipv6())?, guest_port);
+        let seen = client_as_seen(client, &self.cfg);
         if self.at_limit() || self.tcp.contains_key(&(guest, seen)) {
             self.stats.refused_limit += 1;
             return None;
@@ -1282,13 +1303,16 @@ impl Core {
 
     /// Publishes UDP `guest_port` on a socket the driver has bound: the host adopts it as the
     /// socket of a flow for the guest's port, which any client may reach and which never expires.
+    /// `v6`: the socket is IPv6 and its clients reach the guest's IPv6 address.
     pub fn udp_publish<H: Host>(
         &mut self,
         host: &mut H,
         guest_port: u16,
+        v6: bool,
         now: Instant,
     ) -> Result<FlowId, PublishError> {
-        let guest = SocketAddr::new(self.cfg.guest.into(), guest_port);
+        let ip = self.guest_addr(v6).ok_or(PublishError::NoIpv6)?;
+        let guest = SocketAddr::new(ip, guest_port);
         if let Some(&id) = self.udp.get(&guest) {
             match self.flows.get(id) {
                 Some(Flow::Udp(f)) if f.published => return Err(PublishError::Published),
@@ -1312,8 +1336,11 @@ impl Core {
     }
 
     /// Stops publishing UDP `guest_port`; the host socket is closed.
-    pub fn udp_unpublish<H: Host>(&mut self, host: &mut H, guest_port: u16) -> bool {
-        let guest = SocketAddr::new(self.cfg.guest.into(), guest_port);
+    pub fn udp_unpublish<H: Host>(&mut self, host: &mut H, guest_port: u16, v6: bool) -> bool {
+        let Some(ip) = self.guest_addr(v6) else {
+            return false;
+        };
+        let guest = SocketAddr::new(ip, guest_port);
         match self.udp.get(&guest).copied() {
             Some(id) if matches!(self.flows.get(id), Some(Flow::Udp(f)) if f.published) => {
                 self.flows.remove(id);

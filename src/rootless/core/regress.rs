@@ -256,7 +256,9 @@ fn a_published_udp_port_does_not_expire_after_the_guest_answers() {
     };
     let t0 = Instant::now();
     let rx = RxMeta { csum_trusted: true };
-    let pid = core.udp_publish(&mut host, 5353, t0).expect("published");
+    let pid = core
+        .udp_publish(&mut host, 5353, false, t0)
+        .expect("published");
     // The guest answers a client from its published port; and some other UDP flow exists.
     let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 4444);
     core.on_frame(&mut host, &useg(5353, client, b"reply"), rx, t0);

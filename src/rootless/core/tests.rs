@@ -768,7 +768,43 @@ fn bad_frames_are_counted_not_fatal() {
 
 #[test]
 fn inbound_tcp_carries_the_clients_address_and_bytes_both_ways() {
+    let client = SocketAddr::from((Ipv4Addr::new(203, 0, 113, 2), 5555));
+    inbound_tcp(client, client);
+    // A loopback client (spliced in practice, unless splicing is unavailable) is the gateway.
+    inbound_tcp(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 5556)),
+        SocketAddr::from((Ipv4Addr::new(10, 0, 2, 2), 5556)),
+    );
+}
+
+#[test]
+fn inbound_tcp_over_ipv6_reaches_the_guests_ipv6_address() {
+    let client = SocketAddr::from((SERVER6, 5557));
+    inbound_tcp(client, client);
+    let fd00_2 = super::Ipv6Config::slirp().gateway;
+    inbound_tcp(
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 5558)),
+        SocketAddr::from((fd00_2, 5558)),
+    );
+    // Without IPv6 in the guest there is nowhere to take an IPv6 client: no flow.
     let mut sim = Sim::new(cfg());
+    sim.host.staged = Some(super::sim::SimSock::default());
+    let now = sim.now();
+    assert!(sim
+        .core
+        .tcp_inbound(&mut sim.host, client, 80, now)
+        .is_none());
+    assert_eq!(sim.core.flow_count(), 0);
+}
+
+/// A host `client` of published port 80: the guest (with IPv6 when the client is IPv6) sees it as
+/// `seen`; 120 kB go up, a reply comes back, and both sides close.
+fn inbound_tcp(client: SocketAddr, seen: SocketAddr) {
+    let mut c = cfg();
+    if client.is_ipv6() {
+        c.ipv6 = Some(super::Ipv6Config::slirp());
+    }
+    let mut sim = Sim::new(c);
     let mut listener = tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0; 65536]),
         tcp::SocketBuffer::new(vec![0; 65536]),
@@ -777,10 +813,9 @@ fn inbound_tcp_carries_the_clients_address_and_bytes_both_ways() {
     let h = sim.sockets.add(listener);
     // The guest speaks first (as a kernel does when its link comes up): its MAC is learned.
     sim.run_until(5, |_| false);
-    let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 5555);
     let up = pattern(120_000, 7);
     sim.host.staged = Some(super::sim::SimSock {
-        dst: Some(client.into()),
+        dst: Some(client),
         connected: true,
         cap: 1 << 20,
         rx: up.clone(),
@@ -794,15 +829,16 @@ fn inbound_tcp_carries_the_clients_address_and_bytes_both_ways() {
         .expect("a flow");
     let mut got = Vec::new();
     let mut replied = false;
+    let mut local = None;
     let done = sim.run_until(20_000, |sim| {
         let s = sim.sockets.get_mut::<tcp::Socket>(h);
         if let Some(ep) = s.remote_endpoint() {
             assert_eq!(
-                ep.addr,
-                smoltcp::wire::IpAddress::Ipv4(*client.ip()),
-                "the guest sees the client"
+                (ep.addr, ep.port),
+                (seen.ip().into(), seen.port()),
+                "the guest sees the client as {seen}"
             );
-            assert_eq!(ep.port, client.port());
+            local = s.local_endpoint();
         }
         while s.can_recv() {
             let mut buf = [0u8; 8192];
@@ -818,11 +854,17 @@ fn inbound_tcp_carries_the_clients_address_and_bytes_both_ways() {
     });
     assert!(
         done,
-        "inbound flow did not finish: got {} of {}",
+        "inbound flow from {client} did not finish: got {} of {}",
         got.len(),
         up.len()
     );
     assert!(got == up);
+    let want_local: IpAddr = if client.is_ipv6() {
+        super::Ipv6Config::slirp().guest.into()
+    } else {
+        Ipv4Addr::new(10, 0, 2, 100).into()
+    };
+    assert_eq!(local.map(|e| e.addr), Some(want_local.into()));
     let s = &sim.host.socks[&id];
     assert_eq!(s.received, b"thanks");
     assert!(s.closed && !s.reset);
@@ -843,7 +885,7 @@ fn inbound_tcp_to_a_closed_guest_port_resets_the_client() {
     let now = sim.now();
     let id = sim
         .core
-        .tcp_inbound(&mut sim.host, client, 81, now)
+        .tcp_inbound(&mut sim.host, client.into(), 81, now)
         .expect("a flow");
     assert!(sim.run_until(1000, |sim| sim.core.flow_count() == 0));
     assert!(
@@ -854,7 +896,40 @@ fn inbound_tcp_to_a_closed_guest_port_resets_the_client() {
 
 #[test]
 fn published_udp_reaches_the_guest_from_the_client_and_replies_go_back() {
+    published_udp(
+        SocketAddr::from((Ipv4Addr::new(203, 0, 113, 2), 4444)),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 4445)),
+        Ipv4Addr::new(10, 0, 2, 2).into(),
+    );
+}
+
+#[test]
+fn published_udp_over_ipv6_reaches_the_guests_ipv6_address() {
+    published_udp(
+        SocketAddr::from((SERVER6, 4444)),
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 4445)),
+        super::Ipv6Config::slirp().gateway.into(),
+    );
+    // A guest without IPv6 cannot have an IPv6 port published.
     let mut sim = Sim::new(cfg());
+    sim.host.staged = Some(super::sim::SimSock::default());
+    let now = sim.now();
+    assert!(matches!(
+        sim.core.udp_publish(&mut sim.host, 5353, true, now),
+        Err(super::PublishError::NoIpv6)
+    ));
+    assert!(!sim.core.udp_unpublish(&mut sim.host, 5353, true));
+}
+
+/// Publishes UDP 5353 in the family of `external` and `local` (a loopback client, seen by the
+/// guest at `gateway`); both clients' datagrams reach the guest, and its replies go back to them.
+fn published_udp(external: SocketAddr, local: SocketAddr, gateway: IpAddr) {
+    let v6 = external.is_ipv6();
+    let mut c = cfg();
+    if v6 {
+        c.ipv6 = Some(super::Ipv6Config::slirp());
+    }
+    let mut sim = Sim::new(c);
     let rx = smoltcp::socket::udp::PacketBuffer::new(
         vec![smoltcp::socket::udp::PacketMetadata::EMPTY; 8],
         vec![0; 8192],
@@ -871,48 +946,52 @@ fn published_udp_reaches_the_guest_from_the_client_and_replies_go_back() {
     let now = sim.now();
     let id = sim
         .core
-        .udp_publish(&mut sim.host, 5353, now)
+        .udp_publish(&mut sim.host, 5353, v6, now)
         .expect("published");
-    let external = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 4444);
-    let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 4445);
     let s = sim.host.socks.get_mut(&id).expect("sock");
-    s.udp_in
-        .push_back((external.into(), b"from-outside".to_vec()));
-    s.udp_in
-        .push_back((local.into(), b"from-loopback".to_vec()));
+    s.udp_in.push_back((external, b"from-outside".to_vec()));
+    s.udp_in.push_back((local, b"from-loopback".to_vec()));
     let mut seen = Vec::new();
+    let mut at = Vec::new();
     sim.run_until(200, |sim| {
         let s = sim.sockets.get_mut::<smoltcp::socket::udp::Socket>(h);
         while let Ok((data, meta)) = s.recv() {
             seen.push((meta.endpoint, data.to_vec()));
+            at.push(meta.local_address);
             let reply = [b"re:".as_slice(), data].concat();
             let ep = meta.endpoint;
             s.send_slice(&reply, ep).expect("reply");
         }
         seen.len() == 2 && sim.host.socks[&id].udp_out.len() == 2
     });
-    let ep = |ip: Ipv4Addr, port| smoltcp::wire::IpEndpoint::new(ip.into(), port);
+    let ep = |ip: IpAddr, port| smoltcp::wire::IpEndpoint::new(ip.into(), port);
     assert_eq!(
         seen,
         vec![
-            (ep(*external.ip(), 4444), b"from-outside".to_vec()),
-            (
-                ep(Ipv4Addr::new(10, 0, 2, 2), 4445),
-                b"from-loopback".to_vec()
-            ),
+            (ep(external.ip(), external.port()), b"from-outside".to_vec()),
+            (ep(gateway, local.port()), b"from-loopback".to_vec()),
         ],
         "the guest sees the external client, and a loopback client as the gateway"
+    );
+    let guest: IpAddr = if v6 {
+        super::Ipv6Config::slirp().guest.into()
+    } else {
+        Ipv4Addr::new(10, 0, 2, 100).into()
+    };
+    assert!(
+        at.iter().all(|a| *a == Some(guest.into())),
+        "sent to the guest's address of the family: {at:?}"
     );
     // Replies leave through the published socket, the loopback one too (no host-loopback grant
     // is needed to answer a client).
     assert_eq!(
         sim.host.socks[&id].udp_out,
         vec![
-            (external.into(), b"re:from-outside".to_vec()),
-            (local.into(), b"re:from-loopback".to_vec())
+            (external, b"re:from-outside".to_vec()),
+            (local, b"re:from-loopback".to_vec())
         ]
     );
-    assert!(sim.core.udp_unpublish(&mut sim.host, 5353));
+    assert!(sim.core.udp_unpublish(&mut sim.host, 5353, v6));
     assert!(sim.host.socks[&id].closed);
 }
 
@@ -938,7 +1017,8 @@ fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
         t0,
     );
     stage(&mut host);
-    core.tcp_inbound(&mut host, client, 80, t0).expect("a flow");
+    core.tcp_inbound(&mut host, client.into(), 80, t0)
+        .expect("a flow");
     let first = tcp_out(&host.to_guest);
     host.to_guest.clear();
     assert_eq!(first.len(), 1);
@@ -969,7 +1049,7 @@ fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
     );
     stage(&mut host2);
     core2
-        .tcp_inbound(&mut host2, client, 80, t0)
+        .tcp_inbound(&mut host2, client.into(), 80, t0)
         .expect("a flow");
     let a = tcp_out(&host2.to_guest)[0].1;
     host2.to_guest.clear();
@@ -986,7 +1066,7 @@ fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
     core2
         .tcp_inbound(
             &mut host2,
-            client,
+            client.into(),
             80,
             t0 + std::time::Duration::from_secs(1),
         )

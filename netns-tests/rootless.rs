@@ -386,6 +386,7 @@ fn ipv6_reaches_an_ipv6_server_and_resolves_at_fd00_3() {
          socat -t 30 -T 60 - TCP6:{server}:7100 <{file} | cut -d' ' -f1; \
          socat -u -T 60 TCP6:{server}:7101 - | sha256sum | cut -d' ' -f1; \
          echo datagram6 | socat -t 2 - UDP6:{server}:7001; \
+         echo x | socat -t 30 - UDP6:{server}:9 2>&1 | grep -q 'Connection refused' && echo udp6-refused; \
          busybox ping -6 -c 2 -W 3 2001:db8:1::2 >/dev/null && echo ping6-upstream-ok; \
          busybox ping -6 -c 1 -W 3 fd00::2 >/dev/null && echo ping6-gateway-ok; \
          busybox nslookup svc6.rnat.test fd00::3 | grep -q 203.0.113.66 && echo dns6-ok; \
@@ -402,6 +403,7 @@ fn ipv6_reaches_an_ipv6_server_and_resolves_at_fd00_3() {
                 want.as_str(),
                 want.as_str(),
                 "datagram6",
+                "udp6-refused",
                 "ping6-upstream-ok",
                 "ping6-gateway-ok",
                 "dns6-ok",
@@ -439,15 +441,23 @@ fn refused_and_unreachable_fail_fast_and_loopback_needs_permission() {
         "tcp",
         7200,
     );
+    let _udp = r.t.server(&r.t.u, &udp_echo_server(7201), "udp", 7201);
     // connect-timeout is long: a refusal or unreachability must come from rnat, not a timer.
+    // The same for UDP: a connected socket hears of the ICMP error the host's network sent
+    // back, which rnat passes on; without it socat would wait out its 40 s and say nothing.
+    // Linux reports host unreachable (a soft error) only to a socket with IP_RECVERR, as on
+    // any network. A datagram from the same port afterwards still gets its answer.
     let script = format!(
         "socat -u TCP:{U_IP}:9,connect-timeout=40 - 2>&1; \
          socat -u TCP:198.51.100.77:80,connect-timeout=40 - 2>&1; \
-         socat -u TCP:10.0.2.2:7200,connect-timeout=40 - 2>&1; true"
+         socat -u TCP:10.0.2.2:7200,connect-timeout=40 - 2>&1; \
+         echo x | socat -t 40 - UDP:{U_IP}:9,sourceport=5300 2>&1; \
+         echo x | socat -t 40 - UDP:198.51.100.77:80,ip-recverr 2>&1; \
+         echo after-error | socat -t 5 - UDP:{U_IP}:7201,sourceport=5300; true"
     );
     let text = r.run_ok(&[], &script);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines.len(), 6, "{text}");
     assert!(
         lines[0].contains("Connection refused"),
         "closed port: {text}"
@@ -460,11 +470,27 @@ fn refused_and_unreachable_fail_fast_and_loopback_needs_permission() {
         lines[2].contains("Connection refused"),
         "host loopback without permission: {text}"
     );
+    assert!(
+        lines[3].contains("Connection refused"),
+        "UDP to a closed port: {text}"
+    );
+    assert!(
+        lines[4].contains("No route to host"),
+        "UDP to an address nobody answers for: {text}"
+    );
+    assert_eq!(lines[5], "after-error", "{text}");
     let text = r.run_ok(
         &["--allow-host-loopback"],
-        "socat -u TCP:10.0.2.2:7200,connect-timeout=10 -",
+        "socat -u TCP:10.0.2.2:7200,connect-timeout=10 -; \
+         echo x | socat -t 40 - UDP:10.0.2.2:7209 2>&1; true",
     );
-    assert_eq!(text.trim(), "host-loopback");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0], "host-loopback");
+    assert!(
+        lines[1].contains("Connection refused"),
+        "UDP to a closed port on the host's loopback: {text}"
+    );
 }
 
 #[test]

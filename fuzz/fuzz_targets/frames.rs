@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use rnat::rootless::core::{
-    csum, Config, Core, FlowId, Host, Ipv6Config, Peek, Ready, RxMeta, TxMeta, GATEWAY_MAC,
+    csum, Config, Core, DgramError, FlowId, Host, Ipv6Config, Peek, Ready, RxMeta, TxMeta,
+    Unreachable, GATEWAY_MAC,
 };
 
 const GUEST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x64];
@@ -174,6 +175,7 @@ impl Dgram {
             queue: VecDeque::new(),
             sent_to: Vec::new(),
             recv_error: false,
+            errors: VecDeque::new(),
         }
     }
 }
@@ -186,6 +188,8 @@ struct Dgram {
     /// The last few destinations sent to, so that replies can come from them.
     sent_to: Vec<SocketAddr>,
     recv_error: bool,
+    /// ICMP errors the network reported for the socket's datagrams.
+    errors: VecDeque<DgramError>,
 }
 
 /// What the guest knows of one of its TCP connections, learned from the frames both ways.
@@ -312,6 +316,19 @@ impl FakeHost<'_> {
             1 => {
                 assert!(seg.len() >= 8, "short ICMP");
                 assert_eq!(csum::fold(csum::add(0, seg)), 0xffff, "ICMP checksum");
+                if seg[0] == 3 {
+                    // An error quotes the guest's packet: an IPv4 header from the guest, whole.
+                    let q = &seg[8..];
+                    assert!(q.len() >= IP_LEN && q[0] >> 4 == 4, "quoted IPv4 header");
+                    let ihl = usize::from(q[0] & 15) * 4;
+                    assert!(ihl >= IP_LEN && q.len() >= ihl + 8, "short quote");
+                    assert_eq!(
+                        csum::fold(csum::add(0, &q[..ihl])),
+                        0xffff,
+                        "quoted IPv4 checksum"
+                    );
+                    assert_eq!(q[12..16], GUEST.octets(), "quoted source");
+                }
             }
             p => panic!("IP protocol {p} to the guest"),
         }
@@ -505,6 +522,15 @@ impl Host for FakeHost<'_> {
         let n = len.min(buf.len());
         buf[..n].fill(fill);
         Ok(Some((from, n)))
+    }
+
+    fn udp_error(&mut self, flow: FlowId) -> io::Result<Option<DgramError>> {
+        let d = self.dgram(flow, "udp_error");
+        assert!(
+            matches!(d.kind, DgramKind::Udp),
+            "udp_error on a ping socket"
+        );
+        Ok(d.errors.pop_front())
     }
 
     fn ping_open(&mut self, flow: FlowId, v6: bool) -> io::Result<()> {
@@ -967,6 +993,26 @@ impl Sim<'_> {
             s.peek_error |= bits & 0x10 != 0;
         } else if let Some(d) = self.host.dgram.get_mut(&id) {
             d.recv_error |= bits & 0x10 != 0;
+            if bits & 0x10 != 0 && matches!(d.kind, DgramKind::Udp) {
+                // An ICMP error for a datagram to a peer the flow sent to, or to a stranger.
+                let b = ev.u8();
+                let dst = match d.sent_to.len() {
+                    0 => SocketAddr::from((Ipv4Addr::new(1, 2, 3, 4), 5678)),
+                    n => d.sent_to[usize::from(b) % n],
+                };
+                let unreachable = [
+                    None,
+                    Some(Unreachable::Port),
+                    Some(Unreachable::Host),
+                    Some(Unreachable::Network),
+                    Some(Unreachable::Prohibited),
+                ][usize::from(b >> 5) % 5];
+                d.errors.push_back(DgramError {
+                    dst,
+                    unreachable,
+                    len: usize::from(b & 0x1f) * 100,
+                });
+            }
             for _ in 0..(bits >> 5) {
                 let b = ev.u8();
                 let detail = ev.u8();

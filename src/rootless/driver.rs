@@ -10,7 +10,7 @@ use std::time::Instant;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use super::core::{Core, FlowId, Host, Peek, Ready, RxMeta, TxMeta};
+use super::core::{Core, DgramError, FlowId, Host, Peek, Ready, RxMeta, TxMeta, Unreachable};
 use super::ns::Link;
 use super::ring::{self, RxRing, Taken};
 use super::sys;
@@ -180,6 +180,9 @@ impl KernelHost {
         let udp = proto == Protocol::UDP;
         if !udp {
             self.bind_outbound(&s, domain == Domain::IPV6)?;
+        }
+        if udp {
+            sys::set_recv_errors(s.as_raw_fd(), domain == Domain::IPV6)?;
         }
         self.install(id, s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET)?;
         self.dgram_v6[id] = domain == Domain::IPV6;
@@ -466,6 +469,21 @@ impl Host for KernelHost {
         Ok(Some((from, n)))
     }
 
+    fn udp_error(&mut self, id: FlowId) -> io::Result<Option<DgramError>> {
+        let fd = sock(&self.socks, id)?.as_raw_fd();
+        // Entries without a destination say nothing usable: skipped (the queue is bounded by
+        // the socket's receive buffer).
+        while let Some(e) = sys::take_dgram_error(fd)? {
+            let Some(dst) = e.dst else { continue };
+            return Ok(Some(DgramError {
+                dst,
+                unreachable: e.cause.and_then(unreachable_from),
+                len: e.len,
+            }));
+        }
+        Ok(None)
+    }
+
     fn ping_open(&mut self, id: FlowId, v6: bool) -> io::Result<()> {
         if v6 {
             self.dgram(id, Domain::IPV6, Protocol::ICMPV6)
@@ -503,6 +521,30 @@ impl Host for KernelHost {
             .take()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EBADF))?;
         self.install(id, s, flags)
+    }
+}
+
+/// What an ICMP (origin `SO_EE_ORIGIN_ICMP`) or ICMPv6 (`SO_EE_ORIGIN_ICMP6`) error from the
+/// error queue means for the guest; `None` for the errors it is not told of (packet too big,
+/// time exceeded, parameter problems, local errors).
+fn unreachable_from((origin, kind, code): (u8, u8, u8)) -> Option<Unreachable> {
+    match (origin, kind) {
+        // ICMP destination unreachable (RFC 792, RFC 1812 5.2.7.1)
+        (libc::SO_EE_ORIGIN_ICMP, 3) => match code {
+            3 => Some(Unreachable::Port),
+            0 | 6 | 11 => Some(Unreachable::Network),
+            9 | 10 | 13..=15 => Some(Unreachable::Prohibited),
+            4 => None, // fragmentation needed: the host's path MTU, not the guest's concern
+            _ => Some(Unreachable::Host),
+        },
+        // ICMPv6 destination unreachable (RFC 4443 3.1)
+        (libc::SO_EE_ORIGIN_ICMP6, 1) => match code {
+            4 => Some(Unreachable::Port),
+            0 => Some(Unreachable::Network),
+            1 | 5 | 6 => Some(Unreachable::Prohibited),
+            _ => Some(Unreachable::Host),
+        },
+        _ => None,
     }
 }
 
@@ -747,8 +789,13 @@ impl KernelHost {
         }
     }
 
-    /// Stages a bound UDP socket for `Core::udp_publish`.
+    /// Stages a bound UDP socket for `Core::udp_publish`. It hears of the ICMP errors its
+    /// datagrams meet, as the engine's own UDP sockets do.
     pub fn stage_bound_udp(&mut self, s: Socket) {
+        let v6 = matches!(s.local_addr().ok().and_then(|a| a.as_socket()), Some(a) if a.is_ipv6());
+        if let Err(e) = sys::set_recv_errors(s.as_raw_fd(), v6) {
+            tracing::debug!("published UDP socket: no ICMP errors: {e}");
+        }
         self.staged = Some((s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET));
     }
 

@@ -667,6 +667,81 @@ fn sockaddr_to_std(sa: &libc::sockaddr_storage, len: usize) -> Option<std::net::
     }
 }
 
+/// Asks the kernel to queue the ICMP errors a UDP socket's datagrams meet (`IP_RECVERR`, and
+/// `IPV6_RECVERR` on an IPv6 socket, which also reaches IPv4 peers). An unconnected socket
+/// hears of none without it. Each error is then also reported once by the socket's next call
+/// (see `send_datagrams`).
+pub fn set_recv_errors(fd: RawFd, v6: bool) -> io::Result<()> {
+    let s = std::mem::ManuallyDrop::new(
+        // SAFETY: borrows the caller's open fd for the calls below; ManuallyDrop keeps it open.
+        unsafe { socket2::Socket::from_raw_fd(fd) },
+    );
+    nix::sys::socket::setsockopt(&*s, nix::sys::socket::sockopt::Ipv4RecvErr, &true)?;
+    if v6 {
+        nix::sys::socket::setsockopt(&*s, nix::sys::socket::sockopt::Ipv6RecvErr, &true)?;
+    }
+    Ok(())
+}
+
+/// One entry of a socket's error queue, as `take_dgram_error` read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuedError {
+    /// Where the datagram was going (an IPv4-mapped address as IPv4).
+    pub dst: Option<std::net::SocketAddr>,
+    /// `(origin, type, code)` of `struct sock_extended_err`: origin `SO_EE_ORIGIN_ICMP` or
+    /// `SO_EE_ORIGIN_ICMP6` for an error the network sent back.
+    pub cause: Option<(u8, u8, u8)>,
+    /// Bytes of the datagram's payload that came back with it (at most 2 KiB are read).
+    pub len: usize,
+}
+
+/// Takes the oldest entry from UDP socket `fd`'s error queue (`MSG_ERRQUEUE`); `None` when the
+/// queue is empty.
+pub fn take_dgram_error(fd: RawFd) -> io::Result<Option<QueuedError>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    let mut payload = [0u8; 2048];
+    let mut iov = [io::IoSliceMut::new(&mut payload)];
+    let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
+    let msg = match recvmsg::<SockaddrStorage>(
+        fd,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(m) => m,
+        Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let dst = msg.address.and_then(|a| {
+        if let Some(a) = a.as_sockaddr_in() {
+            Some(std::net::SocketAddr::V4((*a).into()))
+        } else {
+            a.as_sockaddr_in6().map(|a| {
+                let a = std::net::SocketAddrV6::from(*a);
+                match a.ip().to_ipv4_mapped() {
+                    Some(v4) => std::net::SocketAddrV4::new(v4, a.port()).into(),
+                    None => a.into(),
+                }
+            })
+        }
+    });
+    let mut cause = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::Ipv4RecvErr(e, _) | ControlMessageOwned::Ipv6RecvErr(e, _) =
+                c
+            {
+                cause = Some((e.ee_origin, e.ee_type, e.ee_code));
+            }
+        }
+    }
+    Ok(Some(QueuedError {
+        dst,
+        cause,
+        len: msg.bytes,
+    }))
+}
+
 /// Sends datagrams `(destination, bytes)` on UDP socket `fd` with one `sendmmsg(2)` per 64;
 /// returns how many the kernel took (it stops at the first one it refuses) and whether it
 /// stopped because the socket's buffer was full (the rest may be sent when it drains).
@@ -705,6 +780,16 @@ pub fn send_datagrams(fd: RawFd, msgs: &[(std::net::SocketAddr, &[u8])]) -> (usi
             unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), hdrs.len() as u32, libc::MSG_DONTWAIT) };
         if n <= 0 {
             let full = io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock;
+            if n < 0 && !full {
+                // The first failure may be an ICMP error the socket reports once (it has
+                // `IP_RECVERR`, see `set_recv_errors`), not this datagram's: try it alone.
+                let (again, full) = send_datagrams_once(fd, &msgs[sent..sent + 1]);
+                if again == 0 {
+                    return (sent, full);
+                }
+                sent += 1;
+                continue;
+            }
             return (sent, n < 0 && full);
         }
         sent += n as usize;
@@ -771,12 +856,21 @@ pub fn send_segmented(
         (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
     }
-    // SAFETY: msg describes valid buffers for the duration of the call.
-    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
+    // A failure may be an ICMP error the socket reports once (see `set_recv_errors`), not this
+    // send's: then the second try goes.
+    let mut tries = 0;
+    loop {
+        // SAFETY: msg describes valid buffers for the duration of the call.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(data.len().div_ceil(usize::from(size)));
+        }
+        let e = io::Error::last_os_error();
+        tries += 1;
+        if tries == 2 || e.kind() == io::ErrorKind::WouldBlock {
+            return Err(e);
+        }
     }
-    Ok(data.len().div_ceil(usize::from(size)))
 }
 
 /// Whether the peer of stream socket `fd` has shut down its sending side (POLLRDHUP, which nix's

@@ -418,33 +418,80 @@ pub fn unreachable_for_syn(
     guest_seq: u32,
     id: u16,
 ) -> usize {
-    let write_ports = |t: &mut [u8]| {
-        t[..2].copy_from_slice(&guest.port().to_be_bytes());
-        t[2..4].copy_from_slice(&remote.port().to_be_bytes());
-        t[4..8].copy_from_slice(&guest_seq.to_be_bytes());
+    let quote = Quote {
+        proto: IpProtocol::Tcp,
+        guest,
+        remote,
+        l4_len: TCP_LEN,
+        word: guest_seq.to_be_bytes(),
     };
-    match (from, guest.ip(), remote.ip()) {
+    unreachable(buf, macs, from, code, &quote, id)
+}
+
+/// A destination-unreachable message (ICMP, or ICMPv6 for an IPv6 flow) for a datagram the
+/// guest sent from `guest` to `remote` with `payload_len` bytes: the host's network could not
+/// deliver it. `code` is ICMP's (0 net, 1 host, 3 port, 13 prohibited). The quote is rebuilt
+/// from the flow (IP header and UDP header), which is what the guest's kernel matches on.
+#[allow(clippy::too_many_arguments)]
+pub fn unreachable_for_udp(
+    buf: &mut [u8],
+    macs: Macs,
+    from: IpAddr,
+    code: u8,
+    guest: SocketAddr,
+    remote: SocketAddr,
+    payload_len: usize,
+    id: u16,
+) -> usize {
+    let len = u16::try_from(UDP_LEN + payload_len).unwrap_or(u16::MAX);
+    let mut word = [0; 4];
+    word[..2].copy_from_slice(&len.to_be_bytes()); // the checksum (word[2..]) is not matched on
+    let quote = Quote {
+        proto: IpProtocol::Udp,
+        guest,
+        remote,
+        l4_len: usize::from(len),
+        word,
+    };
+    unreachable(buf, macs, from, code, &quote, id)
+}
+
+/// The start of a packet the guest sent, as an ICMP error quotes it: the IP header, the ports,
+/// and the transport header's next four bytes.
+struct Quote {
+    proto: IpProtocol,
+    guest: SocketAddr,
+    remote: SocketAddr,
+    /// The transport segment's length (header and payload), for the quoted IP header.
+    l4_len: usize,
+    word: [u8; 4],
+}
+
+fn unreachable(buf: &mut [u8], macs: Macs, from: IpAddr, code: u8, q: &Quote, id: u16) -> usize {
+    let write_l4 = |t: &mut [u8]| {
+        t[..2].copy_from_slice(&q.guest.port().to_be_bytes());
+        t[2..4].copy_from_slice(&q.remote.port().to_be_bytes());
+        t[4..8].copy_from_slice(&q.word);
+    };
+    match (from, q.guest.ip(), q.remote.ip()) {
         (IpAddr::V4(from), IpAddr::V4(g), IpAddr::V4(r)) => {
             let quote_at = ICMP_AT + 8;
             buf[ICMP_AT..quote_at].copy_from_slice(&[3, code, 0, 0, 0, 0, 0, 0]);
-            write_ipv4(
-                &mut buf[quote_at..],
-                g,
-                r,
-                IpProtocol::Tcp,
-                IP_LEN + TCP_LEN,
-                0,
-            );
-            write_ports(&mut buf[quote_at + IP_LEN..]);
+            let total = (IP_LEN + q.l4_len).min(usize::from(u16::MAX));
+            write_ipv4(&mut buf[quote_at..], g, r, q.proto, total, 0);
+            write_l4(&mut buf[quote_at + IP_LEN..]);
             icmp(buf, macs, from, g, 8 + IP_LEN + 8, id)
         }
         (from, g, r) => {
             let quote_at = ICMP6_AT + 8;
-            write_ipv6(&mut buf[quote_at..], v6(g), v6(r), IpProtocol::Tcp, TCP_LEN);
-            write_ports(&mut buf[quote_at + IP6_LEN..]);
-            // no route (0), administratively prohibited (1), address unreachable (3)
+            let payload = q.l4_len.min(usize::from(u16::MAX));
+            write_ipv6(&mut buf[quote_at..], v6(g), v6(r), q.proto, payload);
+            write_l4(&mut buf[quote_at + IP6_LEN..]);
+            // no route (0), administratively prohibited (1), address unreachable (3), port
+            // unreachable (4)
             let code6 = match code {
                 0 => 0,
+                3 => 4,
                 13 => 1,
                 _ => 3,
             };

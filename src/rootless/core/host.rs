@@ -50,6 +50,41 @@ pub struct Ready {
     pub hup: bool,
 }
 
+/// Why the host could not deliver a datagram, as an ICMP or ICMPv6 destination-unreachable
+/// message reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    Network,
+    Host,
+    Port,
+    /// Administratively prohibited (a firewall said so).
+    Prohibited,
+}
+
+impl Unreachable {
+    /// The ICMP (IPv4) destination-unreachable code.
+    pub fn icmp_code(self) -> u8 {
+        match self {
+            Unreachable::Network => 0,
+            Unreachable::Host => 1,
+            Unreachable::Port => 3,
+            Unreachable::Prohibited => 13,
+        }
+    }
+}
+
+/// An error the host's network reported for a datagram a flow's socket sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DgramError {
+    /// Where the datagram was going (an IPv4 destination as IPv4, never IPv4-mapped).
+    pub dst: SocketAddr,
+    /// `None`: an error the guest is not told of (packet too big, time exceeded, a local
+    /// error).
+    pub unreachable: Option<Unreachable>,
+    /// Bytes of the datagram's payload the error quoted (perhaps fewer than were sent).
+    pub len: usize,
+}
+
 /// Host socket operations, one socket per flow. Every call is non-blocking.
 pub trait Host {
     /// Hands a frame to the guest.
@@ -82,6 +117,10 @@ pub trait Host {
     /// or `None` when there is none.
     fn udp_recv(&mut self, flow: FlowId, buf: &mut [u8])
         -> io::Result<Option<(SocketAddr, usize)>>;
+    /// Takes the oldest error the network reported for the flow's datagrams (the socket reports
+    /// them as `Ready::error`, and `udp_recv` may fail once for each), or `None` when there is
+    /// none.
+    fn udp_error(&mut self, flow: FlowId) -> io::Result<Option<DgramError>>;
 
     /// Opens an unprivileged ICMP (`v6`: ICMPv6) echo socket for the flow.
     fn ping_open(&mut self, flow: FlowId, v6: bool) -> io::Result<()>;

@@ -32,7 +32,7 @@ use smoltcp::wire::{
 };
 
 use frame::Macs;
-pub use host::{FlowId, Host, Peek, Ready, RxMeta, TxMeta};
+pub use host::{DgramError, FlowId, Host, Peek, Ready, RxMeta, TxMeta, Unreachable};
 use tcp::{Out, Segment, TcpFlow, Verdict};
 use udp::{PingFlow, UdpFlow};
 
@@ -211,6 +211,11 @@ pub struct Stats {
     pub udp_refused_policy: u64,
     pub udp_filtered: u64,
     pub udp_send_failed: u64,
+    /// Destination-unreachable messages passed on to the guest for its datagrams.
+    pub udp_unreachable: u64,
+    /// Errors for datagrams the guest is not told of (too big, time exceeded, local, or for a
+    /// peer the flow no longer remembers).
+    pub udp_error_ignored: u64,
     pub icmp_echo_local: u64,
     pub icmp_echo_forwarded: u64,
     pub icmp_unavailable: u64,
@@ -1016,7 +1021,7 @@ impl Core {
     pub fn on_ready<H: Host>(&mut self, host: &mut H, id: FlowId, ready: Ready, now: Instant) {
         match self.flows.get(id) {
             Some(Flow::Tcp(_)) => self.with_tcp(host, id, now, |f, out| f.on_ready(id, ready, out)),
-            Some(Flow::Udp(_)) => self.udp_readable(host, id, now),
+            Some(Flow::Udp(_)) => self.udp_readable(host, id, ready, now),
             Some(Flow::Ping(_)) => self.ping_readable(host, id, now),
             None => {}
         }
@@ -1031,7 +1036,7 @@ impl Core {
         self.arp_for_guest(host);
     }
 
-    fn udp_readable<H: Host>(&mut self, host: &mut H, id: FlowId, now: Instant) {
+    fn udp_readable<H: Host>(&mut self, host: &mut H, id: FlowId, ready: Ready, now: Instant) {
         let Some(macs) = self.macs() else {
             return self.wait_for_mac(host, id);
         };
@@ -1040,12 +1045,26 @@ impl Core {
         };
         let family = f.guest.ip();
         let max = usize::from(self.cfg.mtu) - frame::ip_len(family) - frame::UDP_LEN;
+        if ready.error {
+            self.udp_errors(host, id, macs);
+        }
+        // A receive fails once for each error the network reports (the socket's pending
+        // error); the errors themselves are then waiting to be taken.
+        let mut failures = 0;
         loop {
             let at = frame::udp_payload_at(family);
             let room = self.tx.len() - at;
             let (from, n) = match host.udp_recv(id, &mut self.tx[at..at + room]) {
                 Ok(Some(r)) => r,
-                _ => return,
+                Ok(None) => return,
+                Err(_) => {
+                    failures += 1;
+                    if failures > 8 {
+                        return;
+                    }
+                    self.udp_errors(host, id, macs);
+                    continue;
+                }
             };
             let Some(Flow::Udp(f)) = self.flows.get_mut(id) else {
                 return;
@@ -1080,6 +1099,40 @@ impl Core {
             );
             host.emit(&self.tx[..len], meta);
             self.stats.frames_out += 1;
+        }
+    }
+
+    /// Tells the guest of the errors the host's network reported for a UDP flow's datagrams:
+    /// a destination-unreachable message, as if from the destination (port unreachable) or
+    /// from the gateway (the rest), for each datagram to a peer the guest knows.
+    fn udp_errors<H: Host>(&mut self, host: &mut H, id: FlowId, macs: Macs) {
+        while let Ok(Some(err)) = host.udp_error(id) {
+            let Some(Flow::Udp(f)) = self.flows.get(id) else {
+                return;
+            };
+            let (Some(why), Some(seen)) = (err.unreachable, f.seen_as(err.dst)) else {
+                self.stats.udp_error_ignored += 1;
+                continue;
+            };
+            let guest = f.guest;
+            let from = match why {
+                Unreachable::Port => seen.ip(),
+                _ => self.cfg.gateway_for(guest.ip()),
+            };
+            self.ip_id = self.ip_id.wrapping_add(1);
+            let len = frame::unreachable_for_udp(
+                &mut self.tx,
+                macs,
+                from,
+                why.icmp_code(),
+                guest,
+                seen,
+                err.len,
+                self.ip_id,
+            );
+            host.emit(&self.tx[..len], TxMeta::default());
+            self.stats.frames_out += 1;
+            self.stats.udp_unreachable += 1;
         }
     }
 

@@ -83,6 +83,9 @@ impl Host for FakeHost {
     fn udp_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(SocketAddr, usize)>> {
         Ok(None)
     }
+    fn udp_error(&mut self, _: FlowId) -> io::Result<Option<super::DgramError>> {
+        Ok(None)
+    }
     fn ping_open(&mut self, _: FlowId, _: bool) -> io::Result<()> {
         Ok(())
     }

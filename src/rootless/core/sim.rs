@@ -11,7 +11,7 @@ use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
-use super::{Config, Core, FlowId, Host, Peek, Ready, RxMeta, TxMeta};
+use super::{Config, Core, DgramError, FlowId, Host, Peek, Ready, RxMeta, TxMeta};
 
 pub const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 pub const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
@@ -56,6 +56,10 @@ pub struct SimSock {
     pub reset: bool,
     pub udp_out: Vec<(SocketAddr, Vec<u8>)>,
     pub udp_in: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// ICMP errors for the socket's datagrams (the error queue), and whether the newest is
+    /// still to fail the next receive once, as the kernel's pending socket error does.
+    pub udp_errors: VecDeque<DgramError>,
+    pub udp_error_pending: bool,
 }
 
 pub struct SimHost {
@@ -200,10 +204,20 @@ impl Host for SimHost {
     }
     fn udp_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(SocketAddr, usize)>> {
         let s = self.sock(id)?;
+        if std::mem::take(&mut s.udp_error_pending) {
+            return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        }
         Ok(s.udp_in.pop_front().map(|(from, d)| {
             buf[..d.len()].copy_from_slice(&d);
             (from, d.len())
         }))
+    }
+    fn udp_error(&mut self, id: FlowId) -> io::Result<Option<DgramError>> {
+        let s = self.sock(id)?;
+        let e = s.udp_errors.pop_front();
+        // Taking an error leaves the next one (if any) pending, as the kernel does.
+        s.udp_error_pending = !s.udp_errors.is_empty();
+        Ok(e)
     }
     fn ping_open(&mut self, id: FlowId, _v6: bool) -> io::Result<()> {
         if !self.ping_allowed {
@@ -435,6 +449,7 @@ impl Sim {
                 ready.error = s.err.is_some();
             } else {
                 ready.readable = !s.udp_in.is_empty();
+                ready.error = !s.udp_errors.is_empty();
             }
             if ready != Ready::default() {
                 self.core.on_ready(&mut self.host, id, ready, now);

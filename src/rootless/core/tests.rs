@@ -10,7 +10,7 @@ use super::frame::{self, Macs, TcpHeader, ACK, FIN, RST, SYN};
 use super::host::Host;
 use super::sim::{Impair, Outcome, Sim, SimHost, GUEST_MAC, SERVER, SERVER6};
 use super::tcp::Verdict;
-use super::{Config, Core, Ready, RxMeta, GATEWAY_MAC};
+use super::{Config, Core, DgramError, Ready, RxMeta, Unreachable, GATEWAY_MAC};
 
 fn cfg() -> Config {
     let mut c = Config::for_cidr("10.0.2.0/24".parse().expect("cidr")).expect("config");
@@ -650,6 +650,151 @@ fn udp_to_a_refused_destination_gets_port_unreachable() {
     );
     assert_eq!(icmp_errors(&host), vec![(3, 3, 5354)]);
     assert!(host.socks.is_empty());
+}
+
+/// Errors the host's network reports for the guest's datagrams reach the guest as the
+/// destination-unreachable messages its kernel matches to the socket: from the destination as
+/// the guest knows it (port unreachable) or from the gateway (the rest), quoting a well-formed
+/// IP header and the UDP ports. A receive failing for the pending error loses no datagram.
+#[test]
+fn udp_errors_from_the_network_reach_the_guest_as_icmp() {
+    use smoltcp::wire::{Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet};
+    let mut c = cfg();
+    c.allow_host_loopback = true;
+    let mut core = Core::new(c);
+    let mut host = SimHost::new();
+    host.log_frames = true;
+    let t0 = std::time::Instant::now();
+    let server = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 10), 9);
+    let gw = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 7);
+    let loopback = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7);
+    for dst in [server, gw] {
+        core.on_frame(
+            &mut host,
+            &guest_udp(5355, dst, b"hello"),
+            RxMeta::default(),
+            t0,
+        );
+    }
+    let (&id, s) = host.socks.iter_mut().next().expect("a UDP socket");
+    assert_eq!(
+        s.udp_out,
+        vec![
+            (server.into(), b"hello".to_vec()),
+            (loopback.into(), b"hello".to_vec())
+        ]
+    );
+    let stranger = SocketAddr::from((Ipv4Addr::new(203, 0, 113, 5), 9));
+    for (dst, why) in [
+        (server.into(), Some(Unreachable::Port)),
+        (loopback.into(), Some(Unreachable::Port)),
+        (server.into(), Some(Unreachable::Host)),
+        (stranger, Some(Unreachable::Port)), // a peer the guest never sent to: not told
+        (server.into(), None),               // e.g. time exceeded: not told
+        (server.into(), Some(Unreachable::Prohibited)),
+    ] {
+        s.udp_errors.push_back(DgramError {
+            dst,
+            unreachable: why,
+            len: 5,
+        });
+    }
+    s.udp_error_pending = true;
+    s.udp_in.push_back((server.into(), b"answer".to_vec()));
+    // Readable only: the failed receive sends the core to the error queue.
+    core.on_ready(
+        &mut host,
+        id,
+        Ready {
+            readable: true,
+            ..Default::default()
+        },
+        t0,
+    );
+    let mut got = Vec::new();
+    for f in &host.log {
+        let eth = EthernetFrame::new_checked(&f[..]).expect("frame");
+        let ip = Ipv4Packet::new_checked(eth.payload()).expect("IPv4");
+        assert!(ip.verify_checksum());
+        if ip.next_header() != IpProtocol::Icmp {
+            continue;
+        }
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).expect("ICMP");
+        assert!(icmp.verify_checksum());
+        assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
+        let reason = Icmpv4DstUnreachable::from(icmp.msg_code());
+        // The quote: the guest's IP header as sent (its total length is the whole datagram's,
+        // more than is quoted, as with any ICMP error) and the UDP header.
+        let quoted = Ipv4Packet::new_unchecked(icmp.data());
+        assert!(quoted.verify_checksum(), "quoted IPv4 header checksum");
+        assert_eq!(quoted.header_len(), 20);
+        assert_eq!(quoted.total_len(), 20 + 13, "IP length: 20 + 8 + 5");
+        assert_eq!(quoted.src_addr(), GUEST);
+        assert_eq!(quoted.next_header(), IpProtocol::Udp);
+        let data = &icmp.data()[20..];
+        assert_eq!(data.len(), 8);
+        assert_eq!(&data[..2], &5355u16.to_be_bytes());
+        assert_eq!(&data[4..6], &13u16.to_be_bytes(), "UDP length: 8 + 5");
+        assert_eq!(ip.dst_addr(), GUEST);
+        let dport = u16::from_be_bytes([data[2], data[3]]);
+        got.push((ip.src_addr(), reason, quoted.dst_addr(), dport));
+    }
+    let s_ip = *server.ip();
+    let g_ip = *gw.ip();
+    assert_eq!(
+        got,
+        vec![
+            (s_ip, Icmpv4DstUnreachable::PortUnreachable, s_ip, 9),
+            (g_ip, Icmpv4DstUnreachable::PortUnreachable, g_ip, 7),
+            (g_ip, Icmpv4DstUnreachable::HostUnreachable, s_ip, 9),
+            (g_ip, Icmpv4DstUnreachable::CommProhibited, s_ip, 9),
+        ]
+    );
+    assert_eq!(core.stats().udp_unreachable, 4);
+    assert_eq!(core.stats().udp_error_ignored, 2);
+    // The datagram that waited behind the error still reached the guest.
+    assert_eq!(
+        udp_out(&host.to_guest),
+        vec![(server, SocketAddrV4::new(GUEST, 5355), b"answer".to_vec())]
+    );
+}
+
+/// The same over IPv6: ICMPv6 port unreachable from the destination, quoting the IPv6 header.
+#[test]
+fn udp_errors_over_ipv6_reach_the_guest_as_icmpv6() {
+    let (v6, mut core, mut host, t0, rx) = ipv6_core();
+    let server = std::net::Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 1);
+    let mut udp = vec![0x15, 0xbb, 0, 9, 0, 13, 0, 0];
+    udp.extend_from_slice(b"hello");
+    let f = guest_ipv6(GATEWAY_MAC, v6.guest, server, 17, 64, &udp, Some(6));
+    core.on_frame(&mut host, &f, rx, t0);
+    let (&id, s) = host.socks.iter_mut().next().expect("a UDP socket");
+    assert_eq!(s.udp_out.len(), 1);
+    s.udp_errors.push_back(DgramError {
+        dst: SocketAddr::from((server, 9)),
+        unreachable: Some(Unreachable::Port),
+        len: 5,
+    });
+    core.on_ready(
+        &mut host,
+        id,
+        Ready {
+            error: true,
+            ..Default::default()
+        },
+        t0,
+    );
+    let out = icmp6_out(&host.to_guest);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let (src, dst, kind, msg) = &out[0];
+    assert_eq!((*src, *dst, *kind, msg[1]), (server, v6.guest, 1, 4));
+    let q = &msg[8..];
+    assert_eq!(q[0] >> 4, 6, "a quoted IPv6 header");
+    assert_eq!(q[6], 17);
+    assert_eq!(&q[8..24], &v6.guest.octets());
+    assert_eq!(&q[24..40], &server.octets());
+    assert_eq!(&q[40..46], &[0x15, 0xbb, 0, 9, 0, 13]);
+    assert_eq!(core.stats().udp_unreachable, 1);
 }
 
 fn guest_echo(dst: Ipv4Addr, ident: u16) -> Vec<u8> {

@@ -479,6 +479,20 @@ fn refused_and_unreachable_fail_fast_and_loopback_needs_permission() {
         "UDP to an address nobody answers for: {text}"
     );
     assert_eq!(lines[5], "after-error", "{text}");
+    // An echo request to that address: the host's error reaches the container's ping socket
+    // (a ping socket in the container needs its group in the container's ping_group_range).
+    let text = r.run_ok(
+        &[],
+        &format!(
+            "echo '0 0' >/proc/sys/net/ipv4/ping_group_range; python3 {} echoerr 198.51.100.77",
+            r.helper()
+        ),
+    );
+    assert_eq!(
+        text.trim(),
+        "echo-error errno=113 origin=2 type=3 code=1 seq=7",
+        "host unreachable for an echo request"
+    );
     let text = r.run_ok(
         &["--allow-host-loopback"],
         "socat -u TCP:10.0.2.2:7200,connect-timeout=10 -; \
@@ -724,7 +738,8 @@ use crate::harness::{C_IP, H_CLIENT_SIDE_IP};
 
 /// A python3 helper: `echo PORT` serves a TCP echo on PORT for many clients at once; `clients
 /// HOST PORT N` opens N connections together, sends a distinct line on each, checks each echo,
-/// and prints `ok=<count>`.
+/// and prints `ok=<count>`; `echoerr HOST` pings HOST from a ping socket and prints the error
+/// that comes back.
 const PY_HELPER: &str = r#"
 import asyncio, resource, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -788,7 +803,26 @@ def udp_burst(host, port, n):
     for i in range(n):
         s.sendto(i.to_bytes(4, "big") + bytes([i % 251]) * 996, (host, port))
 
-if sys.argv[1] == "udpsink":
+def echo_error(host):
+    # An echo request from a ping socket with IP_RECVERR: the error the network sends back
+    # must reach this socket (matched by its identifier), quoting the request's sequence.
+    import select, socket, struct
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+    s.setsockopt(socket.SOL_IP, 11, 1)  # IP_RECVERR
+    s.sendto(b"\x08\x00\x00\x00\x00\x00\x00\x07" + b"x" * 16, (host, 0))
+    p = select.poll()
+    p.register(s, select.POLLERR)
+    if not p.poll(40000):
+        print("echo-error none")
+        return
+    msg, anc, _, _ = s.recvmsg(64, 512, socket.MSG_ERRQUEUE)
+    errno, origin, kind, code, _ = struct.unpack("IBBBB", anc[0][2][:8])
+    seq = struct.unpack("!H", msg[6:8])[0]
+    print(f"echo-error errno={errno} origin={origin} type={kind} code={code} seq={seq}")
+
+if sys.argv[1] == "echoerr":
+    echo_error(sys.argv[2])
+elif sys.argv[1] == "udpsink":
     udp_sink(int(sys.argv[2]), int(sys.argv[3]))
 elif sys.argv[1] == "udpburst":
     udp_burst(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

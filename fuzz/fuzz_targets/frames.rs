@@ -524,13 +524,8 @@ impl Host for FakeHost<'_> {
         Ok(Some((from, n)))
     }
 
-    fn udp_error(&mut self, flow: FlowId) -> io::Result<Option<DgramError>> {
-        let d = self.dgram(flow, "udp_error");
-        assert!(
-            matches!(d.kind, DgramKind::Udp),
-            "udp_error on a ping socket"
-        );
-        Ok(d.errors.pop_front())
+    fn dgram_error(&mut self, flow: FlowId) -> io::Result<Option<DgramError>> {
+        Ok(self.dgram(flow, "dgram_error").errors.pop_front())
     }
 
     fn ping_open(&mut self, flow: FlowId, v6: bool) -> io::Result<()> {
@@ -993,9 +988,10 @@ impl Sim<'_> {
             s.peek_error |= bits & 0x10 != 0;
         } else if let Some(d) = self.host.dgram.get_mut(&id) {
             d.recv_error |= bits & 0x10 != 0;
-            if bits & 0x10 != 0 && matches!(d.kind, DgramKind::Udp) {
+            if bits & 0x10 != 0 {
                 // An ICMP error for a datagram to a peer the flow sent to, or to a stranger.
                 let b = ev.u8();
+                let seq = ev.u8();
                 let dst = match d.sent_to.len() {
                     0 => SocketAddr::from((Ipv4Addr::new(1, 2, 3, 4), 5678)),
                     n => d.sent_to[usize::from(b) % n],
@@ -1011,6 +1007,7 @@ impl Sim<'_> {
                     dst,
                     unreachable,
                     len: usize::from(b & 0x1f) * 100,
+                    head: [8, 0, 0, 0, 0, 0, 0, seq],
                 });
             }
             for _ in 0..(bits >> 5) {

@@ -181,9 +181,9 @@ impl KernelHost {
         if !udp {
             self.bind_outbound(&s, domain == Domain::IPV6)?;
         }
-        if udp {
-            sys::set_recv_errors(s.as_raw_fd(), domain == Domain::IPV6)?;
-        }
+        let v6 = domain == Domain::IPV6;
+        // A UDP socket of either family may reach IPv4 peers; an echo socket only its own.
+        sys::set_recv_errors(s.as_raw_fd(), udp || !v6, v6)?;
         self.install(id, s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET)?;
         self.dgram_v6[id] = domain == Domain::IPV6;
         self.dgram_unbound[id] = udp;
@@ -469,7 +469,7 @@ impl Host for KernelHost {
         Ok(Some((from, n)))
     }
 
-    fn udp_error(&mut self, id: FlowId) -> io::Result<Option<DgramError>> {
+    fn dgram_error(&mut self, id: FlowId) -> io::Result<Option<DgramError>> {
         let fd = sock(&self.socks, id)?.as_raw_fd();
         // Entries without a destination say nothing usable: skipped (the queue is bounded by
         // the socket's receive buffer).
@@ -479,6 +479,7 @@ impl Host for KernelHost {
                 dst,
                 unreachable: e.cause.and_then(unreachable_from),
                 len: e.len,
+                head: e.head,
             }));
         }
         Ok(None)
@@ -493,9 +494,14 @@ impl Host for KernelHost {
     }
 
     fn ping_send(&mut self, id: FlowId, dst: IpAddr, icmp: &[u8]) -> io::Result<()> {
-        sock(&self.socks, id)?
-            .send_to(icmp, &SockAddr::from(SocketAddr::new(dst, 0)))
-            .map(drop)
+        let s = sock(&self.socks, id)?;
+        let to = SockAddr::from(SocketAddr::new(dst, 0));
+        match s.send_to(icmp, &to) {
+            Ok(_) => Ok(()),
+            // The failure may be an ICMP error the socket reports once, not this send's.
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => s.send_to(icmp, &to).map(drop),
+            Err(e) => Err(e),
+        }
     }
 
     fn ping_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(IpAddr, usize)>> {
@@ -793,7 +799,7 @@ impl KernelHost {
     /// datagrams meet, as the engine's own UDP sockets do.
     pub fn stage_bound_udp(&mut self, s: Socket) {
         let v6 = matches!(s.local_addr().ok().and_then(|a| a.as_socket()), Some(a) if a.is_ipv6());
-        if let Err(e) = sys::set_recv_errors(s.as_raw_fd(), v6) {
+        if let Err(e) = sys::set_recv_errors(s.as_raw_fd(), true, v6) {
             tracing::debug!("published UDP socket: no ICMP errors: {e}");
         }
         self.staged = Some((s, EpollFlags::EPOLLIN | EpollFlags::EPOLLET));

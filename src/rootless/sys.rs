@@ -667,16 +667,18 @@ fn sockaddr_to_std(sa: &libc::sockaddr_storage, len: usize) -> Option<std::net::
     }
 }
 
-/// Asks the kernel to queue the ICMP errors a UDP socket's datagrams meet (`IP_RECVERR`, and
-/// `IPV6_RECVERR` on an IPv6 socket, which also reaches IPv4 peers). An unconnected socket
-/// hears of none without it. Each error is then also reported once by the socket's next call
-/// (see `send_datagrams`).
-pub fn set_recv_errors(fd: RawFd, v6: bool) -> io::Result<()> {
+/// Asks the kernel to queue the ICMP errors a UDP or echo socket's datagrams meet: of IPv4
+/// (`IP_RECVERR`) and of IPv6 (`IPV6_RECVERR`), as asked (a dual-stack UDP socket wants both).
+/// An unconnected socket hears of none without it. Each error is then also reported once by
+/// the socket's next call (see `send_datagrams`).
+pub fn set_recv_errors(fd: RawFd, v4: bool, v6: bool) -> io::Result<()> {
     let s = std::mem::ManuallyDrop::new(
         // SAFETY: borrows the caller's open fd for the calls below; ManuallyDrop keeps it open.
         unsafe { socket2::Socket::from_raw_fd(fd) },
     );
-    nix::sys::socket::setsockopt(&*s, nix::sys::socket::sockopt::Ipv4RecvErr, &true)?;
+    if v4 {
+        nix::sys::socket::setsockopt(&*s, nix::sys::socket::sockopt::Ipv4RecvErr, &true)?;
+    }
     if v6 {
         nix::sys::socket::setsockopt(&*s, nix::sys::socket::sockopt::Ipv6RecvErr, &true)?;
     }
@@ -691,8 +693,10 @@ pub struct QueuedError {
     /// `(origin, type, code)` of `struct sock_extended_err`: origin `SO_EE_ORIGIN_ICMP` or
     /// `SO_EE_ORIGIN_ICMP6` for an error the network sent back.
     pub cause: Option<(u8, u8, u8)>,
-    /// Bytes of the datagram's payload that came back with it (at most 2 KiB are read).
+    /// Bytes of the datagram's payload that came back with it (at most 2 KiB are read), and
+    /// the first eight of them (zeros beyond `len`).
     pub len: usize,
+    pub head: [u8; 8],
 }
 
 /// Takes the oldest entry from UDP socket `fd`'s error queue (`MSG_ERRQUEUE`); `None` when the
@@ -735,10 +739,15 @@ pub fn take_dgram_error(fd: RawFd) -> io::Result<Option<QueuedError>> {
             }
         }
     }
+    let len = msg.bytes;
+    let mut head = [0; 8];
+    let n = len.min(8);
+    head[..n].copy_from_slice(&payload[..n]);
     Ok(Some(QueuedError {
         dst,
         cause,
-        len: msg.bytes,
+        len,
+        head,
     }))
 }
 

@@ -418,12 +418,16 @@ pub fn unreachable_for_syn(
     guest_seq: u32,
     id: u16,
 ) -> usize {
+    let mut head = [0; 8];
+    head[..2].copy_from_slice(&guest.port().to_be_bytes());
+    head[2..4].copy_from_slice(&remote.port().to_be_bytes());
+    head[4..].copy_from_slice(&guest_seq.to_be_bytes());
     let quote = Quote {
         proto: IpProtocol::Tcp,
-        guest,
-        remote,
+        src: guest.ip(),
+        dst: remote.ip(),
         l4_len: TCP_LEN,
-        word: guest_seq.to_be_bytes(),
+        head,
     };
     unreachable(buf, macs, from, code, &quote, id)
 }
@@ -444,49 +448,78 @@ pub fn unreachable_for_udp(
     id: u16,
 ) -> usize {
     let len = u16::try_from(UDP_LEN + payload_len).unwrap_or(u16::MAX);
-    let mut word = [0; 4];
-    word[..2].copy_from_slice(&len.to_be_bytes()); // the checksum (word[2..]) is not matched on
+    let mut head = [0; 8];
+    head[..2].copy_from_slice(&guest.port().to_be_bytes());
+    head[2..4].copy_from_slice(&remote.port().to_be_bytes());
+    head[4..6].copy_from_slice(&len.to_be_bytes()); // the checksum (6..8) is not matched on
     let quote = Quote {
         proto: IpProtocol::Udp,
-        guest,
-        remote,
+        src: guest.ip(),
+        dst: remote.ip(),
         l4_len: usize::from(len),
-        word,
+        head,
     };
     unreachable(buf, macs, from, code, &quote, id)
 }
 
-/// The start of a packet the guest sent, as an ICMP error quotes it: the IP header, the ports,
-/// and the transport header's next four bytes.
+/// A destination-unreachable message (ICMP, or ICMPv6 for an IPv6 flow) for an echo request of
+/// `len` bytes the guest sent from `guest` to `remote` with identifier `ident` and sequence
+/// number `seq`. `code` is ICMP's (0 net, 1 host, 13 prohibited).
+#[allow(clippy::too_many_arguments)]
+pub fn unreachable_for_echo(
+    buf: &mut [u8],
+    macs: Macs,
+    from: IpAddr,
+    code: u8,
+    guest: IpAddr,
+    remote: IpAddr,
+    (ident, seq, len): (u16, u16, usize),
+    id: u16,
+) -> usize {
+    let (proto, kind) = if guest.is_ipv4() {
+        (IpProtocol::Icmp, 8)
+    } else {
+        (IpProtocol::Icmpv6, 128)
+    };
+    let mut head = [kind, 0, 0, 0, 0, 0, 0, 0]; // the checksum (2..4) is not matched on
+    head[4..6].copy_from_slice(&ident.to_be_bytes());
+    head[6..].copy_from_slice(&seq.to_be_bytes());
+    let quote = Quote {
+        proto,
+        src: guest,
+        dst: remote,
+        l4_len: len.max(8),
+        head,
+    };
+    unreachable(buf, macs, from, code, &quote, id)
+}
+
+/// The start of a packet the guest sent, as an ICMP error quotes it: the IP header and the
+/// transport header's first eight bytes.
 struct Quote {
     proto: IpProtocol,
-    guest: SocketAddr,
-    remote: SocketAddr,
+    src: IpAddr,
+    dst: IpAddr,
     /// The transport segment's length (header and payload), for the quoted IP header.
     l4_len: usize,
-    word: [u8; 4],
+    head: [u8; 8],
 }
 
 fn unreachable(buf: &mut [u8], macs: Macs, from: IpAddr, code: u8, q: &Quote, id: u16) -> usize {
-    let write_l4 = |t: &mut [u8]| {
-        t[..2].copy_from_slice(&q.guest.port().to_be_bytes());
-        t[2..4].copy_from_slice(&q.remote.port().to_be_bytes());
-        t[4..8].copy_from_slice(&q.word);
-    };
-    match (from, q.guest.ip(), q.remote.ip()) {
+    match (from, q.src, q.dst) {
         (IpAddr::V4(from), IpAddr::V4(g), IpAddr::V4(r)) => {
             let quote_at = ICMP_AT + 8;
             buf[ICMP_AT..quote_at].copy_from_slice(&[3, code, 0, 0, 0, 0, 0, 0]);
             let total = (IP_LEN + q.l4_len).min(usize::from(u16::MAX));
             write_ipv4(&mut buf[quote_at..], g, r, q.proto, total, 0);
-            write_l4(&mut buf[quote_at + IP_LEN..]);
+            buf[quote_at + IP_LEN..quote_at + IP_LEN + 8].copy_from_slice(&q.head);
             icmp(buf, macs, from, g, 8 + IP_LEN + 8, id)
         }
         (from, g, r) => {
             let quote_at = ICMP6_AT + 8;
             let payload = q.l4_len.min(usize::from(u16::MAX));
             write_ipv6(&mut buf[quote_at..], v6(g), v6(r), q.proto, payload);
-            write_l4(&mut buf[quote_at + IP6_LEN..]);
+            buf[quote_at + IP6_LEN..quote_at + IP6_LEN + 8].copy_from_slice(&q.head);
             // no route (0), administratively prohibited (1), address unreachable (3), port
             // unreachable (4)
             let code6 = match code {

@@ -81,8 +81,11 @@ pub struct DgramError {
     /// `None`: an error the guest is not told of (packet too big, time exceeded, a local
     /// error).
     pub unreachable: Option<Unreachable>,
-    /// Bytes of the datagram's payload the error quoted (perhaps fewer than were sent).
+    /// Bytes of the datagram's payload that came back with the error (perhaps fewer than were
+    /// sent), and the first eight of them (zeros beyond `len`): for an echo socket, the
+    /// request's ICMP header.
     pub len: usize,
+    pub head: [u8; 8],
 }
 
 /// Host socket operations, one socket per flow. Every call is non-blocking.
@@ -117,17 +120,17 @@ pub trait Host {
     /// or `None` when there is none.
     fn udp_recv(&mut self, flow: FlowId, buf: &mut [u8])
         -> io::Result<Option<(SocketAddr, usize)>>;
-    /// Takes the oldest error the network reported for the flow's datagrams (the socket reports
-    /// them as `Ready::error`, and `udp_recv` may fail once for each), or `None` when there is
-    /// none.
-    fn udp_error(&mut self, flow: FlowId) -> io::Result<Option<DgramError>>;
-
     /// Opens an unprivileged ICMP (`v6`: ICMPv6) echo socket for the flow.
     fn ping_open(&mut self, flow: FlowId, v6: bool) -> io::Result<()>;
     /// Sends an echo request (type, code, id, seq and data; the kernel sets id and checksum).
     fn ping_send(&mut self, flow: FlowId, dst: IpAddr, icmp: &[u8]) -> io::Result<()>;
     /// Receives one echo reply (the ICMP or ICMPv6 message): its source and length.
     fn ping_recv(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Option<(IpAddr, usize)>>;
+
+    /// Takes the oldest error the network reported for a UDP or echo socket's datagrams (the
+    /// socket reports them as `Ready::error`, and `udp_recv`/`ping_recv` may fail once for
+    /// each), or `None` when there is none.
+    fn dgram_error(&mut self, flow: FlowId) -> io::Result<Option<DgramError>>;
 
     /// Closes a UDP or ICMP socket.
     fn dgram_close(&mut self, flow: FlowId);

@@ -219,6 +219,10 @@ pub struct Stats {
     pub icmp_echo_local: u64,
     pub icmp_echo_forwarded: u64,
     pub icmp_unavailable: u64,
+    /// Destination-unreachable messages passed on to the guest for its echo requests, and
+    /// errors for them it is not told of.
+    pub icmp_unreachable: u64,
+    pub icmp_error_ignored: u64,
     /// Neighbour and router solicitations answered (IPv6).
     pub ndp_answered: u64,
     /// New flows refused because `max_flows` or `max_buffered` was reached.
@@ -1022,7 +1026,7 @@ impl Core {
         match self.flows.get(id) {
             Some(Flow::Tcp(_)) => self.with_tcp(host, id, now, |f, out| f.on_ready(id, ready, out)),
             Some(Flow::Udp(_)) => self.udp_readable(host, id, ready, now),
-            Some(Flow::Ping(_)) => self.ping_readable(host, id, now),
+            Some(Flow::Ping(_)) => self.ping_readable(host, id, ready, now),
             None => {}
         }
     }
@@ -1106,7 +1110,7 @@ impl Core {
     /// a destination-unreachable message, as if from the destination (port unreachable) or
     /// from the gateway (the rest), for each datagram to a peer the guest knows.
     fn udp_errors<H: Host>(&mut self, host: &mut H, id: FlowId, macs: Macs) {
-        while let Ok(Some(err)) = host.udp_error(id) {
+        while let Ok(Some(err)) = host.dgram_error(id) {
             let Some(Flow::Udp(f)) = self.flows.get(id) else {
                 return;
             };
@@ -1136,7 +1140,38 @@ impl Core {
         }
     }
 
-    fn ping_readable<H: Host>(&mut self, host: &mut H, id: FlowId, now: Instant) {
+    /// Tells the guest of the errors the host's network reported for its echo requests: a
+    /// destination-unreachable message from the gateway quoting the request (the guest's
+    /// identifier, the request's sequence number).
+    fn ping_errors<H: Host>(&mut self, host: &mut H, id: FlowId, macs: Macs) {
+        while let Ok(Some(err)) = host.dgram_error(id) {
+            let Some(Flow::Ping(p)) = self.flows.get(id) else {
+                return;
+            };
+            let (guest, ident) = (p.guest, p.ident);
+            let Some(why) = err.unreachable.filter(|_| err.len >= 8) else {
+                self.stats.icmp_error_ignored += 1;
+                continue;
+            };
+            let seq = u16::from_be_bytes([err.head[6], err.head[7]]);
+            self.ip_id = self.ip_id.wrapping_add(1);
+            let len = frame::unreachable_for_echo(
+                &mut self.tx,
+                macs,
+                self.cfg.gateway_for(guest),
+                why.icmp_code(),
+                guest,
+                err.dst.ip(),
+                (ident, seq, err.len),
+                self.ip_id,
+            );
+            host.emit(&self.tx[..len], TxMeta::default());
+            self.stats.frames_out += 1;
+            self.stats.icmp_unreachable += 1;
+        }
+    }
+
+    fn ping_readable<H: Host>(&mut self, host: &mut H, id: FlowId, ready: Ready, now: Instant) {
         let Some(macs) = self.macs() else {
             return self.wait_for_mac(host, id);
         };
@@ -1150,10 +1185,23 @@ impl Core {
             (frame::ICMP6_AT, 129)
         };
         let room = usize::from(self.cfg.mtu) - frame::ip_len(family);
+        if ready.error {
+            self.ping_errors(host, id, macs);
+        }
+        let mut failures = 0;
         loop {
             let (from, n) = match host.ping_recv(id, &mut self.tx[at..at + room]) {
                 Ok(Some(r)) => r,
-                _ => return,
+                Ok(None) => return,
+                Err(_) => {
+                    // As for UDP: a pending error fails one receive.
+                    failures += 1;
+                    if failures > 8 {
+                        return;
+                    }
+                    self.ping_errors(host, id, macs);
+                    continue;
+                }
             };
             let Some(Flow::Ping(p)) = self.flows.get_mut(id) else {
                 return;

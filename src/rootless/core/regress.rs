@@ -83,7 +83,7 @@ impl Host for FakeHost {
     fn udp_recv(&mut self, _: FlowId, _: &mut [u8]) -> io::Result<Option<(SocketAddr, usize)>> {
         Ok(None)
     }
-    fn udp_error(&mut self, _: FlowId) -> io::Result<Option<super::DgramError>> {
+    fn dgram_error(&mut self, _: FlowId) -> io::Result<Option<super::DgramError>> {
         Ok(None)
     }
     fn ping_open(&mut self, _: FlowId, _: bool) -> io::Result<()> {

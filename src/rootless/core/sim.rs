@@ -58,8 +58,8 @@ pub struct SimSock {
     pub udp_in: VecDeque<(SocketAddr, Vec<u8>)>,
     /// ICMP errors for the socket's datagrams (the error queue), and whether the newest is
     /// still to fail the next receive once, as the kernel's pending socket error does.
-    pub udp_errors: VecDeque<DgramError>,
-    pub udp_error_pending: bool,
+    pub dgram_errors: VecDeque<DgramError>,
+    pub dgram_error_pending: bool,
 }
 
 pub struct SimHost {
@@ -204,7 +204,7 @@ impl Host for SimHost {
     }
     fn udp_recv(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Option<(SocketAddr, usize)>> {
         let s = self.sock(id)?;
-        if std::mem::take(&mut s.udp_error_pending) {
+        if std::mem::take(&mut s.dgram_error_pending) {
             return Err(io::Error::from_raw_os_error(libc::ECONNREFUSED));
         }
         Ok(s.udp_in.pop_front().map(|(from, d)| {
@@ -212,11 +212,11 @@ impl Host for SimHost {
             (from, d.len())
         }))
     }
-    fn udp_error(&mut self, id: FlowId) -> io::Result<Option<DgramError>> {
+    fn dgram_error(&mut self, id: FlowId) -> io::Result<Option<DgramError>> {
         let s = self.sock(id)?;
-        let e = s.udp_errors.pop_front();
+        let e = s.dgram_errors.pop_front();
         // Taking an error leaves the next one (if any) pending, as the kernel does.
-        s.udp_error_pending = !s.udp_errors.is_empty();
+        s.dgram_error_pending = !s.dgram_errors.is_empty();
         Ok(e)
     }
     fn ping_open(&mut self, id: FlowId, _v6: bool) -> io::Result<()> {
@@ -449,7 +449,7 @@ impl Sim {
                 ready.error = s.err.is_some();
             } else {
                 ready.readable = !s.udp_in.is_empty();
-                ready.error = !s.udp_errors.is_empty();
+                ready.error = !s.dgram_errors.is_empty();
             }
             if ready != Ready::default() {
                 self.core.on_ready(&mut self.host, id, ready, now);

@@ -693,13 +693,14 @@ fn udp_errors_from_the_network_reach_the_guest_as_icmp() {
         (server.into(), None),               // e.g. time exceeded: not told
         (server.into(), Some(Unreachable::Prohibited)),
     ] {
-        s.udp_errors.push_back(DgramError {
+        s.dgram_errors.push_back(DgramError {
             dst,
             unreachable: why,
             len: 5,
+            head: *b"hello\0\0\0",
         });
     }
-    s.udp_error_pending = true;
+    s.dgram_error_pending = true;
     s.udp_in.push_back((server.into(), b"answer".to_vec()));
     // Readable only: the failed receive sends the core to the error queue.
     core.on_ready(
@@ -770,10 +771,11 @@ fn udp_errors_over_ipv6_reach_the_guest_as_icmpv6() {
     core.on_frame(&mut host, &f, rx, t0);
     let (&id, s) = host.socks.iter_mut().next().expect("a UDP socket");
     assert_eq!(s.udp_out.len(), 1);
-    s.udp_errors.push_back(DgramError {
+    s.dgram_errors.push_back(DgramError {
         dst: SocketAddr::from((server, 9)),
         unreachable: Some(Unreachable::Port),
         len: 5,
+        head: *b"hello\0\0\0",
     });
     core.on_ready(
         &mut host,
@@ -873,6 +875,64 @@ fn echo_to_the_gateway_is_answered_and_others_go_through_ping_sockets() {
     core.on_frame(&mut host, &guest_echo(SERVER, 0x79), RxMeta::default(), now);
     assert_eq!(core.stats().icmp_unavailable, 1);
     assert_eq!(core.flow_count(), 0);
+}
+
+/// An error the host's network reports for an echo request reaches the guest from the gateway,
+/// quoting the request with the guest's own identifier (the host socket's is the kernel's) and
+/// the request's sequence number; a receive failing for the pending error loses no reply.
+#[test]
+fn echo_errors_reach_the_guest_with_its_identifier() {
+    let now = std::time::Instant::now();
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    core.on_frame(&mut host, &guest_echo(SERVER, 0x78), RxMeta::default(), now);
+    let (&id, s) = host.socks.iter_mut().next().expect("ping socket");
+    // The request as the host socket sent it: the kernel's identifier 0x1234, sequence 1.
+    let head = [8, 0, 0xab, 0xcd, 0x12, 0x34, 0, 1];
+    for why in [Some(Unreachable::Host), None] {
+        s.dgram_errors.push_back(DgramError {
+            dst: SocketAddrV4::new(SERVER, 0).into(),
+            unreachable: why,
+            len: 12,
+            head,
+        });
+    }
+    s.dgram_error_pending = true;
+    s.udp_in.push_back((
+        SocketAddrV4::new(SERVER, 0).into(),
+        vec![0, 0, 0, 0, 0x12, 0x34, 0, 2, b'p'],
+    ));
+    core.on_ready(
+        &mut host,
+        id,
+        Ready {
+            readable: true,
+            ..Default::default()
+        },
+        now,
+    );
+    let gw = Ipv4Addr::new(10, 0, 2, 2);
+    assert_eq!(
+        icmp_out(&host.to_guest),
+        vec![(gw, 3, 0), (SERVER, 0, 0x78)],
+        "the error, then the reply that waited behind it"
+    );
+    let f = &host.to_guest[0];
+    let m = &f[frame::ICMP_AT..];
+    assert_eq!(m[1], 1, "host unreachable");
+    let quoted = Ipv4Packet::new_unchecked(&m[8..]);
+    assert!(quoted.verify_checksum());
+    assert_eq!(quoted.src_addr(), GUEST);
+    assert_eq!(quoted.dst_addr(), SERVER);
+    assert_eq!(quoted.next_header(), IpProtocol::Icmp);
+    assert_eq!(quoted.total_len(), 20 + 12);
+    assert_eq!(
+        &m[28..36],
+        &[8, 0, 0, 0, 0, 0x78, 0, 1],
+        "type, identifier, sequence"
+    );
+    assert_eq!(core.stats().icmp_unreachable, 1);
+    assert_eq!(core.stats().icmp_error_ignored, 1);
 }
 
 #[test]

@@ -1281,10 +1281,23 @@ impl Core {
                 break;
             }
             self.timers.pop();
-            if let Some(Flow::Tcp(f)) = self.flows.get(id) {
-                if f.timer == Some(at) {
+            // A flow's wake-up is its earliest deadline; a later one comes due in its turn.
+            let Some(Flow::Tcp(f)) = self.flows.get_mut(id) else {
+                continue;
+            };
+            if f.wake != Some(at) {
+                continue; // stale: an earlier wake-up replaced it, or the id was reused
+            }
+            f.wake = None;
+            match f.timer {
+                Some(t) if t <= now => {
                     self.with_tcp(host, id, now, |f, out| f.on_timer(id, out));
                 }
+                Some(t) => {
+                    f.wake = Some(t);
+                    self.timers.push(Reverse((t, id)));
+                }
+                None => {}
             }
         }
         if self.next_sweep.is_some_and(|t| t <= now) {

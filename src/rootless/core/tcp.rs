@@ -125,7 +125,10 @@ pub(super) struct TcpFlow {
     dupacks: u8,
     rto: Duration,
     retries: u8,
+    /// When the flow's timer should fire, and the core's pending wake-up for the flow, if any
+    /// (never later than `timer`; see `arm`).
     pub timer: Option<Instant>,
+    pub wake: Option<Instant>,
     pub ack_queued: bool,
 }
 
@@ -170,6 +173,7 @@ impl TcpFlow {
             rto: RTO_INITIAL,
             retries: 0,
             timer: None,
+            wake: None,
             ack_queued: false,
         }
     }
@@ -234,10 +238,16 @@ impl TcpFlow {
         self.rcv_nxt.wrapping_sub(1)
     }
 
+    /// Sets the flow's timer. The core's heap holds at most one wake-up per flow, the earliest
+    /// asked for: a later deadline (the usual case, a retransmission timer pushed back on every
+    /// send) waits for that wake-up, which hands it on (`Core::on_timer`).
     fn arm(&mut self, id: FlowId, out: &mut Out<impl Host>, after: Duration) {
         let at = out.now + after;
         self.timer = Some(at);
-        out.timers.push((id, at));
+        if self.wake.is_none_or(|w| at < w) {
+            self.wake = Some(at);
+            out.timers.push((id, at));
+        }
     }
 
     /// The receive window to offer the guest, in bytes.

@@ -1284,6 +1284,57 @@ fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
     );
 }
 
+/// A flow's timer pushed back (a SYN sent again before its timeout) fires at the later time:
+/// the core's one wake-up per flow, due first, hands the deadline on.
+#[test]
+fn a_timer_pushed_back_fires_at_its_new_deadline() {
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    let t0 = std::time::Instant::now();
+    let ms = std::time::Duration::from_millis;
+    let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 40000);
+    core.on_frame(
+        &mut host,
+        &guest_udp(5000, SocketAddrV4::new(SERVER, 9), b"x"),
+        RxMeta::default(),
+        t0,
+    );
+    host.staged = Some(super::sim::SimSock {
+        dst: Some(client.into()),
+        connected: true,
+        cap: 1 << 20,
+        ..Default::default()
+    });
+    core.tcp_inbound(&mut host, client.into(), 80, t0)
+        .expect("a flow");
+    // The SYN's timer is due at 1 s; a bare ACK at 0.5 s sends it again and moves the timer to
+    // 1.5 s.
+    core.on_frame(
+        &mut host,
+        &guest_tcp(80, client, 5555, 777, ACK, &[], &[]),
+        RxMeta::default(),
+        t0 + ms(500),
+    );
+    let syns = |host: &SimHost| {
+        tcp_out(&host.to_guest)
+            .iter()
+            .filter(|s| s.3 == SYN)
+            .count()
+    };
+    assert_eq!(syns(&host), 2);
+    core.on_timer(&mut host, t0 + ms(1000));
+    assert_eq!(syns(&host), 2, "not due yet at 1 s");
+    let next = core.on_timer(&mut host, t0 + ms(1200));
+    assert_eq!(syns(&host), 2, "not due yet at 1.2 s");
+    assert_eq!(
+        next,
+        Some(t0 + ms(1500)),
+        "the next wake-up is the new deadline"
+    );
+    core.on_timer(&mut host, t0 + ms(1500));
+    assert_eq!(syns(&host), 3, "the SYN again at 1.5 s");
+}
+
 // ---- IPv6 (`Config::ipv6`) ----
 
 /// smoltcp's guest finds the gateway by neighbour discovery (answered by the core), then moves

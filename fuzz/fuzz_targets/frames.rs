@@ -996,13 +996,11 @@ impl Sim<'_> {
                     0 => SocketAddr::from((Ipv4Addr::new(1, 2, 3, 4), 5678)),
                     n => d.sent_to[usize::from(b) % n],
                 };
-                let unreachable = [
-                    None,
-                    Some(Unreachable::Port),
-                    Some(Unreachable::Host),
-                    Some(Unreachable::Network),
-                    Some(Unreachable::Prohibited),
-                ][usize::from(b >> 5) % 5];
+                let unreachable = match b >> 5 {
+                    0 => None,
+                    1..=3 => Some(Unreachable::V4(seq & 15)),
+                    _ => Some(Unreachable::V6(seq & 7)),
+                };
                 d.errors.push_back(DgramError {
                     dst,
                     unreachable,

@@ -535,21 +535,9 @@ impl Host for KernelHost {
 /// time exceeded, parameter problems, local errors).
 fn unreachable_from((origin, kind, code): (u8, u8, u8)) -> Option<Unreachable> {
     match (origin, kind) {
-        // ICMP destination unreachable (RFC 792, RFC 1812 5.2.7.1)
-        (libc::SO_EE_ORIGIN_ICMP, 3) => match code {
-            3 => Some(Unreachable::Port),
-            0 | 6 | 11 => Some(Unreachable::Network),
-            9 | 10 | 13..=15 => Some(Unreachable::Prohibited),
-            4 => None, // fragmentation needed: the host's path MTU, not the guest's concern
-            _ => Some(Unreachable::Host),
-        },
-        // ICMPv6 destination unreachable (RFC 4443 3.1)
-        (libc::SO_EE_ORIGIN_ICMP6, 1) => match code {
-            4 => Some(Unreachable::Port),
-            0 => Some(Unreachable::Network),
-            1 | 5 | 6 => Some(Unreachable::Prohibited),
-            _ => Some(Unreachable::Host),
-        },
+        // Fragmentation needed is about the host's path MTU, not the guest's concern.
+        (libc::SO_EE_ORIGIN_ICMP, 3) => (code != 4).then_some(Unreachable::V4(code)),
+        (libc::SO_EE_ORIGIN_ICMP6, 1) => Some(Unreachable::V6(code)),
         _ => None,
     }
 }

@@ -1214,6 +1214,58 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    /// Waits (at most 5 s) until `fd` reports an error (`POLLERR`).
+    fn wait_for_error(fd: RawFd) -> bool {
+        let mut p = libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut p, 1, 5000) == 1 && p.revents & libc::POLLERR != 0 }
+    }
+
+    /// On the test process's loopback (nothing is configured): a datagram to a closed port
+    /// brings a port unreachable back at once, which the socket then reports on its next call.
+    /// Neither way of sending loses the next datagram to it, and the error queue says what
+    /// happened.
+    #[test]
+    fn a_pending_icmp_error_costs_no_datagram_and_is_queued() {
+        use std::net::UdpSocket;
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        let to = rx.local_addr().expect("addr");
+        let closed = UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("a port, closed again");
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let fd = tx.as_raw_fd();
+        set_recv_errors(fd, true, false).expect("IP_RECVERR");
+        let mut buf = [0u8; 16];
+
+        tx.send_to(b"to-nobody", closed).expect("send");
+        assert!(wait_for_error(fd), "no port unreachable came back");
+        assert_eq!(send_datagrams(fd, &[(to, b"one")]), (1, false));
+        assert_eq!(rx.recv(&mut buf).ok(), Some(3));
+
+        tx.send_to(b"to-nobody", closed).expect("send");
+        assert!(wait_for_error(fd), "no port unreachable came back");
+        assert_eq!(send_segmented(fd, to, b"twotwo", 3).ok(), Some(2));
+        assert_eq!(rx.recv(&mut buf).ok(), Some(3));
+        assert_eq!(rx.recv(&mut buf).ok(), Some(3));
+
+        let want = QueuedError {
+            dst: Some(closed),
+            cause: Some((libc::SO_EE_ORIGIN_ICMP, 3, 3)),
+            len: 9,
+            head: *b"to-nobod",
+        };
+        assert_eq!(take_dgram_error(fd).ok(), Some(Some(want)));
+        assert_eq!(take_dgram_error(fd).ok(), Some(Some(want)));
+        assert_eq!(take_dgram_error(fd).ok(), Some(None));
+    }
+
     /// The filter, installed in a forked child: a denied call (`unshare`, with no flags: it
     /// would otherwise succeed) fails with EPERM, allowed ones (`prctl`, `getpid`) work.
     #[cfg(target_arch = "x86_64")]

@@ -10,7 +10,7 @@ use smoltcp::wire::{
 };
 
 use super::csum;
-use super::host::TxMeta;
+use super::host::{TxMeta, Unreachable};
 
 pub const ETH_LEN: usize = 14;
 pub const IP_LEN: usize = 20;
@@ -405,14 +405,13 @@ pub fn arp_request(buf: &mut [u8], ours: EthernetAddress, ip: Ipv4Addr, target: 
 
 /// A destination-unreachable message (ICMP, or ICMPv6 for an IPv6 flow) quoting a TCP SYN the
 /// guest sent (the IP header and the first 8 bytes of TCP, which is what the guest's kernel
-/// matches on). `code` is ICMP's (0 net, 1 host, 13 prohibited); ICMPv6 uses its own for these.
-/// Returns the frame length.
+/// matches on). Returns the frame length.
 #[allow(clippy::too_many_arguments)]
 pub fn unreachable_for_syn(
     buf: &mut [u8],
     macs: Macs,
     from: IpAddr,
-    code: u8,
+    why: Unreachable,
     guest: SocketAddr,
     remote: SocketAddr,
     guest_seq: u32,
@@ -429,19 +428,19 @@ pub fn unreachable_for_syn(
         l4_len: TCP_LEN,
         head,
     };
-    unreachable(buf, macs, from, code, &quote, id)
+    unreachable(buf, macs, from, why, &quote, id)
 }
 
 /// A destination-unreachable message (ICMP, or ICMPv6 for an IPv6 flow) for a datagram the
 /// guest sent from `guest` to `remote` with `payload_len` bytes: the host's network could not
-/// deliver it. `code` is ICMP's (0 net, 1 host, 3 port, 13 prohibited). The quote is rebuilt
-/// from the flow (IP header and UDP header), which is what the guest's kernel matches on.
+/// deliver it. The quote is rebuilt from the flow (IP header and UDP header), which is what the
+/// guest's kernel matches on.
 #[allow(clippy::too_many_arguments)]
 pub fn unreachable_for_udp(
     buf: &mut [u8],
     macs: Macs,
     from: IpAddr,
-    code: u8,
+    why: Unreachable,
     guest: SocketAddr,
     remote: SocketAddr,
     payload_len: usize,
@@ -459,18 +458,18 @@ pub fn unreachable_for_udp(
         l4_len: usize::from(len),
         head,
     };
-    unreachable(buf, macs, from, code, &quote, id)
+    unreachable(buf, macs, from, why, &quote, id)
 }
 
 /// A destination-unreachable message (ICMP, or ICMPv6 for an IPv6 flow) for an echo request of
 /// `len` bytes the guest sent from `guest` to `remote` with identifier `ident` and sequence
-/// number `seq`. `code` is ICMP's (0 net, 1 host, 13 prohibited).
+/// number `seq`.
 #[allow(clippy::too_many_arguments)]
 pub fn unreachable_for_echo(
     buf: &mut [u8],
     macs: Macs,
     from: IpAddr,
-    code: u8,
+    why: Unreachable,
     guest: IpAddr,
     remote: IpAddr,
     (ident, seq, len): (u16, u16, usize),
@@ -491,7 +490,7 @@ pub fn unreachable_for_echo(
         l4_len: len.max(8),
         head,
     };
-    unreachable(buf, macs, from, code, &quote, id)
+    unreachable(buf, macs, from, why, &quote, id)
 }
 
 /// The start of a packet the guest sent, as an ICMP error quotes it: the IP header and the
@@ -505,11 +504,18 @@ struct Quote {
     head: [u8; 8],
 }
 
-fn unreachable(buf: &mut [u8], macs: Macs, from: IpAddr, code: u8, q: &Quote, id: u16) -> usize {
+fn unreachable(
+    buf: &mut [u8],
+    macs: Macs,
+    from: IpAddr,
+    why: Unreachable,
+    q: &Quote,
+    id: u16,
+) -> usize {
     match (from, q.src, q.dst) {
         (IpAddr::V4(from), IpAddr::V4(g), IpAddr::V4(r)) => {
             let quote_at = ICMP_AT + 8;
-            buf[ICMP_AT..quote_at].copy_from_slice(&[3, code, 0, 0, 0, 0, 0, 0]);
+            buf[ICMP_AT..quote_at].copy_from_slice(&[3, why.icmp_code(), 0, 0, 0, 0, 0, 0]);
             let total = (IP_LEN + q.l4_len).min(usize::from(u16::MAX));
             write_ipv4(&mut buf[quote_at..], g, r, q.proto, total, 0);
             buf[quote_at + IP_LEN..quote_at + IP_LEN + 8].copy_from_slice(&q.head);
@@ -520,15 +526,7 @@ fn unreachable(buf: &mut [u8], macs: Macs, from: IpAddr, code: u8, q: &Quote, id
             let payload = q.l4_len.min(usize::from(u16::MAX));
             write_ipv6(&mut buf[quote_at..], v6(g), v6(r), q.proto, payload);
             buf[quote_at + IP6_LEN..quote_at + IP6_LEN + 8].copy_from_slice(&q.head);
-            // no route (0), administratively prohibited (1), address unreachable (3), port
-            // unreachable (4)
-            let code6 = match code {
-                0 => 0,
-                3 => 4,
-                13 => 1,
-                _ => 3,
-            };
-            unreachable6(buf, macs, v6(from), v6(g), code6, IP6_LEN + 8)
+            unreachable6(buf, macs, v6(from), v6(g), why.icmpv6_code(), IP6_LEN + 8)
         }
     }
 }

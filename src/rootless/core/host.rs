@@ -50,26 +50,49 @@ pub struct Ready {
     pub hup: bool,
 }
 
-/// Why the host could not deliver a datagram, as an ICMP or ICMPv6 destination-unreachable
-/// message reported it.
+/// Why a packet could not be delivered: a destination-unreachable message's code as the
+/// network sent it, so that a guest of the same family gets it unchanged (Linux treats some
+/// codes as fatal to a connected socket and others not), and a guest of the other family the
+/// nearest code of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unreachable {
-    Network,
-    Host,
-    Port,
-    /// Administratively prohibited (a firewall said so).
-    Prohibited,
+    /// ICMP destination unreachable (type 3; RFC 792, RFC 1812 5.2.7.1) with this code.
+    V4(u8),
+    /// ICMPv6 destination unreachable (type 1; RFC 4443 3.1) with this code.
+    V6(u8),
 }
 
 impl Unreachable {
-    /// The ICMP (IPv4) destination-unreachable code.
+    pub const NETWORK: Unreachable = Unreachable::V4(0);
+    pub const HOST: Unreachable = Unreachable::V4(1);
+    pub const PORT: Unreachable = Unreachable::V4(3);
+    pub const PROHIBITED: Unreachable = Unreachable::V4(13);
+
+    /// The code for an ICMP message.
     pub fn icmp_code(self) -> u8 {
         match self {
-            Unreachable::Network => 0,
-            Unreachable::Host => 1,
-            Unreachable::Port => 3,
-            Unreachable::Prohibited => 13,
+            Unreachable::V4(c) => c,
+            Unreachable::V6(0) => 0,          // no route
+            Unreachable::V6(1 | 5 | 6) => 13, // prohibited, policy, reject route
+            Unreachable::V6(4) => 3,          // port
+            Unreachable::V6(_) => 1,          // address unreachable and the rest
         }
+    }
+
+    /// The code for an ICMPv6 message.
+    pub fn icmpv6_code(self) -> u8 {
+        match self {
+            Unreachable::V6(c) => c,
+            Unreachable::V4(0 | 6 | 11) => 0, // network: no route
+            Unreachable::V4(3) => 4,          // port
+            Unreachable::V4(9 | 10 | 13..=15) => 1, // administratively prohibited
+            Unreachable::V4(_) => 3,          // host and the rest: address unreachable
+        }
+    }
+
+    /// A port unreachable, which the destination itself sends.
+    pub fn is_port(self) -> bool {
+        matches!(self, Unreachable::V4(3) | Unreachable::V6(4))
     }
 }
 

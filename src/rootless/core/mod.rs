@@ -424,8 +424,11 @@ impl Core {
         if src_mac.is_unicast() && self.guest_mac != Some(src_mac) {
             self.guest_mac = Some(src_mac);
             for id in std::mem::take(&mut self.mac_waiters) {
+                // A datagram socket's error queue may hold errors whose wake-up went by too.
+                let dgram = matches!(self.flows.get(id), Some(Flow::Udp(_) | Flow::Ping(_)));
                 let ready = Ready {
                     readable: true,
+                    error: dgram,
                     ..Default::default()
                 };
                 self.on_ready(host, id, ready, now);
@@ -1119,16 +1122,17 @@ impl Core {
                 continue;
             };
             let guest = f.guest;
-            let from = match why {
-                Unreachable::Port => seen.ip(),
-                _ => self.cfg.gateway_for(guest.ip()),
+            let from = if why.is_port() {
+                seen.ip()
+            } else {
+                self.cfg.gateway_for(guest.ip())
             };
             self.ip_id = self.ip_id.wrapping_add(1);
             let len = frame::unreachable_for_udp(
                 &mut self.tx,
                 macs,
                 from,
-                why.icmp_code(),
+                why,
                 guest,
                 seen,
                 err.len,
@@ -1159,7 +1163,7 @@ impl Core {
                 &mut self.tx,
                 macs,
                 self.cfg.gateway_for(guest),
-                why.icmp_code(),
+                why,
                 guest,
                 err.dst.ip(),
                 (ident, seq, err.len),

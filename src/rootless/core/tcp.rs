@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::frame::{self, Macs, TcpHeader, ACK, FIN, PSH, RST, SYN};
-use super::host::{FlowId, Host, Peek, TxMeta};
+use super::host::{FlowId, Host, Peek, TxMeta, Unreachable};
 use super::{Config, Stats};
 
 /// Window scale rnat offers: windows up to 8 MiB.
@@ -362,21 +362,21 @@ impl TcpFlow {
     /// for an address the host cannot reach.
     pub fn refuse_connect(&mut self, out: &mut Out<impl Host>, e: &std::io::Error) {
         out.stats.tcp_connect_failed += 1;
-        let code = match e.raw_os_error() {
+        let why = match e.raw_os_error() {
             Some(libc::ECONNREFUSED) | None => {
                 self.send_ctl(out, RST | ACK, 0, &[]);
                 return;
             }
-            Some(libc::ENETUNREACH) => 0,
-            Some(libc::EACCES) | Some(libc::EPERM) => 13,
-            Some(_) => 1,
+            Some(libc::ENETUNREACH) => Unreachable::NETWORK,
+            Some(libc::EACCES) | Some(libc::EPERM) => Unreachable::PROHIBITED,
+            Some(_) => Unreachable::HOST,
         };
         let id = out.next_id();
         let len = frame::unreachable_for_syn(
             out.tx,
             out.macs,
             out.cfg.gateway_for(self.guest.ip()),
-            code,
+            why,
             self.guest,
             self.remote,
             self.guest_isn(),

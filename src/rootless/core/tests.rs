@@ -686,12 +686,13 @@ fn udp_errors_from_the_network_reach_the_guest_as_icmp() {
     );
     let stranger = SocketAddr::from((Ipv4Addr::new(203, 0, 113, 5), 9));
     for (dst, why) in [
-        (server.into(), Some(Unreachable::Port)),
-        (loopback.into(), Some(Unreachable::Port)),
-        (server.into(), Some(Unreachable::Host)),
-        (stranger, Some(Unreachable::Port)), // a peer the guest never sent to: not told
+        (server.into(), Some(Unreachable::PORT)),
+        (loopback.into(), Some(Unreachable::PORT)),
+        (server.into(), Some(Unreachable::HOST)),
+        (stranger, Some(Unreachable::PORT)), // a peer the guest never sent to: not told
         (server.into(), None),               // e.g. time exceeded: not told
-        (server.into(), Some(Unreachable::Prohibited)),
+        (server.into(), Some(Unreachable::PROHIBITED)),
+        (server.into(), Some(Unreachable::V4(7))), // host unknown: passed on as it came
     ] {
         s.dgram_errors.push_back(DgramError {
             dst,
@@ -724,8 +725,9 @@ fn udp_errors_from_the_network_reach_the_guest_as_icmp() {
         assert!(icmp.verify_checksum());
         assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
         let reason = Icmpv4DstUnreachable::from(icmp.msg_code());
-        // The quote: the guest's IP header as sent (its total length is the whole datagram's,
-        // more than is quoted, as with any ICMP error) and the UDP header.
+        // The quote: the guest's IP header and the UDP header, rebuilt with the lengths of
+        // the payload that came back with the error (here all of it; a router's error may
+        // bring back less, so the lengths may be short of what the guest sent).
         let quoted = Ipv4Packet::new_unchecked(icmp.data());
         assert!(quoted.verify_checksum(), "quoted IPv4 header checksum");
         assert_eq!(quoted.header_len(), 20);
@@ -749,9 +751,10 @@ fn udp_errors_from_the_network_reach_the_guest_as_icmp() {
             (g_ip, Icmpv4DstUnreachable::PortUnreachable, g_ip, 7),
             (g_ip, Icmpv4DstUnreachable::HostUnreachable, s_ip, 9),
             (g_ip, Icmpv4DstUnreachable::CommProhibited, s_ip, 9),
+            (g_ip, Icmpv4DstUnreachable::DstHostUnknown, s_ip, 9),
         ]
     );
-    assert_eq!(core.stats().udp_unreachable, 4);
+    assert_eq!(core.stats().udp_unreachable, 5);
     assert_eq!(core.stats().udp_error_ignored, 2);
     // The datagram that waited behind the error still reached the guest.
     assert_eq!(
@@ -760,7 +763,8 @@ fn udp_errors_from_the_network_reach_the_guest_as_icmp() {
     );
 }
 
-/// The same over IPv6: ICMPv6 port unreachable from the destination, quoting the IPv6 header.
+/// The same over IPv6: ICMPv6 port unreachable from the destination, quoting the IPv6 header
+/// (an ICMP error mapped to its ICMPv6 code), then an ICMPv6 error with its code as it came.
 #[test]
 fn udp_errors_over_ipv6_reach_the_guest_as_icmpv6() {
     let (v6, mut core, mut host, t0, rx) = ipv6_core();
@@ -771,12 +775,14 @@ fn udp_errors_over_ipv6_reach_the_guest_as_icmpv6() {
     core.on_frame(&mut host, &f, rx, t0);
     let (&id, s) = host.socks.iter_mut().next().expect("a UDP socket");
     assert_eq!(s.udp_out.len(), 1);
-    s.dgram_errors.push_back(DgramError {
-        dst: SocketAddr::from((server, 9)),
-        unreachable: Some(Unreachable::Port),
-        len: 5,
-        head: *b"hello\0\0\0",
-    });
+    for why in [Unreachable::PORT, Unreachable::V6(5)] {
+        s.dgram_errors.push_back(DgramError {
+            dst: SocketAddr::from((server, 9)),
+            unreachable: Some(why),
+            len: 5,
+            head: *b"hello\0\0\0",
+        });
+    }
     core.on_ready(
         &mut host,
         id,
@@ -787,7 +793,9 @@ fn udp_errors_over_ipv6_reach_the_guest_as_icmpv6() {
         t0,
     );
     let out = icmp6_out(&host.to_guest);
-    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out.len(), 2, "{out:?}");
+    let (src, dst, kind, msg) = &out[1];
+    assert_eq!((*src, *dst, *kind, msg[1]), (v6.gateway, v6.guest, 1, 5));
     let (src, dst, kind, msg) = &out[0];
     assert_eq!((*src, *dst, *kind, msg[1]), (server, v6.guest, 1, 4));
     let q = &msg[8..];
@@ -796,7 +804,7 @@ fn udp_errors_over_ipv6_reach_the_guest_as_icmpv6() {
     assert_eq!(&q[8..24], &v6.guest.octets());
     assert_eq!(&q[24..40], &server.octets());
     assert_eq!(&q[40..46], &[0x15, 0xbb, 0, 9, 0, 13]);
-    assert_eq!(core.stats().udp_unreachable, 1);
+    assert_eq!(core.stats().udp_unreachable, 2);
 }
 
 fn guest_echo(dst: Ipv4Addr, ident: u16) -> Vec<u8> {
@@ -889,7 +897,7 @@ fn echo_errors_reach_the_guest_with_its_identifier() {
     let (&id, s) = host.socks.iter_mut().next().expect("ping socket");
     // The request as the host socket sent it: the kernel's identifier 0x1234, sequence 1.
     let head = [8, 0, 0xab, 0xcd, 0x12, 0x34, 0, 1];
-    for why in [Some(Unreachable::Host), None] {
+    for why in [Some(Unreachable::HOST), None] {
         s.dgram_errors.push_back(DgramError {
             dst: SocketAddrV4::new(SERVER, 0).into(),
             unreachable: why,

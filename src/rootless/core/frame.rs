@@ -417,17 +417,13 @@ pub fn unreachable_for_syn(
     guest_seq: u32,
     id: u16,
 ) -> usize {
-    let mut head = [0; 8];
-    head[..2].copy_from_slice(&guest.port().to_be_bytes());
-    head[2..4].copy_from_slice(&remote.port().to_be_bytes());
-    head[4..].copy_from_slice(&guest_seq.to_be_bytes());
-    let quote = Quote {
-        proto: IpProtocol::Tcp,
-        src: guest.ip(),
-        dst: remote.ip(),
-        l4_len: TCP_LEN,
-        head,
-    };
+    let quote = Quote::ports(
+        IpProtocol::Tcp,
+        guest,
+        remote,
+        TCP_LEN,
+        guest_seq.to_be_bytes(),
+    );
     unreachable(buf, macs, from, why, &quote, id)
 }
 
@@ -447,17 +443,15 @@ pub fn unreachable_for_udp(
     id: u16,
 ) -> usize {
     let len = u16::try_from(UDP_LEN + payload_len).unwrap_or(u16::MAX);
-    let mut head = [0; 8];
-    head[..2].copy_from_slice(&guest.port().to_be_bytes());
-    head[2..4].copy_from_slice(&remote.port().to_be_bytes());
-    head[4..6].copy_from_slice(&len.to_be_bytes()); // the checksum (6..8) is not matched on
-    let quote = Quote {
-        proto: IpProtocol::Udp,
-        src: guest.ip(),
-        dst: remote.ip(),
-        l4_len: usize::from(len),
-        head,
-    };
+    let [hi, lo] = len.to_be_bytes();
+    // the checksum (the last two bytes) is not matched on
+    let quote = Quote::ports(
+        IpProtocol::Udp,
+        guest,
+        remote,
+        usize::from(len),
+        [hi, lo, 0, 0],
+    );
     unreachable(buf, macs, from, why, &quote, id)
 }
 
@@ -502,6 +496,29 @@ struct Quote {
     /// The transport segment's length (header and payload), for the quoted IP header.
     l4_len: usize,
     head: [u8; 8],
+}
+
+impl Quote {
+    /// A TCP or UDP quote: the ports, then `rest`.
+    fn ports(
+        proto: IpProtocol,
+        guest: SocketAddr,
+        remote: SocketAddr,
+        l4_len: usize,
+        rest: [u8; 4],
+    ) -> Quote {
+        let mut head = [0; 8];
+        head[..2].copy_from_slice(&guest.port().to_be_bytes());
+        head[2..4].copy_from_slice(&remote.port().to_be_bytes());
+        head[4..].copy_from_slice(&rest);
+        Quote {
+            proto,
+            src: guest.ip(),
+            dst: remote.ip(),
+            l4_len,
+            head,
+        }
+    }
 }
 
 fn unreachable(

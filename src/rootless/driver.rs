@@ -455,18 +455,7 @@ impl Host for KernelHost {
             Err(nix::errno::Errno::EAGAIN) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let from = if let Some(a) = from.as_sockaddr_in() {
-            SocketAddr::V4(SocketAddrV4::from(*a))
-        } else if let Some(a) = from.as_sockaddr_in6() {
-            let a = SocketAddrV6::from(*a);
-            match a.ip().to_ipv4_mapped() {
-                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, a.port())),
-                None => SocketAddr::V6(a),
-            }
-        } else {
-            return Ok(None);
-        };
-        Ok(Some((from, n)))
+        Ok(sys::storage_to_std(&from).map(|from| (from, n)))
     }
 
     fn dgram_error(&mut self, id: FlowId) -> io::Result<Option<DgramError>> {

@@ -685,6 +685,20 @@ pub fn set_recv_errors(fd: RawFd, v4: bool, v6: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// The address in `a`, if it is IPv4 or IPv6; an IPv4-mapped IPv6 address comes back as IPv4.
+pub fn storage_to_std(a: &nix::sys::socket::SockaddrStorage) -> Option<std::net::SocketAddr> {
+    if let Some(a) = a.as_sockaddr_in() {
+        return Some(std::net::SocketAddr::V4((*a).into()));
+    }
+    a.as_sockaddr_in6().map(|a| {
+        let a = std::net::SocketAddrV6::from(*a);
+        match a.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddrV4::new(v4, a.port()).into(),
+            None => a.into(),
+        }
+    })
+}
+
 /// One entry of a socket's error queue, as `take_dgram_error` read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueuedError {
@@ -716,19 +730,7 @@ pub fn take_dgram_error(fd: RawFd) -> io::Result<Option<QueuedError>> {
         Err(nix::errno::Errno::EAGAIN) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let dst = msg.address.and_then(|a| {
-        if let Some(a) = a.as_sockaddr_in() {
-            Some(std::net::SocketAddr::V4((*a).into()))
-        } else {
-            a.as_sockaddr_in6().map(|a| {
-                let a = std::net::SocketAddrV6::from(*a);
-                match a.ip().to_ipv4_mapped() {
-                    Some(v4) => std::net::SocketAddrV4::new(v4, a.port()).into(),
-                    None => a.into(),
-                }
-            })
-        }
-    });
+    let dst = msg.address.as_ref().and_then(storage_to_std);
     let mut cause = None;
     if let Ok(cmsgs) = msg.cmsgs() {
         for c in cmsgs {

@@ -357,7 +357,15 @@ impl FakeHost<'_> {
         match ip[6] {
             6 => assert!(seg.len() >= 20 && l4_ok(16), "TCP over IPv6"),
             17 => assert!(seg.len() >= 8 && l4_ok(6), "UDP over IPv6"),
-            58 => assert!(seg.len() >= 8 && meta.csum.is_none() && whole(), "ICMPv6"),
+            58 => {
+                assert!(seg.len() >= 8 && meta.csum.is_none() && whole(), "ICMPv6");
+                if seg[0] == 1 {
+                    // An error quotes an IPv6 header from the guest and 8 bytes after it.
+                    let q = &seg[8..];
+                    assert!(q.len() >= 48 && q[0] >> 4 == 6, "quoted IPv6 header");
+                    assert_eq!(&q[8..10], &[0xfd, 0x00], "quoted source: the guest's");
+                }
+            }
             p => panic!("IPv6 next header {p} to the guest"),
         }
         if meta.gso_mss.is_none() {

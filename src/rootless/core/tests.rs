@@ -1583,6 +1583,36 @@ fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
     assert_eq!(out.len(), 1);
     assert_eq!((out[0].0, out[0].1, out[0].2), (SERVER6, v6.guest, 129));
     assert_eq!(&out[0].3[4..], &echo[4..], "the guest's identifier back");
+    // An error for the request comes back from the gateway as ICMPv6, quoting an echo request
+    // (type 128) with the guest's identifier and the request's sequence number.
+    let s = host.socks.get_mut(&id).expect("the ping socket");
+    s.dgram_errors.push_back(DgramError {
+        dst: SocketAddr::new(SERVER6.into(), 0),
+        unreachable: Some(Unreachable::V6(3)),
+        len: 10,
+        head: [128, 0, 0xab, 0xcd, 0x77, 0x77, 0, 1],
+    });
+    host.to_guest.clear();
+    let error = Ready {
+        error: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, id, error, now);
+    let out = icmp6_out(&host.to_guest);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].0, out[0].1, out[0].2), (v6.gateway, v6.guest, 1));
+    let m = &out[0].3;
+    assert_eq!(m[1], 3, "address unreachable, as it came");
+    let q = &m[8..];
+    assert_eq!(
+        (q[0] >> 4, q[6]),
+        (6, 58),
+        "a quoted IPv6 header of an ICMPv6 packet"
+    );
+    assert_eq!(u16::from_be_bytes([q[4], q[5]]), 10, "its payload length");
+    assert_eq!(&q[8..24], &v6.guest.octets());
+    assert_eq!(&q[24..40], &SERVER6.octets());
+    assert_eq!(&q[40..48], &[128, 0, 0, 0, 0x12, 0x34, 0, 1]);
     // Echo from :: is nobody's to answer.
     host.to_guest.clear();
     let f = guest_ipv6(GATEWAY_MAC, ip("::"), v6.gateway, 58, 64, &echo, Some(2));

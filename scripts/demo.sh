@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A guided demo of rootful rnat, run entirely inside throwaway network namespaces (the machine's own
-# network is never touched):
+# A guided demo of rnat, rootful then rootless, run entirely inside throwaway network namespaces
+# (the machine's own network is never touched; the rootless part creates the system user
+# rnat-demo and opens /dev/net/tun to everyone, as the test suite does):
 #   "host"     where rnat runs, as it would on a server (its address 203.0.113.1)
 #   "client"   another machine on the host's network (203.0.113.2)
 #   "upstream" the internet (198.51.100.2), reached through the host's masquerade
@@ -76,4 +77,52 @@ kill -TERM "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
 echo "links left on the host:  $(ip -n "$H" -br link | awk '{print $1}' | grep -c '^rv' || true) veths"
 echo "map elements left:       $(in_ns "$H" nft -j list map ip rnat pub_any | jq '[.nftables[] | .map? | select(.) | (.elem // []) | length] | add')"
 echo "containers:              $(in_ns "$H" "$RNAT" ps --json | tr -d '\n ')"
+
+# Rootless: the same host, rnat run by an ordinary user. It needs a user (created once, as the
+# test suite does), /dev/net/tun open to everyone (as most distributions ship it), and, for
+# ping, ping sockets allowed in the demo's host namespace.
+id -u rnat-demo >/dev/null 2>&1 ||
+  useradd --system --no-create-home --shell /usr/sbin/nologin rnat-demo
+[ "$(stat -c %a /dev/net/tun)" = 666 ] || chmod 0666 /dev/net/tun
+in_ns "$H" sysctl -qw net.ipv4.ping_group_range="0 2147483647"
+cp "$RNAT" "$work/rnat"
+chmod 755 "$work" "$work/rnat"
+as_user() {
+  ip netns exec "$H" setpriv --reuid rnat-demo --regid rnat-demo --clear-groups -- \
+    env -u XDG_RUNTIME_DIR "$@"
+}
+
+step "Rootless: as the ordinary user rnat-demo, rnat run -p 8081:80 -- a server that says who called"
+# Not through as_user: a shell function in the background is a subshell, and $! must be rnat's
+# PID (ip netns exec, setpriv and env each exec the next).
+# shellcheck disable=SC2016  # $SOCAT_PEERADDR is expanded by socat's shell, not this one
+ip netns exec "$H" setpriv --reuid rnat-demo --regid rnat-demo --clear-groups -- \
+  env -u XDG_RUNTIME_DIR "$work/rnat" run -p 8081:80 -- \
+  socat TCP-LISTEN:80,fork,reuseaddr SYSTEM:'echo the container saw you as $SOCAT_PEERADDR' &
+pids+=($!)
+for _ in $(seq 50); do
+  in_ns "$H" socat -t 1 - TCP:127.0.0.1:8081 </dev/null >/dev/null 2>&1 && break; sleep 0.1
+done
+as_user "$work/rnat" ps
+
+step "The client (203.0.113.2) calls 203.0.113.1:8081: through rnat's user-space NAT, its own address kept"
+in_ns "$C" socat -t 3 - TCP:203.0.113.1:8081 </dev/null
+
+step "The host calls 127.0.0.1:8081: spliced kernel to kernel inside the container"
+in_ns "$H" socat -t 3 - TCP:127.0.0.1:8081 </dev/null
+
+step "From a rootless container: upstream sees the host's address, ping works, a closed port fails at once (TCP and UDP)"
+# shellcheck disable=SC2016
+ip netns exec "$U" socat TCP-LISTEN:7001,reuseaddr,fork SYSTEM:'echo upstream saw you as $SOCAT_PEERADDR' &
+pids+=($!)
+sleep 0.3
+as_user "$work/rnat" run -- sh -c '
+  socat -t 3 - TCP:198.51.100.2:7001 </dev/null
+  busybox ping -c 1 -W 3 198.51.100.2 | grep "bytes from"
+  socat -u TCP:198.51.100.2:9 - 2>&1 | sed "s/.*): /TCP to a closed port: /"
+  echo x | socat -t 10 - UDP:198.51.100.2:9 2>&1 | sed "s/.*): /UDP to a closed port: /"'
+
+step "Stopping the rootless instance"
+kill -TERM "${pids[2]}"; wait "${pids[2]}" 2>/dev/null || true
+echo "rootless instances left: $(as_user "$work/rnat" ps --json | jq length)"
 step "Done"

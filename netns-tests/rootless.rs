@@ -975,6 +975,16 @@ fn peer_ips(output: &str) -> Vec<std::net::IpAddr> {
         .collect()
 }
 
+/// Asserts that the server behind a published port saw exactly the client addresses `want`.
+fn assert_seen(peer: Finished, want: &[&str], what: &str) {
+    assert_eq!(
+        peer_ips(&peer.stdout_str()),
+        ips(want),
+        "{what}\n{}",
+        peer.describe()
+    );
+}
+
 fn ips(v: &[&str]) -> Vec<std::net::IpAddr> {
     v.iter().map(|s| s.parse().expect("IP address")).collect()
 }
@@ -1047,26 +1057,20 @@ fn published_ports_over_ipv6() {
         "::1 client, splice path",
     );
     assert_tcp_echo(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8080, &data, "IPv4 client");
-    let peer = tcp_exchange(&r.t, &r.t.c, H6, 8081, b"");
-    assert_eq!(
-        peer_ips(&peer.stdout_str()),
-        ips(&[C6]),
-        "the container sees the IPv6 client\n{}",
-        peer.describe()
+    assert_seen(
+        tcp_exchange(&r.t, &r.t.c, H6, 8081, b""),
+        &[C6],
+        "the container sees the IPv6 client",
     );
-    let peer = udp_exchange(&r.t, &r.t.c, H6, 5353, b"hello\n");
-    assert_eq!(
-        peer_ips(&peer.stdout_str()),
-        ips(&[C6]),
-        "UDP over IPv6 keeps the client address\n{}",
-        peer.describe()
+    assert_seen(
+        udp_exchange(&r.t, &r.t.c, H6, 5353, b"hello\n"),
+        &[C6],
+        "UDP over IPv6 keeps the client address",
     );
-    let peer = udp_exchange(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 5353, b"hello\n");
-    assert_eq!(
-        peer_ips(&peer.stdout_str()),
-        ips(&[C_IP]),
-        "UDP over IPv4 goes on\n{}",
-        peer.describe()
+    assert_seen(
+        udp_exchange(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 5353, b"hello\n"),
+        &[C_IP],
+        "UDP over IPv4 goes on",
     );
     stop(&mut bg);
 
@@ -1099,12 +1103,10 @@ fn published_ports_over_ipv6() {
         &data,
         "IPv6 client, spliced to IPv4",
     );
-    let peer = tcp_exchange(&r.t, &r.t.c, H6, 8081, b"");
-    assert_eq!(
-        peer_ips(&peer.stdout_str()),
-        ips(&["127.0.0.1"]),
-        "an IPv6 client arrives as a loopback client does\n{}",
-        peer.describe()
+    assert_seen(
+        tcp_exchange(&r.t, &r.t.c, H6, 8081, b""),
+        &["127.0.0.1"],
+        "an IPv6 client arrives as a loopback client does",
     );
     let peer = udp_exchange(&r.t, &r.t.c, H6, 5353, b"hello\n");
     assert!(

@@ -273,6 +273,13 @@ fn bulk_tcp_both_ways_arrives_intact() {
     let t = topology!("rl_bulk");
     let r = rig(t);
     let (want, file, _servers) = hash_servers(&r, "TCP-LISTEN", 24 << 20, 11);
+    let helper = r.helper();
+    let _urgent = r.t.server(
+        &r.t.u,
+        &strings(&["python3", &helper, "urgent", "7102"]),
+        "tcp",
+        7102,
+    );
     // The last round peeks without SO_PEEK_OFF, as on kernels before 6.9.
     // The packet ring link carries the same bytes (its reordering guard and the kernel's
     // segmentation of its large frames are what the ring rounds check).
@@ -283,15 +290,17 @@ fn bulk_tcp_both_ways_arrives_intact() {
         ("65520", Some(("RNAT_LINK", "ring"))),
         ("1500", Some(("RNAT_LINK", "ring"))),
     ] {
+        // Then a line that ends in TCP urgent data: all of it arrives, though the peek that
+        // finds the line stops short at the urgent mark, with its last byte still queued.
         let script = format!(
-            "socat -t 30 -T 60 - TCP:{U_IP}:7100 <{file} | cut -d' ' -f1; socat -u -T 60 TCP:{U_IP}:7101 - | sha256sum | cut -d' ' -f1"
+            "socat -t 30 -T 60 - TCP:{U_IP}:7100 <{file} | cut -d' ' -f1; socat -u -T 60 TCP:{U_IP}:7101 - | sha256sum | cut -d' ' -f1; python3 {helper} line {U_IP} 7102"
         );
         let text = r.run_env_ok(env.as_slice(), &["--mtu", mtu], &script);
-        let hashes: Vec<&str> = text.lines().collect();
+        let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
-            hashes,
-            vec![want.as_str(), want.as_str()],
-            "MTU {mtu} {env:?}: upload then download hash"
+            lines,
+            vec![want.as_str(), want.as_str(), "b'before-the-mark\\n'"],
+            "MTU {mtu} {env:?}: upload then download hash, then the line with urgent data"
         );
     }
 }
@@ -820,8 +829,50 @@ def echo_error(host):
     seq = struct.unpack("!H", msg[6:8])[0]
     print(f"echo-error errno={errno} origin={origin} type={kind} code={code} seq={seq}")
 
+def urgent_server(port):
+    # Each client gets one line whose last byte is TCP urgent data (MSG_OOB marks the last byte
+    # sent): a peek stops short at the urgent mark, with the newline still queued behind it.
+    import socket, threading
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(16)
+    srv.settimeout(120)
+    def one(c):
+        c.settimeout(60)
+        c.send(b"before-the-mark\n", socket.MSG_OOB)
+        try:
+            while c.recv(4096):
+                pass
+        except OSError:
+            pass
+        c.close()
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=one, args=(c,), daemon=True).start()
+
+def first_line(host, port):
+    # Connects, prints the first line the server sends; the server then waits for us.
+    import socket
+    s = socket.create_connection((host, port), timeout=30)
+    s.settimeout(20)
+    got = b""
+    try:
+        while not got.endswith(b"\n"):
+            d = s.recv(4096)
+            if not d:
+                break
+            got += d
+    except socket.timeout:
+        got += b"<timeout>"
+    print(repr(got))
+
 if sys.argv[1] == "echoerr":
     echo_error(sys.argv[2])
+elif sys.argv[1] == "urgent":
+    urgent_server(int(sys.argv[2]))
+elif sys.argv[1] == "line":
+    first_line(sys.argv[2], int(sys.argv[3]))
 elif sys.argv[1] == "udpsink":
     udp_sink(int(sys.argv[2]), int(sys.argv[3]))
 elif sys.argv[1] == "udpburst":

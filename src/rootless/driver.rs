@@ -279,6 +279,7 @@ impl Host for KernelHost {
         let flags = EpollFlags::EPOLLIN
             | EpollFlags::EPOLLOUT
             | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLPRI
             | EpollFlags::EPOLLET;
         self.install(id, s, flags)
     }
@@ -760,6 +761,7 @@ impl KernelHost {
         let flags = EpollFlags::EPOLLIN
             | EpollFlags::EPOLLOUT
             | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLPRI
             | EpollFlags::EPOLLET;
         self.staged = Some((s, flags));
         Ok(())
@@ -885,10 +887,13 @@ pub fn serve(
                         host.udp_woken.push(id as usize);
                     }
                     let ready = Ready {
-                        readable: flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP),
+                        readable: flags.intersects(
+                            EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLPRI,
+                        ),
                         writable: flags.contains(EpollFlags::EPOLLOUT),
                         error: flags.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP),
                         hup: flags.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP),
+                        urgent: flags.contains(EpollFlags::EPOLLPRI),
                     };
                     core.on_ready(host, id as usize, ready, now);
                 }

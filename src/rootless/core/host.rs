@@ -48,6 +48,8 @@ pub struct Ready {
     pub error: bool,
     /// The peer shut down its sending side (EPOLLRDHUP): read on to the end of the stream.
     pub hup: bool,
+    /// TCP urgent data is pending (EPOLLPRI): a read stops short at its mark.
+    pub urgent: bool,
 }
 
 /// Why a packet could not be delivered: a destination-unreachable message's code as the

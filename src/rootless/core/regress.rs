@@ -26,6 +26,8 @@ struct FakeHost {
     /// Peeks made, and whether they answer `Peek::Later`.
     peeks: usize,
     later: bool,
+    /// TCP's urgent mark, this many bytes from the front: a peek from before it stops there.
+    urgent_mark: Option<usize>,
 }
 
 impl Host for FakeHost {
@@ -61,13 +63,18 @@ impl Host for FakeHost {
         if self.peeked == self.avail {
             return Ok(Peek::WouldBlock);
         }
-        let n = buf.len().min(self.avail - self.peeked);
+        let end = match self.urgent_mark {
+            Some(m) if m > self.peeked => m,
+            _ => self.avail,
+        };
+        let n = buf.len().min(end - self.peeked);
         self.peeked += n;
         Ok(Peek::Data(n))
     }
     fn tcp_consume(&mut self, _: FlowId, n: usize) {
         self.avail -= n;
         self.peeked -= n;
+        self.urgent_mark = self.urgent_mark.and_then(|m| m.checked_sub(n));
     }
     fn tcp_rewind(&mut self, _: FlowId) {
         self.peeked = 0;
@@ -156,11 +163,12 @@ fn many_duplicate_acks_do_not_overflow() {
 }
 // ---- Found by profiling: peeks that could only say EAGAIN ----
 
-/// Once a peek has found the socket drained (EAGAIN), the core peeks again only when the socket
-/// reports data (the driver's readiness is edge-triggered: every arrival reports), not on every
-/// ACK from the guest. A short peek is not taken for drained (a peek also stops short at TCP's
-/// urgent mark), nor is `Peek::Later` (nothing peekable now, though data may wait): the next ACK
-/// tries again without any readiness.
+/// Once a peek has found the socket drained (EAGAIN, or fewer bytes than it had room for), the
+/// core peeks again only when the socket reports data (the driver's readiness is edge-triggered:
+/// every arrival reports), not on every ACK from the guest. Exceptions: `Peek::Later` (nothing
+/// peekable now, though data may wait) leaves the next ACK to try again, and once the socket has
+/// reported urgent data a short peek proves nothing (a peek stops at the urgent mark with more
+/// queued behind it), so only EAGAIN marks the flow drained.
 #[test]
 fn a_drained_socket_is_peeked_again_only_when_it_reports_data() {
     let (mut core, mut host, now, rx) = connected_with_35_bytes();
@@ -172,12 +180,11 @@ fn a_drained_socket_is_peeked_again_only_when_it_reports_data() {
         (35, 1),
         "one short peek sends all"
     );
-    // The guest acknowledges the 35 bytes: a short peek is not proof, so one more peek, EAGAIN.
+    // The guest acknowledges the 35 bytes: the short peek drained the socket, so no peek.
     core.on_frame(&mut host, &ack(35), rx, now);
-    assert_eq!(host.peeks, 2);
-    // Now drained: another ACK (a window update) makes no peek.
+    assert_eq!(host.peeks, 1, "no peek after a short one");
     core.on_frame(&mut host, &ack(35), rx, now);
-    assert_eq!(host.peeks, 2, "no peek without a report of data");
+    assert_eq!(host.peeks, 1, "no peek without a report of data");
     // Data arrives and is reported: peeked and sent.
     host.avail += 10;
     let readable = Ready {
@@ -185,18 +192,39 @@ fn a_drained_socket_is_peeked_again_only_when_it_reports_data() {
         ..Ready::default()
     };
     core.on_ready(&mut host, 0, readable, now);
-    assert_eq!((host.peeked, host.peeks), (10, 3));
+    assert_eq!((host.peeked, host.peeks), (10, 2));
     // A peek that says Later leaves the flow ready to peek at the next ACK.
     host.avail += 10;
     host.later = true;
     core.on_ready(&mut host, 0, readable, now);
-    assert_eq!((host.peeked, host.peeks), (10, 4), "Later sends nothing");
+    assert_eq!((host.peeked, host.peeks), (10, 3), "Later sends nothing");
     host.later = false;
     core.on_frame(&mut host, &ack(45), rx, now);
-    assert_eq!(host.peeks, 5, "the ACK tried again");
+    assert_eq!(host.peeks, 4, "the ACK tried again");
     assert_eq!(host.peeked, 10, "and sent the 10 new bytes");
+    // Urgent data: 20 more bytes, the mark 5 bytes in. The peek stops at the mark.
+    host.avail += 20;
+    host.urgent_mark = Some(15);
+    let urgent = Ready {
+        readable: true,
+        urgent: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, 0, urgent, now);
+    assert_eq!((host.peeked, host.peeks), (15, 5), "stopped at the mark");
+    // Not drained: the ACK peeks on past the mark, and then once more, to EAGAIN.
+    core.on_frame(&mut host, &ack(60), rx, now);
+    assert_eq!(
+        (host.peeked, host.peeks),
+        (15, 6),
+        "the rest after the mark"
+    );
+    core.on_frame(&mut host, &ack(75), rx, now);
+    assert_eq!(host.peeks, 7, "EAGAIN");
+    core.on_frame(&mut host, &ack(75), rx, now);
+    assert_eq!(host.peeks, 7, "drained by EAGAIN");
     let data_frames = host.sent.iter().filter(|s| s.2 & frame::PSH != 0).count();
-    assert_eq!(data_frames, 3);
+    assert_eq!(data_frames, 5);
 }
 
 // ---- Found by review: a published UDP port expiring, a zero window that never reopened ----

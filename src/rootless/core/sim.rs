@@ -443,6 +443,8 @@ impl Sim {
                 let arrived = s.consumed + s.rx.len();
                 ready.readable =
                     arrived > s.reported || (s.eof && !s.eof_reported) || s.err.is_some();
+                // EPOLLRDHUP comes with every report once the server has closed.
+                ready.hup = ready.readable && s.eof;
                 s.reported = arrived;
                 s.eof_reported |= s.eof;
                 ready.writable = s.unread < s.cap;

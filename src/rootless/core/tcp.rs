@@ -118,10 +118,13 @@ pub(super) struct TcpFlow {
     window_blocked: bool,
     /// The host peer has shut down its side: peeks go on to the end of the stream.
     host_hup: bool,
-    /// The last peek found nothing past what was sent (EAGAIN): peek again only once the socket
-    /// reports data (edge-triggered readiness comes with every arrival), after a rewind, or
-    /// at the guest's FIN.
+    /// The last peek found nothing past what was sent (EAGAIN), or stopped short of the room it
+    /// had: peek again only once the socket reports data (edge-triggered readiness comes with
+    /// every arrival), after a rewind, or at the guest's FIN.
     host_drained: bool,
+    /// The host socket has reported urgent data: a peek may stop short at the urgent mark with
+    /// more queued behind it, so a short peek is no longer taken for drained.
+    host_urgent: bool,
     dupacks: u8,
     rto: Duration,
     retries: u8,
@@ -169,6 +172,7 @@ impl TcpFlow {
             window_blocked: false,
             host_hup: false,
             host_drained: false,
+            host_urgent: false,
             dupacks: 0,
             rto: RTO_INITIAL,
             retries: 0,
@@ -669,10 +673,13 @@ impl TcpFlow {
                     if self.timer.is_none() {
                         self.arm(id, out, self.rto);
                     }
-                    // A short peek most likely drained the socket: another now would only say
-                    // EAGAIN. Not certainly (a peek also stops at TCP's urgent mark), so the
-                    // flow is marked drained only by EAGAIN itself. After a hang-up, go on.
+                    // A short peek drained the socket: a peek stops short only at the end of the
+                    // queue, at the end of the stream (the socket has then reported the hang-up:
+                    // peek on to the end) or at an urgent mark (reported as urgent first; the
+                    // flow then waits for EAGAIN itself). Anything that arrives later is
+                    // reported, so peeking again now would only say EAGAIN.
                     if n < room && !self.host_hup {
+                        self.host_drained = !self.host_urgent;
                         break;
                     }
                 }
@@ -736,6 +743,9 @@ impl TcpFlow {
     ) -> Verdict {
         if ready.hup {
             self.host_hup = true;
+        }
+        if ready.urgent {
+            self.host_urgent = true;
         }
         if ready.readable || ready.error || ready.hup {
             self.host_drained = false;

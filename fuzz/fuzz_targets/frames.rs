@@ -455,6 +455,26 @@ impl Host for FakeHost<'_> {
         }
     }
 
+    fn tcp_take(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
+        let b = self.script.next();
+        let s = self.tcp(flow, "tcp_take");
+        assert_eq!(s.peeked, 0, "flow {flow}: tcp_take with bytes peeked");
+        if b == 0xff || std::mem::take(&mut s.peek_error) {
+            return Err(os(libc::ECONNRESET));
+        }
+        if s.avail > 0 {
+            let n = buf.len().min(s.avail);
+            buf[..n].fill(0x5a);
+            s.avail -= n;
+            s.sent = s.sent.saturating_sub(n);
+            Ok(Peek::Data(n))
+        } else if s.eof {
+            Ok(Peek::Eof)
+        } else {
+            Ok(Peek::WouldBlock)
+        }
+    }
+
     fn tcp_consume(&mut self, flow: FlowId, n: usize) {
         let s = self.tcp(flow, "tcp_consume");
         // Acknowledged bytes were sent once, though perhaps before a rewind; as the kernel does,
@@ -1046,6 +1066,7 @@ impl Sim<'_> {
             writable: bits & 2 != 0,
             error: bits & 4 != 0,
             hup: bits & 8 != 0,
+            urgent: bits & 0x21 == 0x21,
         };
         self.core.on_ready(&mut self.host, id, ready, self.now);
     }
@@ -1159,6 +1180,7 @@ fn run(data: &[u8]) {
     cfg.mtu = [1500, 65520, 576, 9000][usize::from(c1 & 3)];
     cfg.flow_window = [65535, 2048, 1 << 20, 300][usize::from((c1 >> 2) & 3)];
     cfg.seed ^= u64::from(c1 >> 4);
+    cfg.take_max = [4096, 0, 1, 300][usize::from(c1 >> 6)];
     let mtu = usize::from(cfg.mtu);
 
     let mut sim = Sim {

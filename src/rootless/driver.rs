@@ -324,6 +324,18 @@ impl Host for KernelHost {
         }
     }
 
+    fn tcp_take(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
+        // Nothing is peeked (the core's precondition), so the peek offset, or the fallback's
+        // count of peeked bytes, is zero and a read leaves it so.
+        let s = sock(&self.socks, id)?;
+        match nix::sys::socket::recv(s.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => Ok(Peek::Eof),
+            Ok(n) => Ok(Peek::Data(n)),
+            Err(nix::errno::Errno::EAGAIN) => Ok(Peek::WouldBlock),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn tcp_consume(&mut self, id: FlowId, mut n: usize) {
         let Ok(s) = sock(&self.socks, id) else { return };
         while n > 0 {

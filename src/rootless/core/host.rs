@@ -126,6 +126,10 @@ pub trait Host {
     fn tcp_send(&mut self, flow: FlowId, data: &[u8]) -> io::Result<usize>;
     /// Copies unread data from the peek offset on, without consuming it.
     fn tcp_peek(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Peek>;
+    /// Reads (consumes) unread data from the front, as `tcp_peek` would return it; called only
+    /// when nothing has been peeked since the last rewind or consume of everything peeked (the
+    /// peek offset is at the front, and stays there).
+    fn tcp_take(&mut self, flow: FlowId, buf: &mut [u8]) -> io::Result<Peek>;
     /// Consumes (drops) `n` bytes from the front of the unread data; the peek offset moves back by
     /// as much, stopping at the front. `n` never exceeds what was peeked at some point (bytes sent
     /// before a rewind may be acknowledged after it).

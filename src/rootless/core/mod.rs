@@ -118,8 +118,12 @@ pub struct Config {
     pub resolvers: Vec<IpAddr>,
     /// Flows of every kind together.
     pub max_flows: usize,
-    /// Bytes queued from the guest toward host sockets, all flows together.
+    /// Bytes rnat holds for all flows together: queued from the guest toward host sockets, and
+    /// small replies taken out of host sockets until the guest acknowledges them.
     pub max_buffered: usize,
+    /// The most bytes a TCP flow with nothing in flight reads out of its host socket (instead of
+    /// peeking) and holds until acknowledged; 0: always peek.
+    pub take_max: usize,
     /// The most a single flow queues (and so the window it offers the guest).
     pub flow_window: u32,
     /// Frames to the guest use checksum and segmentation offload (a TAP with a virtio header).
@@ -151,6 +155,7 @@ impl Config {
             resolvers: Vec::new(),
             max_flows: 32768,
             max_buffered: 64 << 20,
+            take_max: 4096,
             flow_window: 1 << 20,
             offload: false,
             udp_timeout: Duration::from_secs(60),

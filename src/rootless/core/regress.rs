@@ -26,6 +26,9 @@ struct FakeHost {
     /// Peeks made, and whether they answer `Peek::Later`.
     peeks: usize,
     later: bool,
+    /// Reads of the front (`tcp_take`) made, and consumes.
+    takes: usize,
+    consumes: usize,
     /// TCP's urgent mark, this many bytes from the front: a peek from before it stops there.
     urgent_mark: Option<usize>,
 }
@@ -71,7 +74,18 @@ impl Host for FakeHost {
         self.peeked += n;
         Ok(Peek::Data(n))
     }
+    fn tcp_take(&mut self, _: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
+        assert_eq!(self.peeked, 0, "took with bytes peeked");
+        self.takes += 1;
+        if self.avail == 0 {
+            return Ok(Peek::WouldBlock);
+        }
+        let n = buf.len().min(self.avail);
+        self.avail -= n;
+        Ok(Peek::Data(n))
+    }
     fn tcp_consume(&mut self, _: FlowId, n: usize) {
+        self.consumes += 1;
         self.avail -= n;
         self.peeked -= n;
         self.urgent_mark = self.urgent_mark.and_then(|m| m.checked_sub(n));
@@ -120,9 +134,16 @@ fn guest_segment(seq: u32, ack: u32, flags: u8) -> Vec<u8> {
 }
 
 /// A guest connection from 10.0.2.100:40000 whose host socket connected and holds 35 bytes: the
-/// core has answered the guest's SYN (the SYN-ACK is the last frame sent).
+/// core has answered the guest's SYN (the SYN-ACK is the last frame sent). The core peeks at the
+/// socket (these tests were written for peeks), never takes from it (`take_max` 0).
 fn connected_with_35_bytes() -> (Core, FakeHost, Instant, RxMeta) {
-    let cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
+    connected_with_35_bytes_and(|c| c.take_max = 0)
+}
+
+/// The same with the configuration `set` changes.
+fn connected_with_35_bytes_and(set: impl FnOnce(&mut Config)) -> (Core, FakeHost, Instant, RxMeta) {
+    let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
+    set(&mut cfg);
     let mut core = Core::new(cfg);
     let mut host = FakeHost {
         avail: 35,
@@ -161,6 +182,51 @@ fn many_duplicate_acks_do_not_overflow() {
     assert_eq!(stats.tcp_fast_retransmit, 1);
     assert_eq!(stats.flows, 1);
 }
+// ---- Found by profiling: system calls per request ----
+
+/// A small reply to a flow with nothing in flight is taken (read out of the socket) and held:
+/// its acknowledgement then costs no consume, and the held bytes count as buffered until it
+/// comes. A short take drains the socket as a short peek does.
+#[test]
+fn a_small_reply_is_taken_and_its_acknowledgement_costs_no_system_call() {
+    // With offloads, a segment is not cut at the MSS: the whole 4,096 bytes fit in one take.
+    let (mut core, mut host, now, rx) = connected_with_35_bytes_and(|c| c.offload = true);
+    assert_eq!(
+        Config::for_cidr("10.0.2.0/24".parse().unwrap())
+            .unwrap()
+            .take_max,
+        4096
+    );
+    let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
+    let ack = |n: u32| guest_segment(1001, iss.wrapping_add(1).wrapping_add(n), frame::ACK);
+    core.on_frame(&mut host, &ack(0), rx, now);
+    assert_eq!((host.takes, host.peeks, host.avail), (1, 0, 0), "one take");
+    assert_eq!(core.stats().buffered, 35, "held until acknowledged");
+    core.on_frame(&mut host, &ack(35), rx, now);
+    assert_eq!(
+        (host.takes, host.peeks, host.consumes),
+        (1, 0, 0),
+        "no call"
+    );
+    assert_eq!(core.stats().buffered, 0);
+    // More than `take_max`: the first 4,096 bytes are taken, the rest peeked.
+    host.avail = 5000;
+    let readable = Ready {
+        readable: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, 0, readable, now);
+    assert_eq!((host.takes, host.peeks), (2, 1));
+    assert_eq!((host.avail, host.peeked), (904, 904));
+    assert_eq!(core.stats().buffered, 4096);
+    // An acknowledgement past the held bytes consumes only the socket's part.
+    core.on_frame(&mut host, &ack(35 + 5000), rx, now);
+    assert_eq!(
+        (host.consumes, host.avail, core.stats().buffered),
+        (1, 0, 0)
+    );
+}
+
 // ---- Found by profiling: peeks that could only say EAGAIN ----
 
 /// Once a peek has found the socket drained (EAGAIN, or fewer bytes than it had room for), the

@@ -43,6 +43,8 @@ pub struct SimSock {
     /// been reported as readiness (edge-triggered, as the driver's epoll is).
     pub consumed: usize,
     pub reported: usize,
+    /// Bytes read out with `tcp_take` (counted in `consumed` too).
+    pub taken: usize,
     pub eof_reported: bool,
     /// A socket error (ECONNRESET...) to report on the next operation.
     pub err: Option<i32>,
@@ -167,6 +169,23 @@ impl Host for SimHost {
         buf[..n].copy_from_slice(&s.rx[s.peek..s.peek + n]);
         s.peek += n;
         s.sent = s.sent.max(s.peek);
+        Ok(Peek::Data(n))
+    }
+    fn tcp_take(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
+        let s = self.sock(id)?;
+        assert_eq!(s.peek, 0, "took from a socket with bytes peeked");
+        if let Some(e) = s.err {
+            return Err(io::Error::from_raw_os_error(e));
+        }
+        if s.rx.is_empty() {
+            return Ok(if s.eof { Peek::Eof } else { Peek::WouldBlock });
+        }
+        let n = s.rx.len().min(buf.len());
+        buf[..n].copy_from_slice(&s.rx[..n]);
+        s.rx.drain(..n);
+        s.consumed += n;
+        s.sent = s.sent.saturating_sub(n);
+        s.taken += n;
         Ok(Peek::Data(n))
     }
     fn tcp_consume(&mut self, id: FlowId, n: usize) {

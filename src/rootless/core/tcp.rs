@@ -9,7 +9,11 @@
 //! The core peeks at it (the socket's peek offset marks what has been sent), sends it as segments
 //! no larger than the guest's window allows, and consumes it from the socket when acknowledged; a
 //! retransmission rewinds the peek offset. So the server's kernel sees back-pressure from the
-//! guest's window, and rnat holds no copy of in-flight data.
+//! guest's window, and rnat holds no copy of bulk in-flight data. The exception is a small reply
+//! to a flow with nothing in flight (a request's answer, the usual case in request/response
+//! traffic): up to `Config::take_max` bytes are read out of the socket instead of peeked and kept
+//! until acknowledged, so that the acknowledgement costs no system call. Those bytes count
+//! toward `Config::max_buffered`.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -102,6 +106,9 @@ pub(super) struct TcpFlow {
     host_shut: bool,
     pending: VecDeque<u8>,
     last_window: u32,
+    /// Bytes read out of the host socket (taken, not peeked) and sent, not yet acknowledged:
+    /// they start at `snd_una`, and the socket's unread data follows them.
+    held: Vec<u8>,
     // host → guest
     iss: u32,
     snd_una: u32,
@@ -159,6 +166,7 @@ impl TcpFlow {
             host_shut: false,
             pending: VecDeque::new(),
             last_window: 0,
+            held: Vec::new(),
             iss,
             snd_una: iss,
             snd_nxt: iss,
@@ -327,9 +335,14 @@ impl TcpFlow {
     fn abort(&mut self, id: FlowId, out: &mut Out<impl Host>, reset_host: bool) -> Verdict {
         self.send_ctl(out, RST | ACK, self.snd_nxt, &[]);
         out.host.tcp_close(id, reset_host);
-        *out.buffered -= self.pending.len();
+        self.release(out);
         out.stats.tcp_reset += 1;
         Verdict::Remove
+    }
+
+    /// Gives back the flow's share of the buffered bytes (it is going away).
+    fn release(&mut self, out: &mut Out<impl Host>) {
+        *out.buffered -= self.pending.len() + self.held.len();
     }
 
     fn finish(&mut self, id: FlowId, out: &mut Out<impl Host>) -> Verdict {
@@ -337,7 +350,7 @@ impl TcpFlow {
             self.send_ack(out);
         }
         out.host.tcp_close(id, false);
-        *out.buffered -= self.pending.len();
+        self.release(out);
         out.stats.tcp_closed += 1;
         Verdict::Remove
     }
@@ -394,7 +407,7 @@ impl TcpFlow {
     pub fn on_segment(&mut self, id: FlowId, seg: &Segment, out: &mut Out<impl Host>) -> Verdict {
         if seg.flags & RST != 0 {
             out.host.tcp_close(id, true);
-            *out.buffered -= self.pending.len();
+            self.release(out);
             out.stats.tcp_reset_by_guest += 1;
             return Verdict::Remove;
         }
@@ -511,8 +524,16 @@ impl TcpFlow {
                 self.fin_acked = true;
                 n -= 1;
             }
-            if n > 0 {
-                out.host.tcp_consume(id, n);
+            let from_held = n.min(self.held.len());
+            if from_held > 0 {
+                self.held.drain(..from_held);
+                *out.buffered -= from_held;
+                if self.held.is_empty() {
+                    self.held = Vec::new(); // give the memory back
+                }
+            }
+            if n > from_held {
+                out.host.tcp_consume(id, n - from_held);
             }
             self.snd_una = ack;
             self.dupacks = 0;
@@ -634,12 +655,36 @@ impl TcpFlow {
                 break;
             }
             self.window_blocked = false;
-            if self.host_drained && !self.host_hup {
-                break;
-            }
             let room = ((self.snd_wnd - inflight) as usize).min(max_seg);
             let at = frame::tcp_payload_at(self.guest.ip());
-            match out.host.tcp_peek(id, &mut out.tx[at..at + room]) {
+            let off = inflight as usize;
+            // Where the next bytes come from: what was taken (sent again after a rewind), else
+            // the socket, taken when nothing is in flight and there is room to hold it. `asked`
+            // is what a read of the socket had room for (`None`: no read).
+            let (read, asked) = if off < self.held.len() {
+                let n = room.min(self.held.len() - off);
+                out.tx[at..at + n].copy_from_slice(&self.held[off..off + n]);
+                (Ok(Peek::Data(n)), None)
+            } else if self.host_drained && !self.host_hup {
+                break;
+            } else if off == 0
+                && out.cfg.take_max > 0
+                && *out.buffered + out.cfg.take_max <= out.cfg.max_buffered
+            {
+                let want = room.min(out.cfg.take_max);
+                let read = out.host.tcp_take(id, &mut out.tx[at..at + want]);
+                if let Ok(Peek::Data(n)) = read {
+                    self.held.extend_from_slice(&out.tx[at..at + n]);
+                    *out.buffered += n;
+                }
+                (read, Some(want))
+            } else {
+                (
+                    out.host.tcp_peek(id, &mut out.tx[at..at + room]),
+                    Some(room),
+                )
+            };
+            match read {
                 Ok(Peek::Data(0)) | Ok(Peek::WouldBlock) => {
                     self.host_drained = true;
                     break;
@@ -673,12 +718,12 @@ impl TcpFlow {
                     if self.timer.is_none() {
                         self.arm(id, out, self.rto);
                     }
-                    // A short peek drained the socket: a peek stops short only at the end of the
+                    // A short read drained the socket: a read stops short only at the end of the
                     // queue, at the end of the stream (the socket has then reported the hang-up:
-                    // peek on to the end) or at an urgent mark (reported as urgent first; the
+                    // read on to the end) or at an urgent mark (reported as urgent first; the
                     // flow then waits for EAGAIN itself). Anything that arrives later is
                     // reported, so peeking again now would only say EAGAIN.
-                    if n < room && !self.host_hup {
+                    if asked.is_some_and(|a| n < a) && !self.host_hup {
                         self.host_drained = !self.host_urgent;
                         break;
                     }
@@ -785,7 +830,7 @@ impl TcpFlow {
                 self.retries += 1;
                 if self.retries > 6 {
                     out.host.tcp_close(id, true);
-                    *out.buffered -= self.pending.len();
+                    self.release(out);
                     out.stats.tcp_reset += 1;
                     return Verdict::Remove;
                 }

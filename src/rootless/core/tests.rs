@@ -154,6 +154,85 @@ fn bulk_both_ways_over_loss_duplication_and_reordering() {
     );
 }
 
+/// Request/response over a lossy wire: each small reply is taken out of the host socket (read,
+/// not peeked) and held until acknowledged, so that retransmissions come from rnat's copy; a
+/// reply larger than `take_max` is taken in part and peeked for the rest. Every byte arrives in
+/// order, and nothing stays held.
+#[test]
+fn small_replies_are_taken_and_resent_from_rnats_copy_over_loss() {
+    let mut sim = Sim::new(cfg());
+    sim.impair = Impair {
+        loss: 150,
+        dup: 100,
+        reorder: 150,
+    };
+    let h = guest_socket(&mut sim, 64 << 10, 64 << 10, 8080, 40000);
+    const ROUNDS: usize = 30;
+    let size = |r: usize| [1, 40, 838, 1460, 4095, 4096, 4097, 9000][r % 8];
+    let (mut round, mut asked, mut answered) = (0usize, false, false);
+    let (mut want_up, mut want_down, mut got) = (Vec::new(), Vec::new(), Vec::new());
+    let done = sim.run_until(600_000, |sim| {
+        if round < ROUNDS {
+            let request = pattern(40, round as u8);
+            let s = sim.sockets.get_mut::<tcp::Socket>(h);
+            if !asked && s.can_send() {
+                assert_eq!(s.send_slice(&request).expect("send"), 40);
+                want_up.extend_from_slice(&request);
+                asked = true;
+            }
+            let heard = server(sim, 8080).is_some_and(|s| s.received.len() == want_up.len());
+            if asked && !answered && heard {
+                let reply = pattern(size(round), 100 + round as u8);
+                want_down.extend_from_slice(&reply);
+                server(sim, 8080)
+                    .expect("server")
+                    .rx
+                    .extend_from_slice(&reply);
+                answered = true;
+            }
+            let s = sim.sockets.get_mut::<tcp::Socket>(h);
+            while s.can_recv() {
+                let mut buf = [0u8; 4096];
+                let k = s.recv_slice(&mut buf).expect("recv");
+                got.extend_from_slice(&buf[..k]);
+            }
+            if answered && got.len() == want_down.len() {
+                (round, asked, answered) = (round + 1, false, false);
+                if round == ROUNDS {
+                    sim.sockets.get_mut::<tcp::Socket>(h).close();
+                    server(sim, 8080).expect("server").eof = true;
+                }
+            }
+            return false;
+        }
+        sim.core.flow_count() == 0
+    });
+    let stats = sim.core.stats();
+    assert!(
+        done,
+        "round {round} of {ROUNDS} unfinished; stats {stats:?}"
+    );
+    assert!(got == want_down, "replies to the guest differ");
+    let s = sim
+        .host
+        .socks
+        .values()
+        .find(|s| s.dst.is_some())
+        .expect("host socket");
+    assert!(s.received == want_up, "requests to the server differ");
+    // Every reply starts with a take; a 4,097-byte or 9,000-byte one ends with a peek.
+    assert!(s.taken >= ROUNDS, "took {} bytes", s.taken);
+    assert!(
+        s.taken < want_down.len(),
+        "the large replies were peeked in part"
+    );
+    assert!(
+        stats.tcp_timeout_retransmit + stats.tcp_fast_retransmit > 0,
+        "loss was exercised: {stats:?}"
+    );
+    assert_eq!(stats.buffered, 0, "nothing held at the end");
+}
+
 #[test]
 fn slow_server_backpressure_bounds_the_queue() {
     // The server reads 2 KB a millisecond; the guest's data waits in the window, not in memory.

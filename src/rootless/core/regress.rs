@@ -152,11 +152,13 @@ fn connected_with_35_bytes_and(set: impl FnOnce(&mut Config)) -> (Core, FakeHost
     let now = Instant::now();
     let rx = RxMeta::default();
     core.on_frame(&mut host, &guest_segment(1000, 0, frame::SYN), rx, now);
-    let writable = Ready {
+    // Connected, with the 35 bytes already there: the socket reports both.
+    let connected = Ready {
         writable: true,
+        readable: host.avail > 0,
         ..Ready::default()
     };
-    core.on_ready(&mut host, 0, writable, now);
+    core.on_ready(&mut host, 0, connected, now);
     (core, host, now, rx)
 }
 
@@ -229,6 +231,52 @@ fn a_small_reply_is_taken_and_its_acknowledgement_costs_no_system_call() {
 
 // ---- Found by profiling: peeks that could only say EAGAIN ----
 
+/// A new flow reads its socket only once the socket has reported data: the handshake with the
+/// guest makes no read that could only say EAGAIN (a client of a published port is accepted
+/// before its request arrives, as a rule).
+#[test]
+fn a_new_flow_reads_nothing_until_its_socket_reports_data() {
+    let (mut core, mut host, now, rx) = connected_with_35_bytes_and(|c| c.take_max = 0);
+    assert_eq!(host.peeks, 0);
+    let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
+    core.on_frame(
+        &mut host,
+        &guest_segment(1001, iss.wrapping_add(1), frame::ACK),
+        rx,
+        now,
+    );
+    assert_eq!(
+        host.peeks, 1,
+        "reported with the connect: read at the handshake"
+    );
+    // The same with a socket that has reported nothing yet: no read until it does.
+    let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
+    cfg.take_max = 0;
+    let mut core = Core::new(cfg);
+    let mut host = FakeHost::default();
+    core.on_frame(&mut host, &guest_segment(1000, 0, frame::SYN), rx, now);
+    let connected = Ready {
+        writable: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, 0, connected, now);
+    let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
+    core.on_frame(
+        &mut host,
+        &guest_segment(1001, iss.wrapping_add(1), frame::ACK),
+        rx,
+        now,
+    );
+    assert_eq!(host.peeks, 0, "no read before a report");
+    host.avail = 10;
+    let readable = Ready {
+        readable: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, 0, readable, now);
+    assert_eq!((host.peeks, host.peeked), (1, 10));
+}
+
 /// Once a peek has found the socket drained (EAGAIN, or fewer bytes than it had room for), the
 /// core peeks again only when the socket reports data (the driver's readiness is edge-triggered:
 /// every arrival reports), not on every ACK from the guest. Exceptions: `Peek::Later` (nothing
@@ -289,6 +337,10 @@ fn a_drained_socket_is_peeked_again_only_when_it_reports_data() {
     assert_eq!(host.peeks, 7, "EAGAIN");
     core.on_frame(&mut host, &ack(75), rx, now);
     assert_eq!(host.peeks, 7, "drained by EAGAIN");
+    // The guest's FIN makes no read either: a close of the peer's reports when it comes.
+    let fin = guest_segment(1001, iss.wrapping_add(76), frame::ACK | frame::FIN);
+    core.on_frame(&mut host, &fin, rx, now);
+    assert_eq!(host.peeks, 7, "no read at the guest's FIN");
     let data_frames = host.sent.iter().filter(|s| s.2 & frame::PSH != 0).count();
     assert_eq!(data_frames, 5);
 }

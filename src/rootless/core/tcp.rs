@@ -125,9 +125,9 @@ pub(super) struct TcpFlow {
     window_blocked: bool,
     /// The host peer has shut down its side: peeks go on to the end of the stream.
     host_hup: bool,
-    /// The last peek found nothing past what was sent (EAGAIN), or stopped short of the room it
-    /// had: peek again only once the socket reports data (edge-triggered readiness comes with
-    /// every arrival), after a rewind, or at the guest's FIN.
+    /// The last read found nothing past what was sent (EAGAIN), or stopped short of the room it
+    /// had, or there was no read yet: read again only once the socket reports data
+    /// (edge-triggered readiness comes with every arrival) or after a rewind.
     host_drained: bool,
     /// The host socket has reported urgent data: a peek may stop short at the urgent mark with
     /// more queued behind it, so a short peek is no longer taken for drained.
@@ -179,7 +179,10 @@ impl TcpFlow {
             fin_acked: false,
             window_blocked: false,
             host_hup: false,
-            host_drained: false,
+            // Nothing to read until the socket says so: it is registered (edge-triggered)
+            // before it could hold data, or, accepted, with it (a registration reports what is
+            // already there).
+            host_drained: true,
             host_urgent: false,
             dupacks: 0,
             rto: RTO_INITIAL,
@@ -623,9 +626,10 @@ impl TcpFlow {
         if fin {
             self.rcv_nxt = self.rcv_nxt.wrapping_add(1);
             self.guest_fin = true;
-            // The host peer often closes in reply at once: look, so that our FIN can ride with
-            // the ACK of the guest's.
-            self.host_drained = false;
+            // No look at the host socket here: the peer's close reports as it arrives (one not
+            // reported yet comes with the next wait), and a close in reply to the guest's FIN
+            // cannot have come yet, as that FIN goes out below. Looking cost an EAGAIN per
+            // connection.
             if self.pending.is_empty() {
                 out.host.tcp_shutdown(id);
                 self.host_shut = true;

@@ -280,6 +280,12 @@ fn bulk_tcp_both_ways_arrives_intact() {
         "tcp",
         7102,
     );
+    let _urgent_bulk = r.t.server(
+        &r.t.u,
+        &strings(&["python3", &helper, "urgentbulk", "7103"]),
+        "tcp",
+        7103,
+    );
     // The last round peeks without SO_PEEK_OFF, as on kernels before 6.9.
     // The packet ring link carries the same bytes (its reordering guard and the kernel's
     // segmentation of its large frames are what the ring rounds check).
@@ -290,17 +296,24 @@ fn bulk_tcp_both_ways_arrives_intact() {
         ("65520", Some(("RNAT_LINK", "ring"))),
         ("1500", Some(("RNAT_LINK", "ring"))),
     ] {
-        // Then a line that ends in TCP urgent data: all of it arrives, though the peek that
-        // finds the line stops short at the urgent mark, with its last byte still queued.
+        // Then TCP urgent data, which a read does not pass when it has read anything before
+        // the mark: a line whose last byte is urgent (the read that finds the line stops short
+        // of that byte) must arrive whole; so must a stream with the mark in its middle whose
+        // end follows at once (a read stopped at the mark is not the end of the stream).
         let script = format!(
-            "socat -t 30 -T 60 - TCP:{U_IP}:7100 <{file} | cut -d' ' -f1; socat -u -T 60 TCP:{U_IP}:7101 - | sha256sum | cut -d' ' -f1; python3 {helper} line {U_IP} 7102"
+            "socat -t 30 -T 60 - TCP:{U_IP}:7100 <{file} | cut -d' ' -f1; socat -u -T 60 TCP:{U_IP}:7101 - | sha256sum | cut -d' ' -f1; python3 {helper} line {U_IP} 7102; python3 {helper} count {U_IP} 7103"
         );
         let text = r.run_env_ok(env.as_slice(), &["--mtu", mtu], &script);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines,
-            vec![want.as_str(), want.as_str(), "b'before-the-mark\\n'"],
-            "MTU {mtu} {env:?}: upload then download hash, then the line with urgent data"
+            vec![
+                want.as_str(),
+                want.as_str(),
+                "b'before-the-mark\\n'",
+                "11000 1"
+            ],
+            "MTU {mtu} {env:?}: upload then download hash, then the urgent data"
         );
     }
 }
@@ -829,9 +842,10 @@ def echo_error(host):
     seq = struct.unpack("!H", msg[6:8])[0]
     print(f"echo-error errno={errno} origin={origin} type={kind} code={code} seq={seq}")
 
-def urgent_server(port):
+def urgent_server(port, bulk):
     # Each client gets one line whose last byte is TCP urgent data (MSG_OOB marks the last byte
-    # sent): a peek stops short at the urgent mark, with the newline still queued behind it.
+    # sent): a read stops short at the urgent mark, with the newline still queued behind it.
+    # `bulk`: the mark is in the middle of a larger stream that ends right after it.
     import socket, threading
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -840,7 +854,15 @@ def urgent_server(port):
     srv.settimeout(120)
     def one(c):
         c.settimeout(60)
-        c.send(b"before-the-mark\n", socket.MSG_OOB)
+        if bulk:
+            # 11,000 bytes, the mark after the first 10,000 (more than rnat takes out of a
+            # socket at once, so that it peeks up to the mark), then the end of the stream:
+            # all of it is queued at rnat's socket when its peek stops at the mark.
+            c.sendall(b"a" * 9999 + b"!", socket.MSG_OOB)
+            c.sendall(b"b" * 1000)
+            c.shutdown(socket.SHUT_WR)
+        else:
+            c.send(b"before-the-mark\n", socket.MSG_OOB)
         try:
             while c.recv(4096):
                 pass
@@ -870,7 +892,17 @@ def first_line(host, port):
 if sys.argv[1] == "echoerr":
     echo_error(sys.argv[2])
 elif sys.argv[1] == "urgent":
-    urgent_server(int(sys.argv[2]))
+    urgent_server(int(sys.argv[2]), False)
+elif sys.argv[1] == "urgentbulk":
+    urgent_server(int(sys.argv[2]), True)
+elif sys.argv[1] == "count":
+    # Reads to the end of the stream: the length and how many '!' it held.
+    import socket
+    s = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=30)
+    d = b""
+    while c := s.recv(65536):
+        d += c
+    print(len(d), d.count(b"!"))
 elif sys.argv[1] == "line":
     first_line(sys.argv[2], int(sys.argv[3]))
 elif sys.argv[1] == "udpsink":

@@ -822,8 +822,10 @@ impl KernelHost {
             self.peeked[id] = n;
             return Ok(Peek::Data(n - skip));
         }
-        // Nothing new: end of stream if the peer has closed, else wait.
-        Ok(if n == skip && sys::peer_closed(fd) {
+        // Nothing new: end of stream if the peer has closed, else wait. Not if urgent data
+        // waits: the peek may have stopped at its mark with more behind it (the core reads on
+        // at the next ACK; once the mark is consumed, the next read finds the end).
+        Ok(if n == skip && sys::peer_closed_no_urgent(fd) {
             Peek::Eof
         } else {
             Peek::WouldBlock

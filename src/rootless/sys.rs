@@ -885,16 +885,17 @@ pub fn send_segmented(
 }
 
 /// Whether the peer of stream socket `fd` has shut down its sending side (POLLRDHUP, which nix's
-/// poll flags do not carry).
-pub fn peer_closed(fd: RawFd) -> bool {
+/// poll flags do not carry) and no TCP urgent data waits (POLLPRI): a peek that stopped short
+/// with the peer gone reached the end of the stream, unless it stopped at the urgent mark.
+pub fn peer_closed_no_urgent(fd: RawFd) -> bool {
     let mut p = libc::pollfd {
         fd,
-        events: libc::POLLRDHUP,
+        events: libc::POLLRDHUP | libc::POLLPRI,
         revents: 0,
     };
     // SAFETY: poll(2) on one valid pollfd, without waiting.
     let r = unsafe { libc::poll(&mut p, 1, 0) };
-    r == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+    r == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0 && p.revents & libc::POLLPRI == 0
 }
 
 /// slirp4netns' `--enable-sandbox`: a private mount namespace whose root is an empty tmpfs (no

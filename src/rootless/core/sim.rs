@@ -43,8 +43,11 @@ pub struct SimSock {
     /// been reported as readiness (edge-triggered, as the driver's epoll is).
     pub consumed: usize,
     pub reported: usize,
-    /// Bytes read out with `tcp_take` (counted in `consumed` too).
+    /// Bytes read out with `tcp_take` (counted in `consumed` too), the takes that returned
+    /// data, and the bytes peeks returned (a byte peeked twice counts twice).
     pub taken: usize,
+    pub takes: usize,
+    pub peeked: usize,
     pub eof_reported: bool,
     /// A socket error (ECONNRESET...) to report on the next operation.
     pub err: Option<i32>,
@@ -169,6 +172,7 @@ impl Host for SimHost {
         buf[..n].copy_from_slice(&s.rx[s.peek..s.peek + n]);
         s.peek += n;
         s.sent = s.sent.max(s.peek);
+        s.peeked += n;
         Ok(Peek::Data(n))
     }
     fn tcp_take(&mut self, id: FlowId, buf: &mut [u8]) -> io::Result<Peek> {
@@ -186,6 +190,7 @@ impl Host for SimHost {
         s.consumed += n;
         s.sent = s.sent.saturating_sub(n);
         s.taken += n;
+        s.takes += 1;
         Ok(Peek::Data(n))
     }
     fn tcp_consume(&mut self, id: FlowId, n: usize) {

@@ -427,6 +427,7 @@ impl TcpFlow {
                         self.retries += 1;
                         if self.retries > 6 {
                             out.host.tcp_close(id, true);
+                            self.release(out);
                             out.stats.tcp_reset += 1;
                             return Verdict::Remove;
                         }
@@ -690,7 +691,10 @@ impl TcpFlow {
             };
             match read {
                 Ok(Peek::Data(0)) | Ok(Peek::WouldBlock) => {
-                    self.host_drained = true;
+                    // With urgent data about, the next ACK looks again: the driver's peek
+                    // without SO_PEEK_OFF cannot tell a read stopped at the urgent mark right
+                    // after what was sent from one that found nothing new.
+                    self.host_drained = !self.host_urgent;
                     break;
                 }
                 Ok(Peek::Later) => break,

@@ -150,17 +150,25 @@ fn connected_with_35_bytes() -> (Core, FakeHost, Instant, RxMeta) {
 
 /// The same with the configuration `set` changes.
 fn connected_with_35_bytes_and(set: impl FnOnce(&mut Config)) -> (Core, FakeHost, Instant, RxMeta) {
+    connected_with(35, set)
+}
+
+/// The same with `avail` bytes waiting (none: the socket reports only the connect).
+fn connected_with(
+    avail: usize,
+    set: impl FnOnce(&mut Config),
+) -> (Core, FakeHost, Instant, RxMeta) {
     let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
     set(&mut cfg);
     let mut core = Core::new(cfg);
     let mut host = FakeHost {
-        avail: 35,
+        avail,
         ..FakeHost::default()
     };
     let now = Instant::now();
     let rx = RxMeta::default();
     core.on_frame(&mut host, &guest_segment(1000, 0, frame::SYN), rx, now);
-    // Connected, with the 35 bytes already there: the socket reports both.
+    // Connected, with the bytes already there: the socket reports both.
     let connected = Ready {
         writable: true,
         readable: host.avail > 0,
@@ -244,114 +252,107 @@ fn a_small_reply_is_taken_and_its_acknowledgement_costs_no_system_call() {
 /// before its request arrives, as a rule).
 #[test]
 fn a_new_flow_reads_nothing_until_its_socket_reports_data() {
-    let (mut core, mut host, now, rx) = connected_with_35_bytes_and(|c| c.take_max = 0);
-    assert_eq!(host.peeks, 0);
-    let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
-    core.on_frame(
-        &mut host,
-        &guest_segment(1001, iss.wrapping_add(1), frame::ACK),
-        rx,
-        now,
-    );
-    assert_eq!(
-        host.peeks, 1,
-        "reported with the connect: read at the handshake"
-    );
-    // The same with a socket that has reported nothing yet: no read until it does.
-    let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
-    cfg.take_max = 0;
-    let mut core = Core::new(cfg);
-    let mut host = FakeHost::default();
-    core.on_frame(&mut host, &guest_segment(1000, 0, frame::SYN), rx, now);
-    let connected = Ready {
-        writable: true,
-        ..Ready::default()
-    };
-    core.on_ready(&mut host, 0, connected, now);
-    let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
-    core.on_frame(
-        &mut host,
-        &guest_segment(1001, iss.wrapping_add(1), frame::ACK),
-        rx,
-        now,
-    );
-    assert_eq!(host.peeks, 0, "no read before a report");
-    host.avail = 10;
-    let readable = Ready {
-        readable: true,
-        ..Ready::default()
-    };
-    core.on_ready(&mut host, 0, readable, now);
-    assert_eq!((host.peeks, host.peeked), (1, 10));
+    // Bytes reported with the connect are read at the handshake; with none, nothing is read.
+    for (avail, reads) in [(35, 1), (0, 0)] {
+        let (mut core, mut host, now, rx) = connected_with(avail, |c| c.take_max = 0);
+        let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
+        let ack = guest_segment(1001, iss.wrapping_add(1), frame::ACK);
+        core.on_frame(&mut host, &ack, rx, now);
+        assert_eq!(host.peeks, reads, "{avail} bytes reported with the connect");
+        if avail == 0 {
+            // Until the socket reports data.
+            host.avail = 10;
+            let readable = Ready {
+                readable: true,
+                ..Ready::default()
+            };
+            core.on_ready(&mut host, 0, readable, now);
+            assert_eq!((host.peeks, host.peeked), (1, 10));
+        }
+    }
 }
 
 /// Once a peek has found the socket drained (EAGAIN, or fewer bytes than it had room for), the
 /// core peeks again only when the socket reports data (the driver's readiness is edge-triggered:
-/// every arrival reports), not on every ACK from the guest. Exceptions: `Peek::Later` (nothing
-/// peekable now, though data may wait) leaves the next ACK to try again, and once the socket has
-/// reported urgent data a short peek proves nothing (a peek stops at the urgent mark with more
-/// queued behind it), so only EAGAIN marks the flow drained.
+/// every arrival reports), not on every ACK from the guest nor at its FIN. Exceptions:
+/// `Peek::Later` (nothing peekable now, though data may wait) leaves the next ACK to try again,
+/// and a flow whose socket has reported urgent data is never marked drained (a peek stops at the
+/// urgent mark with more queued behind it, and the peek without `SO_PEEK_OFF` then says
+/// EAGAIN), so it peeks at every ACK.
 #[test]
 fn a_drained_socket_is_peeked_again_only_when_it_reports_data() {
     let (mut core, mut host, now, rx) = connected_with_35_bytes();
     let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
-    let ack = |n: u32| guest_segment(1001, iss.wrapping_add(1).wrapping_add(n), frame::ACK);
-    core.on_frame(&mut host, &ack(0), rx, now);
+    let ack = |seq: u32, n: u32, flags: u8| {
+        guest_segment(seq, iss.wrapping_add(1).wrapping_add(n), frame::ACK | flags)
+    };
+    // Each step: what the core is handed, then the host's (bytes peeked, peeks made).
+    let frame_then = |core: &mut Core, host: &mut FakeHost, f: Vec<u8>| {
+        core.on_frame(host, &f, rx, now);
+        (host.peeked, host.peeks)
+    };
+    let ready_then = |core: &mut Core, host: &mut FakeHost, urgent: bool| {
+        let ready = Ready {
+            readable: true,
+            urgent,
+            ..Ready::default()
+        };
+        core.on_ready(host, 0, ready, now);
+        (host.peeked, host.peeks)
+    };
+    let (c, h) = (&mut core, &mut host);
     assert_eq!(
-        (host.peeked, host.peeks),
+        frame_then(c, h, ack(1001, 0, 0)),
         (35, 1),
         "one short peek sends all"
     );
-    // The guest acknowledges the 35 bytes: the short peek drained the socket, so no peek.
-    core.on_frame(&mut host, &ack(35), rx, now);
-    assert_eq!(host.peeks, 1, "no peek after a short one");
-    core.on_frame(&mut host, &ack(35), rx, now);
-    assert_eq!(host.peeks, 1, "no peek without a report of data");
-    // Data arrives and is reported: peeked and sent.
-    host.avail += 10;
-    let readable = Ready {
-        readable: true,
-        ..Ready::default()
-    };
-    core.on_ready(&mut host, 0, readable, now);
-    assert_eq!((host.peeked, host.peeks), (10, 2));
-    // A peek that says Later leaves the flow ready to peek at the next ACK.
-    host.avail += 10;
-    host.later = true;
-    core.on_ready(&mut host, 0, readable, now);
-    assert_eq!((host.peeked, host.peeks), (10, 3), "Later sends nothing");
-    host.later = false;
-    core.on_frame(&mut host, &ack(45), rx, now);
-    assert_eq!(host.peeks, 4, "the ACK tried again");
-    assert_eq!(host.peeked, 10, "and sent the 10 new bytes");
-    // The guest's FIN makes no read: a close of the peer's reports when it comes.
-    let fin = guest_segment(1001, iss.wrapping_add(46), frame::ACK | frame::FIN);
-    core.on_frame(&mut host, &fin, rx, now);
-    assert_eq!(host.peeks, 4, "no read at the guest's FIN");
-    let ack = |n: u32| guest_segment(1002, iss.wrapping_add(1).wrapping_add(n), frame::ACK);
-    // Urgent data: 20 more bytes, the mark 5 bytes in. The peek stops at the mark.
-    host.avail += 20;
-    host.urgent_mark = Some(15);
-    let urgent = Ready {
-        readable: true,
-        urgent: true,
-        ..Ready::default()
-    };
-    core.on_ready(&mut host, 0, urgent, now);
-    assert_eq!((host.peeked, host.peeks), (15, 5), "stopped at the mark");
-    // Not drained: the ACK peeks on past the mark, and then once more, to EAGAIN.
-    core.on_frame(&mut host, &ack(60), rx, now);
+    // The short peek drained the socket: the ACK of the 35 bytes, and another, make no peek.
     assert_eq!(
-        (host.peeked, host.peeks),
+        frame_then(c, h, ack(1001, 35, 0)).1,
+        1,
+        "no peek after a short one"
+    );
+    assert_eq!(
+        frame_then(c, h, ack(1001, 35, 0)).1,
+        1,
+        "nor without a report of data"
+    );
+    // Data arrives and is reported: peeked and sent.
+    h.avail += 10;
+    assert_eq!(ready_then(c, h, false), (10, 2));
+    // A peek that says Later leaves the flow ready to peek at the next ACK.
+    h.avail += 10;
+    h.later = true;
+    assert_eq!(ready_then(c, h, false), (10, 3), "Later sends nothing");
+    h.later = false;
+    assert_eq!(
+        frame_then(c, h, ack(1001, 45, 0)),
+        (10, 4),
+        "the ACK sent the 10 new bytes"
+    );
+    // The guest's FIN makes no read: a close of the peer's reports when it comes.
+    assert_eq!(
+        frame_then(c, h, ack(1001, 45, frame::FIN)).1,
+        4,
+        "no read at the FIN"
+    );
+    // Urgent data: 20 more bytes, the mark 5 bytes in. The peek stops at the mark; the flow is
+    // not drained, so the next ACK peeks on past the mark, and every later ACK looks again,
+    // EAGAIN or not.
+    h.avail += 20;
+    h.urgent_mark = Some(15);
+    assert_eq!(ready_then(c, h, true), (15, 5), "stopped at the mark");
+    assert_eq!(
+        frame_then(c, h, ack(1002, 60, 0)),
         (15, 6),
         "the rest after the mark"
     );
-    core.on_frame(&mut host, &ack(75), rx, now);
-    assert_eq!(host.peeks, 7, "EAGAIN");
-    // With urgent data about, not even EAGAIN is proof (a peek without SO_PEEK_OFF stopped at
-    // the mark says it): every ACK looks.
-    core.on_frame(&mut host, &ack(75), rx, now);
-    assert_eq!(host.peeks, 8, "an urgent flow looks at every ACK");
+    assert_eq!(frame_then(c, h, ack(1002, 75, 0)).1, 7, "EAGAIN");
+    assert_eq!(
+        frame_then(c, h, ack(1002, 75, 0)).1,
+        8,
+        "an urgent flow looks at every ACK"
+    );
     let data_frames = host.sent.iter().filter(|s| s.2 & frame::PSH != 0).count();
     assert_eq!(data_frames, 5);
 }

@@ -285,16 +285,11 @@ impl Host for KernelHost {
     }
 
     fn tcp_connect_result(&mut self, id: FlowId) -> io::Result<()> {
-        let s = sock(&self.socks, id)?;
-        if let Some(e) = s.take_error()? {
-            return Err(e);
-        }
-        match s.peer_addr() {
-            Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-                Err(io::Error::from_raw_os_error(libc::EINPROGRESS))
-            }
-            Err(e) => Err(e),
+        // Writable after a non-blocking connect: connected unless SO_ERROR says otherwise
+        // (connect(2)). The core asks only then, so no getpeername to tell "still connecting".
+        match sock(&self.socks, id)?.take_error()? {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 

@@ -120,7 +120,8 @@ pub trait Host {
 
     /// Starts a non-blocking connect; completion is reported as writability.
     fn tcp_connect(&mut self, flow: FlowId, dst: SocketAddr) -> io::Result<()>;
-    /// The outcome of a connect that has reported readiness: `Ok` once connected.
+    /// The outcome of a connect whose socket has reported writability or an error: `Ok` once
+    /// connected (an error is pending otherwise).
     fn tcp_connect_result(&mut self, flow: FlowId) -> io::Result<()>;
     /// Writes as much of `data` as the socket takes; `Ok(0)` when it takes nothing now.
     fn tcp_send(&mut self, flow: FlowId, data: &[u8]) -> io::Result<usize>;

@@ -29,6 +29,8 @@ struct FakeHost {
     /// Reads of the front (`tcp_take`) made, and consumes.
     takes: usize,
     consumes: usize,
+    /// Connect outcomes asked for.
+    connect_results: usize,
     /// TCP's urgent mark, this many bytes from the front: a peek from before it stops there.
     urgent_mark: Option<usize>,
 }
@@ -49,6 +51,7 @@ impl Host for FakeHost {
         Ok(())
     }
     fn tcp_connect_result(&mut self, _: FlowId) -> io::Result<()> {
+        self.connect_results += 1;
         Ok(())
     }
     fn tcp_send(&mut self, id: FlowId, data: &[u8]) -> io::Result<usize> {
@@ -243,6 +246,40 @@ fn a_small_reply_is_taken_and_its_acknowledgement_costs_no_system_call() {
         (host.consumes, host.avail, core.stats().buffered),
         (1, 0, 0)
     );
+}
+
+// ---- Found by profiling: a connect's outcome asked for only when it has one ----
+
+/// A connecting socket's outcome is asked for (SO_ERROR) only once the socket reports
+/// writability or an error, when connect(2) says it is known: other readiness leaves the flow
+/// connecting, and the driver needs no getpeername to tell "still connecting".
+#[test]
+fn a_connect_is_asked_for_its_outcome_only_when_writable_or_failed() {
+    let cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
+    let mut core = Core::new(cfg);
+    let mut host = FakeHost::default();
+    let now = Instant::now();
+    let rx = RxMeta::default();
+    core.on_frame(&mut host, &guest_segment(1000, 0, frame::SYN), rx, now);
+    let readable = Ready {
+        readable: true,
+        hup: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, 0, readable, now);
+    assert_eq!(
+        (host.connect_results, host.sent.len()),
+        (0, 0),
+        "still connecting"
+    );
+    let writable = Ready {
+        writable: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, 0, writable, now);
+    assert_eq!(host.connect_results, 1);
+    let &(_, _, flags, _) = host.sent.last().expect("a SYN-ACK");
+    assert_eq!(flags, frame::SYN | frame::ACK);
 }
 
 // ---- Found by profiling: peeks that could only say EAGAIN ----

@@ -804,7 +804,11 @@ impl TcpFlow {
             self.host_drained = false;
         }
         if self.state == State::Connecting {
-            return self.on_connect_ready(id, out);
+            // A connect ends in writability (connected) or an error: only then ask how.
+            if ready.writable || ready.error {
+                return self.on_connect_ready(id, out);
+            }
+            return Verdict::Keep;
         }
         if self.state == State::SynSent {
             // The host client may already send or close; that waits for the guest's SYN-ACK.

@@ -31,6 +31,8 @@ struct FakeHost {
     consumes: usize,
     /// Connect outcomes asked for.
     connect_results: usize,
+    /// The peer has closed: after the `avail` bytes, the end of the stream.
+    eof: bool,
     /// TCP's urgent mark, this many bytes from the front: a peek from before it stops there.
     urgent_mark: Option<usize>,
 }
@@ -67,7 +69,11 @@ impl Host for FakeHost {
             return Ok(Peek::Later);
         }
         if self.peeked == self.avail {
-            return Ok(Peek::WouldBlock);
+            return Ok(if self.eof {
+                Peek::Eof
+            } else {
+                Peek::WouldBlock
+            });
         }
         let end = match self.urgent_mark {
             Some(m) if m > self.peeked => m,
@@ -280,6 +286,44 @@ fn a_connect_is_asked_for_its_outcome_only_when_writable_or_failed() {
     assert_eq!(host.connect_results, 1);
     let &(_, _, flags, _) = host.sent.last().expect("a SYN-ACK");
     assert_eq!(flags, frame::SYN | frame::ACK);
+}
+
+// ---- Found by profiling: a read to hear the end of a stream whose end was reported ----
+
+/// After the peer's close was reported, a read that stops short has reached the end of the
+/// stream (the FIN comes after all the peer's data): the core sends its FIN at once instead of
+/// reading again for the end. Not with an error reported (a reset: the flow reads on to it) nor
+/// with urgent data (a read also stops at the mark).
+#[test]
+fn a_short_read_after_the_peers_close_ends_the_stream_without_another_read() {
+    for (error, urgent, peeks) in [(false, false, 1), (true, false, 2), (false, true, 2)] {
+        let (mut core, mut host, now, rx) = connected_with_35_bytes();
+        host.eof = true;
+        let closed = Ready {
+            readable: true,
+            hup: true,
+            error,
+            urgent,
+            ..Ready::default()
+        };
+        core.on_ready(&mut host, 0, closed, now);
+        let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
+        core.on_frame(
+            &mut host,
+            &guest_segment(1001, iss.wrapping_add(1), frame::ACK),
+            rx,
+            now,
+        );
+        let what = format!("error {error}, urgent {urgent}");
+        assert_eq!(host.peeks, peeks, "{what}");
+        let &(_, seq, flags, _) = host.sent.last().expect("a FIN");
+        assert_eq!(flags, frame::FIN | frame::ACK, "{what}");
+        assert_eq!(
+            seq,
+            iss.wrapping_add(1 + 35),
+            "{what}: the FIN after the 35 bytes"
+        );
+    }
 }
 
 // ---- Found by profiling: peeks that could only say EAGAIN ----

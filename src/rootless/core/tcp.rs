@@ -132,6 +132,10 @@ pub(super) struct TcpFlow {
     /// The host socket has reported urgent data: a peek may stop short at the urgent mark with
     /// more queued behind it, so a short peek is no longer taken for drained.
     host_urgent: bool,
+    /// The host socket has reported an error or a hang-up of both directions (`Ready::error`):
+    /// a short read is not taken for the end of the stream, the flow reads on to the error or
+    /// the end.
+    host_error: bool,
     dupacks: u8,
     rto: Duration,
     retries: u8,
@@ -184,6 +188,7 @@ impl TcpFlow {
             // already there).
             host_drained: true,
             host_urgent: false,
+            host_error: false,
             dupacks: 0,
             rto: RTO_INITIAL,
             retries: 0,
@@ -727,31 +732,41 @@ impl TcpFlow {
                         self.arm(id, out, self.rto);
                     }
                     // A short read drained the socket: a read stops short only at the end of the
-                    // queue, at the end of the stream (the socket has then reported the hang-up:
-                    // read on to the end) or at an urgent mark (reported as urgent first; the
-                    // flow then waits for EAGAIN itself). Anything that arrives later is
-                    // reported, so peeking again now would only say EAGAIN.
-                    if asked.is_some_and(|a| n < a) && !self.host_hup {
-                        self.host_drained = !self.host_urgent;
-                        break;
+                    // queue, at the end of the stream or at an urgent mark (reported as urgent
+                    // first). Anything that arrives later is reported, so peeking again now
+                    // would only say EAGAIN. After the peer's close was reported, the end of the
+                    // queue is the end of the stream (the peer's FIN comes after all its data):
+                    // our FIN goes at once, without a read to hear it, unless urgent data (the
+                    // mark) or an error (a reset) is about, when the flow reads on.
+                    if asked.is_some_and(|a| n < a) {
+                        if !self.host_hup {
+                            self.host_drained = !self.host_urgent;
+                            break;
+                        }
+                        if !self.host_urgent && !self.host_error {
+                            self.send_fin(id, out);
+                        }
                     }
                 }
-                Ok(Peek::Eof) => {
-                    self.send_ctl(out, FIN | ACK, self.snd_nxt, &[]);
-                    self.fin_seq = Some(self.snd_nxt);
-                    self.snd_nxt = self.snd_nxt.wrapping_add(1);
-                    if seq_gt(self.snd_nxt, self.snd_max) {
-                        self.snd_max = self.snd_nxt;
-                    }
-                    self.fin_sent = true;
-                    if self.timer.is_none() {
-                        self.arm(id, out, self.rto);
-                    }
-                }
+                Ok(Peek::Eof) => self.send_fin(id, out),
                 Err(_) => return self.abort(id, out, false),
             }
         }
         Verdict::Keep
+    }
+
+    /// Sends our FIN (the host peer's end of the stream) after everything sent so far.
+    fn send_fin(&mut self, id: FlowId, out: &mut Out<impl Host>) {
+        self.send_ctl(out, FIN | ACK, self.snd_nxt, &[]);
+        self.fin_seq = Some(self.snd_nxt);
+        self.snd_nxt = self.snd_nxt.wrapping_add(1);
+        if seq_gt(self.snd_nxt, self.snd_max) {
+            self.snd_max = self.snd_nxt;
+        }
+        self.fin_sent = true;
+        if self.timer.is_none() {
+            self.arm(id, out, self.rto);
+        }
     }
 
     /// The host socket became writable: move queued guest data into it.
@@ -799,6 +814,9 @@ impl TcpFlow {
         }
         if ready.urgent {
             self.host_urgent = true;
+        }
+        if ready.error {
+            self.host_error = true;
         }
         if ready.readable || ready.error || ready.hup {
             self.host_drained = false;

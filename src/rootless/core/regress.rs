@@ -29,8 +29,9 @@ struct FakeHost {
     /// Reads of the front (`tcp_take`) made, and consumes.
     takes: usize,
     consumes: usize,
-    /// Connect outcomes asked for.
+    /// Connect outcomes asked for, and the error they say (none: connected).
     connect_results: usize,
+    connect_error: Option<i32>,
     /// The peer has closed: after the `avail` bytes, the end of the stream.
     eof: bool,
     /// TCP's urgent mark, this many bytes from the front: a peek from before it stops there.
@@ -54,7 +55,10 @@ impl Host for FakeHost {
     }
     fn tcp_connect_result(&mut self, _: FlowId) -> io::Result<()> {
         self.connect_results += 1;
-        Ok(())
+        match self.connect_error {
+            Some(e) => Err(io::Error::from_raw_os_error(e)),
+            None => Ok(()),
+        }
     }
     fn tcp_send(&mut self, id: FlowId, data: &[u8]) -> io::Result<usize> {
         Ok(if self.refuse.contains(&id) {
@@ -87,7 +91,11 @@ impl Host for FakeHost {
         assert_eq!(self.peeked, 0, "took with bytes peeked");
         self.takes += 1;
         if self.avail == 0 {
-            return Ok(Peek::WouldBlock);
+            return Ok(if self.eof {
+                Peek::Eof
+            } else {
+                Peek::WouldBlock
+            });
         }
         // A read that has read anything stops at the urgent mark.
         let end = match self.urgent_mark {
@@ -286,6 +294,21 @@ fn a_connect_is_asked_for_its_outcome_only_when_writable_or_failed() {
     assert_eq!(host.connect_results, 1);
     let &(_, _, flags, _) = host.sent.last().expect("a SYN-ACK");
     assert_eq!(flags, frame::SYN | frame::ACK);
+    // A refused connect reports an error alone (no writability): asked, and the guest reset.
+    let mut core = Core::new(Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap());
+    let mut host = FakeHost {
+        connect_error: Some(libc::ECONNREFUSED),
+        ..FakeHost::default()
+    };
+    core.on_frame(&mut host, &guest_segment(1000, 0, frame::SYN), rx, now);
+    let failed = Ready {
+        error: true,
+        ..Ready::default()
+    };
+    core.on_ready(&mut host, 0, failed, now);
+    assert_eq!(host.connect_results, 1);
+    let &(_, _, flags, _) = host.sent.last().expect("a RST");
+    assert_eq!(flags, frame::RST | frame::ACK);
 }
 
 // ---- Found by profiling: a read to hear the end of a stream whose end was reported ----
@@ -296,9 +319,22 @@ fn a_connect_is_asked_for_its_outcome_only_when_writable_or_failed() {
 /// with urgent data (a read also stops at the mark).
 #[test]
 fn a_short_read_after_the_peers_close_ends_the_stream_without_another_read() {
-    for (error, urgent, peeks) in [(false, false, 1), (true, false, 2), (false, true, 2)] {
-        let (mut core, mut host, now, rx) = connected_with_35_bytes();
+    // (error, urgent, take_max, reads): with urgent data the mark is 20 bytes in, and the flow
+    // reads on past it to the end; every case must send all 35 bytes before its FIN.
+    let cases = [
+        (false, false, 0, 1),
+        (true, false, 0, 2),
+        (false, true, 0, 3),
+        (false, false, 4096, 1),
+        (true, false, 4096, 2),
+        (false, true, 4096, 3),
+    ];
+    for (error, urgent, take_max, reads) in cases {
+        let (mut core, mut host, now, rx) = connected_with(35, |c| c.take_max = take_max);
         host.eof = true;
+        if urgent {
+            host.urgent_mark = Some(20);
+        }
         let closed = Ready {
             readable: true,
             hup: true,
@@ -308,14 +344,10 @@ fn a_short_read_after_the_peers_close_ends_the_stream_without_another_read() {
         };
         core.on_ready(&mut host, 0, closed, now);
         let &(_, iss, _, _) = host.sent.last().expect("a SYN-ACK");
-        core.on_frame(
-            &mut host,
-            &guest_segment(1001, iss.wrapping_add(1), frame::ACK),
-            rx,
-            now,
-        );
-        let what = format!("error {error}, urgent {urgent}");
-        assert_eq!(host.peeks, peeks, "{what}");
+        let ack = guest_segment(1001, iss.wrapping_add(1), frame::ACK);
+        core.on_frame(&mut host, &ack, rx, now);
+        let what = format!("error {error}, urgent {urgent}, take_max {take_max}");
+        assert_eq!(host.peeks + host.takes, reads, "{what}");
         let &(_, seq, flags, _) = host.sent.last().expect("a FIN");
         assert_eq!(flags, frame::FIN | frame::ACK, "{what}");
         assert_eq!(

@@ -52,6 +52,17 @@ pub struct Ready {
     pub urgent: bool,
 }
 
+impl Ready {
+    /// Readable and nothing else (the report of arriving data).
+    pub const READABLE: Ready = Ready {
+        readable: true,
+        writable: false,
+        error: false,
+        hup: false,
+        urgent: false,
+    };
+}
+
 /// Why a packet could not be delivered: a destination-unreachable message's code as the
 /// network sent it, so that a guest of the same family gets it unchanged (Linux treats some
 /// codes as fatal to a connected socket and others not), and a guest of the other family the

@@ -246,10 +246,7 @@ fn a_small_reply_is_taken_and_its_acknowledgement_costs_no_system_call() {
     assert_eq!(core.stats().buffered, 0);
     // More than `take_max`: the first 4,096 bytes are taken, the rest peeked.
     host.avail = 5000;
-    let readable = Ready {
-        readable: true,
-        ..Ready::default()
-    };
+    let readable = Ready::READABLE;
     core.on_ready(&mut host, 0, readable, now);
     assert_eq!((host.takes, host.peeks), (2, 1));
     assert_eq!((host.avail, host.peeked), (904, 904));
@@ -375,10 +372,7 @@ fn a_new_flow_reads_nothing_until_its_socket_reports_data() {
         if avail == 0 {
             // Until the socket reports data.
             host.avail = 10;
-            let readable = Ready {
-                readable: true,
-                ..Ready::default()
-            };
+            let readable = Ready::READABLE;
             core.on_ready(&mut host, 0, readable, now);
             assert_eq!((host.peeks, host.peeked), (1, 10));
         }

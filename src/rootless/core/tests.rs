@@ -592,15 +592,7 @@ fn thousands_of_flows_and_the_flow_limit() {
     // Every server closes; every guest answers the FIN with its own.
     for &id in &ids {
         host.socks.get_mut(&id).expect("sock").eof = true;
-        core.on_ready(
-            &mut host,
-            id,
-            Ready {
-                readable: true,
-                ..Default::default()
-            },
-            now,
-        );
+        core.on_ready(&mut host, id, Ready::READABLE, now);
     }
     let fins = tcp_out(&host.to_guest);
     host.to_guest.clear();
@@ -708,15 +700,7 @@ fn dns_is_forwarded_to_the_host_resolver_and_strangers_are_filtered() {
         SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), 53).into(),
         b"spoof".to_vec(),
     ));
-    core.on_ready(
-        &mut host,
-        id,
-        Ready {
-            readable: true,
-            ..Default::default()
-        },
-        t0,
-    );
+    core.on_ready(&mut host, id, Ready::READABLE, t0);
     assert_eq!(
         udp_out(&host.to_guest),
         vec![(dns, SocketAddrV4::new(GUEST, 5353), b"answer".to_vec())]
@@ -797,15 +781,7 @@ fn udp_errors_from_the_network_reach_the_guest_as_icmp() {
     s.dgram_error_pending = true;
     s.udp_in.push_back((server.into(), b"answer".to_vec()));
     // Readable only: the failed receive sends the core to the error queue.
-    core.on_ready(
-        &mut host,
-        id,
-        Ready {
-            readable: true,
-            ..Default::default()
-        },
-        t0,
-    );
+    core.on_ready(&mut host, id, Ready::READABLE, t0);
     let mut got = Vec::new();
     for f in &host.log {
         let eth = EthernetFrame::new_checked(&f[..]).expect("frame");
@@ -959,15 +935,7 @@ fn echo_to_the_gateway_is_answered_and_others_go_through_ping_sockets() {
         SocketAddrV4::new(SERVER, 0).into(),
         vec![0, 0, 0, 0, 0x12, 0x34, 0, 1, b'p'],
     ));
-    core.on_ready(
-        &mut host,
-        id,
-        Ready {
-            readable: true,
-            ..Default::default()
-        },
-        now,
-    );
+    core.on_ready(&mut host, id, Ready::READABLE, now);
     assert_eq!(icmp_out(&host.to_guest), vec![(SERVER, 0, 0x78)]);
 
     let mut core = Core::new(cfg());
@@ -1003,15 +971,7 @@ fn echo_errors_reach_the_guest_with_its_identifier() {
         SocketAddrV4::new(SERVER, 0).into(),
         vec![0, 0, 0, 0, 0x12, 0x34, 0, 2, b'p'],
     ));
-    core.on_ready(
-        &mut host,
-        id,
-        Ready {
-            readable: true,
-            ..Default::default()
-        },
-        now,
-    );
+    core.on_ready(&mut host, id, Ready::READABLE, now);
     let gw = Ipv4Addr::new(10, 0, 2, 2);
     assert_eq!(
         icmp_out(&host.to_guest),
@@ -1667,10 +1627,7 @@ fn ipv6_neighbours_router_and_echo_are_answered_for_the_gateway() {
         vec![129, 0, 0, 0, 0x77, 0x77, 0, 1, b'h', b'i'],
     ));
     host.to_guest.clear();
-    let readable = Ready {
-        readable: true,
-        ..Ready::default()
-    };
+    let readable = Ready::READABLE;
     core.on_ready(&mut host, id, readable, now);
     let out = icmp6_out(&host.to_guest);
     assert_eq!(out.len(), 1);
@@ -1825,10 +1782,7 @@ fn ipv6_policy_and_dns() {
     assert_eq!(s.udp_out, vec![(resolver, b"query".to_vec())]);
     s.udp_in.push_back((resolver, b"answer".to_vec()));
     host.to_guest.clear();
-    let readable = Ready {
-        readable: true,
-        ..Ready::default()
-    };
+    let readable = Ready::READABLE;
     core.on_ready(&mut host, id, readable, now);
     let f = host.to_guest.first().expect("the answer");
     assert_eq!(&f[12..14], &[0x86, 0xdd]);

@@ -480,26 +480,16 @@ fn refused_and_unreachable_fail_fast_and_loopback_needs_permission() {
     let text = r.run_ok(&[], &script);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 6, "{text}");
-    assert!(
-        lines[0].contains("Connection refused"),
-        "closed port: {text}"
-    );
-    assert!(
-        lines[1].contains("No route to host"),
-        "address nobody answers for: {text}"
-    );
-    assert!(
-        lines[2].contains("Connection refused"),
-        "host loopback without permission: {text}"
-    );
-    assert!(
-        lines[3].contains("Connection refused"),
-        "UDP to a closed port: {text}"
-    );
-    assert!(
-        lines[4].contains("No route to host"),
-        "UDP to an address nobody answers for: {text}"
-    );
+    let (refused, no_route) = ("Connection refused", "No route to host");
+    for (line, want, what) in [
+        (lines[0], refused, "closed port"),
+        (lines[1], no_route, "address nobody answers for"),
+        (lines[2], refused, "host loopback without permission"),
+        (lines[3], refused, "UDP to a closed port"),
+        (lines[4], no_route, "UDP to an address nobody answers for"),
+    ] {
+        assert!(line.contains(want), "{what}: {text}");
+    }
     assert_eq!(lines[5], "after-error", "{text}");
     // An echo request to that address: the host's error reaches the container's ping socket
     // (a ping socket in the container needs its group in the container's ping_group_range).
@@ -1104,31 +1094,32 @@ fn ipv6_client_link(r: &Rig) {
 /// `::1` is spliced, and IPv4 clients go on as before. Without it an IPv6 TCP client is spliced
 /// to the container's IPv4 (its address is not kept), UDP stays IPv4-only, and `0.0.0.0:PORT`
 /// is IPv4-only.
+/// Instance NAME running socat servers of family `v` ("6": IPv6 listeners, which take IPv4
+/// clients too; "": IPv4) on the container's ports 80 (TCP echo), 81 (TCP) and 53 (UDP), the
+/// last two answering `peer=<client address>`, published on the host's 8080, 8081 and 5353
+/// (UDP), with `more` flags. Returns once an IPv6 client of the host's port 8080 gets an answer.
+fn peer_servers(r: &Rig, name: &str, v: &str, more: &[&str]) -> crate::procs::BgProc {
+    let script = format!(
+        "socat TCP{v}-LISTEN:80,fork,reuseaddr EXEC:cat & \
+         socat TCP{v}-LISTEN:81,fork,reuseaddr SYSTEM:'echo peer=$SOCAT_PEERADDR' & \
+         socat UDP{v}-RECVFROM:53,fork SYSTEM:'read l; echo peer=$SOCAT_PEERADDR' & \
+         sleep 60"
+    );
+    let mut flags = vec!["-p", "8080:80", "-p", "8081:81", "-p", "5353:53/udp"];
+    flags.extend_from_slice(more);
+    let bg = r.run_bg(name, &flags, &script);
+    r.wait_published(name, "8080->80/tcp");
+    wait_answer(&r.t, &r.t.c, H6, 8080);
+    bg
+}
+
 #[test]
 fn published_ports_over_ipv6() {
     let t = topology!("rl_pub6");
     let r = rig(t);
     ipv6_client_link(&r);
     // Dual-stack servers (socat's TCP6-LISTEN takes IPv4 clients too).
-    let script = "socat TCP6-LISTEN:80,fork,reuseaddr EXEC:cat & \
-                  socat TCP6-LISTEN:81,fork,reuseaddr SYSTEM:'echo peer=$SOCAT_PEERADDR' & \
-                  socat UDP6-RECVFROM:53,fork SYSTEM:'read l; echo peer=$SOCAT_PEERADDR' & \
-                  sleep 60";
-    let mut bg = r.run_bg(
-        "web6",
-        &[
-            "--enable-ipv6",
-            "-p",
-            "8080:80",
-            "-p",
-            "8081:81",
-            "-p",
-            "5353:53/udp",
-        ],
-        script,
-    );
-    r.wait_published("web6", "8080->80/tcp");
-    wait_answer(&r.t, &r.t.c, H6, 8080);
+    let mut bg = peer_servers(&r, "web6", "6", &["--enable-ipv6"]);
     let data = payload(2 << 20, 23);
     assert_tcp_echo(&r.t, &r.t.c, H6, 8080, &data, "IPv6 client, engine path");
     assert_tcp_echo(
@@ -1158,26 +1149,7 @@ fn published_ports_over_ipv6() {
     stop(&mut bg);
 
     // Without --enable-ipv6: IPv4-only servers.
-    let script = "socat TCP-LISTEN:80,fork,reuseaddr EXEC:cat & \
-                  socat TCP-LISTEN:81,fork,reuseaddr SYSTEM:'echo peer=$SOCAT_PEERADDR' & \
-                  socat UDP-RECVFROM:53,fork SYSTEM:'read l; echo peer=$SOCAT_PEERADDR' & \
-                  sleep 60";
-    let mut bg = r.run_bg(
-        "web4",
-        &[
-            "-p",
-            "8080:80",
-            "-p",
-            "8081:81",
-            "-p",
-            "5353:53/udp",
-            "-p",
-            "0.0.0.0:8082:80",
-        ],
-        script,
-    );
-    r.wait_published("web4", "8080->80/tcp");
-    wait_answer(&r.t, &r.t.c, H6, 8080);
+    let mut bg = peer_servers(&r, "web4", "", &["-p", "0.0.0.0:8082:80"]);
     assert_tcp_echo(
         &r.t,
         &r.t.c,

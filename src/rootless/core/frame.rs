@@ -403,93 +403,10 @@ pub fn arp_request(buf: &mut [u8], ours: EthernetAddress, ip: Ipv4Addr, target: 
     ETH_LEN + len
 }
 
-/// A destination-unreachable message (ICMP, or ICMPv6 for an IPv6 flow) quoting a TCP SYN the
-/// guest sent (the IP header and the first 8 bytes of TCP, which is what the guest's kernel
-/// matches on). Returns the frame length.
-#[allow(clippy::too_many_arguments)]
-pub fn unreachable_for_syn(
-    buf: &mut [u8],
-    macs: Macs,
-    from: IpAddr,
-    why: Unreachable,
-    guest: SocketAddr,
-    remote: SocketAddr,
-    guest_seq: u32,
-    id: u16,
-) -> usize {
-    let quote = Quote::ports(
-        IpProtocol::Tcp,
-        guest,
-        remote,
-        TCP_LEN,
-        guest_seq.to_be_bytes(),
-    );
-    unreachable(buf, macs, from, why, &quote, id)
-}
-
-/// A destination-unreachable message (ICMP, or ICMPv6 for an IPv6 flow) for a datagram the
-/// guest sent from `guest` to `remote` with `payload_len` bytes: the host's network could not
-/// deliver it. The quote is rebuilt from the flow (IP header and UDP header), which is what the
-/// guest's kernel matches on.
-#[allow(clippy::too_many_arguments)]
-pub fn unreachable_for_udp(
-    buf: &mut [u8],
-    macs: Macs,
-    from: IpAddr,
-    why: Unreachable,
-    guest: SocketAddr,
-    remote: SocketAddr,
-    payload_len: usize,
-    id: u16,
-) -> usize {
-    let len = u16::try_from(UDP_LEN + payload_len).unwrap_or(u16::MAX);
-    let [hi, lo] = len.to_be_bytes();
-    // the checksum (the last two bytes) is not matched on
-    let quote = Quote::ports(
-        IpProtocol::Udp,
-        guest,
-        remote,
-        usize::from(len),
-        [hi, lo, 0, 0],
-    );
-    unreachable(buf, macs, from, why, &quote, id)
-}
-
-/// A destination-unreachable message (ICMP, or ICMPv6 for an IPv6 flow) for an echo request of
-/// `len` bytes the guest sent from `guest` to `remote` with identifier `ident` and sequence
-/// number `seq`.
-#[allow(clippy::too_many_arguments)]
-pub fn unreachable_for_echo(
-    buf: &mut [u8],
-    macs: Macs,
-    from: IpAddr,
-    why: Unreachable,
-    guest: IpAddr,
-    remote: IpAddr,
-    (ident, seq, len): (u16, u16, usize),
-    id: u16,
-) -> usize {
-    let (proto, kind) = if guest.is_ipv4() {
-        (IpProtocol::Icmp, 8)
-    } else {
-        (IpProtocol::Icmpv6, 128)
-    };
-    let mut head = [kind, 0, 0, 0, 0, 0, 0, 0]; // the checksum (2..4) is not matched on
-    head[4..6].copy_from_slice(&ident.to_be_bytes());
-    head[6..].copy_from_slice(&seq.to_be_bytes());
-    let quote = Quote {
-        proto,
-        src: guest,
-        dst: remote,
-        l4_len: len.max(8),
-        head,
-    };
-    unreachable(buf, macs, from, why, &quote, id)
-}
-
-/// The start of a packet the guest sent, as an ICMP error quotes it: the IP header and the
-/// transport header's first eight bytes.
-struct Quote {
+/// The start of a packet the guest sent, as a destination-unreachable message quotes it: the IP
+/// header (rebuilt from the flow) and the transport header's first eight bytes, which is what
+/// the guest's kernel matches on to find its socket.
+pub struct Quote {
     proto: IpProtocol,
     src: IpAddr,
     dst: IpAddr,
@@ -499,6 +416,45 @@ struct Quote {
 }
 
 impl Quote {
+    /// A TCP SYN the guest sent from `guest` to `remote` with sequence number `seq`.
+    pub fn syn(guest: SocketAddr, remote: SocketAddr, seq: u32) -> Quote {
+        Quote::ports(IpProtocol::Tcp, guest, remote, TCP_LEN, seq.to_be_bytes())
+    }
+
+    /// A datagram of `payload_len` bytes the guest sent from `guest` to `remote`.
+    pub fn udp(guest: SocketAddr, remote: SocketAddr, payload_len: usize) -> Quote {
+        let len = u16::try_from(UDP_LEN + payload_len).unwrap_or(u16::MAX);
+        let [hi, lo] = len.to_be_bytes();
+        // the checksum (the last two bytes) is not matched on
+        Quote::ports(
+            IpProtocol::Udp,
+            guest,
+            remote,
+            usize::from(len),
+            [hi, lo, 0, 0],
+        )
+    }
+
+    /// An echo request of `len` bytes the guest sent from `guest` to `remote` with identifier
+    /// `ident` and sequence number `seq`.
+    pub fn echo(guest: IpAddr, remote: IpAddr, ident: u16, seq: u16, len: usize) -> Quote {
+        let (proto, kind) = if guest.is_ipv4() {
+            (IpProtocol::Icmp, 8)
+        } else {
+            (IpProtocol::Icmpv6, 128)
+        };
+        let mut head = [kind, 0, 0, 0, 0, 0, 0, 0]; // the checksum (2..4) is not matched on
+        head[4..6].copy_from_slice(&ident.to_be_bytes());
+        head[6..].copy_from_slice(&seq.to_be_bytes());
+        Quote {
+            proto,
+            src: guest,
+            dst: remote,
+            l4_len: len.max(8),
+            head,
+        }
+    }
+
     /// A TCP or UDP quote: the ports, then `rest`.
     fn ports(
         proto: IpProtocol,
@@ -521,7 +477,10 @@ impl Quote {
     }
 }
 
-fn unreachable(
+/// A destination-unreachable message (ICMP, or ICMPv6 for a quote of an IPv6 packet) from
+/// `from` telling the guest that the packet `q` quotes could not be delivered, with the code
+/// for `why`. Returns the frame length.
+pub fn unreachable(
     buf: &mut [u8],
     macs: Macs,
     from: IpAddr,

@@ -1133,16 +1133,8 @@ impl Core {
                 self.cfg.gateway_for(guest.ip())
             };
             self.ip_id = self.ip_id.wrapping_add(1);
-            let len = frame::unreachable_for_udp(
-                &mut self.tx,
-                macs,
-                from,
-                why,
-                guest,
-                seen,
-                err.len,
-                self.ip_id,
-            );
+            let quote = frame::Quote::udp(guest, seen, err.len);
+            let len = frame::unreachable(&mut self.tx, macs, from, why, &quote, self.ip_id);
             host.emit(&self.tx[..len], TxMeta::default());
             self.stats.frames_out += 1;
             self.stats.udp_unreachable += 1;
@@ -1164,16 +1156,9 @@ impl Core {
             };
             let seq = u16::from_be_bytes([err.head[6], err.head[7]]);
             self.ip_id = self.ip_id.wrapping_add(1);
-            let len = frame::unreachable_for_echo(
-                &mut self.tx,
-                macs,
-                self.cfg.gateway_for(guest),
-                why,
-                guest,
-                err.dst.ip(),
-                (ident, seq, err.len),
-                self.ip_id,
-            );
+            let quote = frame::Quote::echo(guest, err.dst.ip(), ident, seq, err.len);
+            let from = self.cfg.gateway_for(guest);
+            let len = frame::unreachable(&mut self.tx, macs, from, why, &quote, self.ip_id);
             host.emit(&self.tx[..len], TxMeta::default());
             self.stats.frames_out += 1;
             self.stats.icmp_unreachable += 1;

@@ -397,16 +397,9 @@ impl TcpFlow {
             Some(_) => Unreachable::HOST,
         };
         let id = out.next_id();
-        let len = frame::unreachable_for_syn(
-            out.tx,
-            out.macs,
-            out.cfg.gateway_for(self.guest.ip()),
-            why,
-            self.guest,
-            self.remote,
-            self.guest_isn(),
-            id,
-        );
+        let quote = frame::Quote::syn(self.guest, self.remote, self.guest_isn());
+        let from = out.cfg.gateway_for(self.guest.ip());
+        let len = frame::unreachable(out.tx, out.macs, from, why, &quote, id);
         out.host.emit(&out.tx[..len], TxMeta::default());
         out.stats.frames_out += 1;
     }

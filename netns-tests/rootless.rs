@@ -751,7 +751,8 @@ use crate::harness::{C_IP, H_CLIENT_SIDE_IP};
 /// A python3 helper: `echo PORT` serves a TCP echo on PORT for many clients at once; `clients
 /// HOST PORT N` opens N connections together, sends a distinct line on each, checks each echo,
 /// and prints `ok=<count>`; `echoerr HOST` pings HOST from a ping socket and prints the error
-/// that comes back.
+/// that comes back; `closefirst PORT` answers one message per connection and closes first, and
+/// `reuse HOST PORT N ADDR LPORT` is its client, N connections one after another from ADDR:LPORT.
 const PY_HELPER: &str = r#"
 import asyncio, resource, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -879,6 +880,53 @@ def first_line(host, port):
         got += b"<timeout>"
     print(repr(got))
 
+def close_first(port):
+    import socket
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(64)
+    srv.settimeout(120)
+    while True:
+        c, _ = srv.accept()
+        c.settimeout(10)
+        try:
+            c.sendall(b"ok:" + c.recv(100))
+        except OSError:
+            pass
+        c.close()
+
+def reuse(host, port, n, local):
+    # Each connection ends with the server's close and ours: ours is the second, so our side
+    # keeps no TIME_WAIT and the next connection takes the same port at once, while the
+    # forwarder may still be closing the last one with the server.
+    import errno, socket, time
+    bad = []
+    for i in range(n):
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        c.settimeout(10)
+        got = b""
+        try:
+            c.bind(local)
+            for _ in range(200):
+                # Our last connection may not have heard the final ACK yet (LAST_ACK).
+                if c.connect_ex((host, port)) != errno.EADDRNOTAVAIL:
+                    break
+                time.sleep(0.005)
+            c.getpeername()
+            c.sendall(b"x%d" % i)
+            while d := c.recv(100):
+                got += d
+        except OSError as e:
+            got = repr(e).encode()
+        c.close()
+        if got != b"ok:x%d" % i:
+            bad.append((i, got))
+    print(f"ok={n - len(bad)} bad={len(bad)}")
+    for b in bad[:5]:
+        print("bad:", b)
+
 if sys.argv[1] == "echoerr":
     echo_error(sys.argv[2])
 elif sys.argv[1] == "urgent":
@@ -901,6 +949,10 @@ elif sys.argv[1] == "udpburst":
     udp_burst(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 elif sys.argv[1] == "echo":
     asyncio.run(serve(int(sys.argv[2])))
+elif sys.argv[1] == "closefirst":
+    close_first(int(sys.argv[2]))
+elif sys.argv[1] == "reuse":
+    reuse(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), (sys.argv[5], int(sys.argv[6])))
 else:
     asyncio.run(clients(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
 "#;
@@ -1321,6 +1373,61 @@ fn two_thousand_concurrent_connections_through_a_published_port() {
     );
     bg.signal("TERM");
     let _ = bg.wait_exit(Duration::from_secs(20));
+}
+
+/// A client that takes the same port again as soon as its connection is over (its side closed
+/// second, so it keeps no TIME_WAIT) reaches the container every time, though rnat may still be
+/// closing the last connection on that 4-tuple with the container when the next one arrives.
+#[test]
+fn a_client_reusing_its_port_at_once_is_served_every_time() {
+    let t = topology!("rl_reuse");
+    let r = rig(t);
+    let helper = r.helper();
+    let mut bg = r.run_bg(
+        "reuse",
+        &["-p", "8092:80"],
+        &format!("python3 {helper} closefirst 80"),
+    );
+    r.wait_published("reuse", "8092->80/tcp");
+    wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8092);
+    let out = procs::run_bounded(
+        r.t.ns_command(
+            &r.t.c,
+            &[
+                "python3",
+                &helper,
+                "reuse",
+                H_CLIENT_SIDE_IP,
+                "8092",
+                "500",
+                C_IP,
+                "41000",
+            ],
+        ),
+        None,
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        out.stdout_str().lines().next(),
+        Some("ok=500 bad=0"),
+        "{}",
+        out.describe()
+    );
+    // The case this is about happened (the old flow still held the 4-tuple), and nothing was
+    // refused.
+    let ps = r.rnat_user(&["ps", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&ps.stdout_str()).unwrap_or_default();
+    let inst = list
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["name"] == "reuse"))
+        .unwrap_or(&serde_json::Value::Null);
+    let waited = inst["stats"]["tcp_inbound_waited"].as_u64();
+    assert!(
+        waited.is_some_and(|n| n > 0) && inst["port_stats"]["refused"] == 0,
+        "want new connections that waited for the old one on their 4-tuple, none refused\n{}",
+        ps.describe()
+    );
+    stop(&mut bg);
 }
 
 #[test]

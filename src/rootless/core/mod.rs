@@ -47,6 +47,9 @@ const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 /// Unsolicited router advertisements, once a guest has asked for one: well within the lifetimes
 /// they give (30 minutes for the route and DNS server, 1 and 2 hours for the prefix).
 const RA_INTERVAL: Duration = Duration::from_secs(600);
+/// How long an inbound flow on a reused 4-tuple waits for the old flow on it to finish with the
+/// guest (one round trip to the guest, usually) before the old flow is reset.
+const REUSE_WAIT: Duration = Duration::from_secs(1);
 
 /// The Ethernet address an IPv6 multicast address maps to (RFC 2464 7).
 fn multicast_mac(ip: Ipv6Addr) -> EthernetAddress {
@@ -198,6 +201,9 @@ pub struct Stats {
     pub tcp_inbound: u64,
     /// SYNs to the guest sent again at once because an old connection was in TIME_WAIT.
     pub tcp_syn_after_timewait: u64,
+    /// Host clients of published ports that reused the 4-tuple of a flow still closing with the
+    /// guest: their flows waited for it (`Core::tcp_inbound`).
+    pub tcp_inbound_waited: u64,
     pub tcp_closed: u64,
     pub tcp_reset: u64,
     pub tcp_reset_by_guest: u64,
@@ -283,6 +289,8 @@ pub struct Core {
     guest_mac: Option<EthernetAddress>,
     flows: Slab<Flow>,
     tcp: HashMap<(SocketAddr, SocketAddr), FlowId>,
+    /// Inbound flows waiting for the flow that still holds their 4-tuple in `tcp` to finish.
+    parked: HashMap<(SocketAddr, SocketAddr), FlowId>,
     udp: HashMap<SocketAddr, FlowId>,
     ping: HashMap<(IpAddr, u16), FlowId>,
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
@@ -312,6 +320,7 @@ impl Core {
             guest_mac: None,
             flows: Slab::new(),
             tcp: HashMap::new(),
+            parked: HashMap::new(),
             udp: HashMap::new(),
             ping: HashMap::new(),
             timers: BinaryHeap::new(),
@@ -401,14 +410,38 @@ impl Core {
             acks: &mut self.acks,
             now,
         };
+        let mut next = None;
         if f(flow, &mut out) == Verdict::Remove {
             let key = (flow.guest, flow.remote);
-            self.tcp.remove(&key);
+            if self.tcp.get(&key) == Some(&id) {
+                self.tcp.remove(&key);
+                next = self.parked.remove(&key).map(|next| (key, next));
+            } else if self.parked.get(&key) == Some(&id) {
+                self.parked.remove(&key);
+            }
             self.flows.remove(id);
         }
         for (id, at) in self.new_timers.drain(..) {
             self.timers.push(Reverse((at, id)));
         }
+        if let Some((key, next)) = next {
+            self.unpark(host, key, next, now);
+        }
+    }
+
+    /// The 4-tuple `key` is free again: the inbound flow `id` that waited for it opens.
+    fn unpark<H: Host>(
+        &mut self,
+        host: &mut H,
+        key: (SocketAddr, SocketAddr),
+        id: FlowId,
+        now: Instant,
+    ) {
+        self.tcp.insert(key, id);
+        self.with_tcp(host, id, now, |f, out| {
+            f.open_to_guest(id, out);
+            Verdict::Keep
+        });
     }
 
     /// A frame from the guest.
@@ -1285,6 +1318,21 @@ impl Core {
             f.wake = None;
             match f.timer {
                 Some(t) if t <= now => {
+                    let key = (f.guest, f.remote);
+                    if self.parked.get(&key) == Some(&id) {
+                        // The old connection on the tuple kept it too long: it gives way.
+                        f.timer = None;
+                        match self.tcp.get(&key).copied() {
+                            Some(old) => {
+                                self.with_tcp(host, old, now, |f, out| f.abort(old, out, true))
+                            }
+                            None => {
+                                self.parked.remove(&key);
+                                self.unpark(host, key, id, now);
+                            }
+                        }
+                        continue;
+                    }
                     self.with_tcp(host, id, now, |f, out| f.on_timer(id, out));
                 }
                 Some(t) => {
@@ -1374,7 +1422,9 @@ impl Core {
     ) -> Option<FlowId> {
         let guest = SocketAddr::new(self.guest_addr(client.is_ipv6())?, guest_port);
         let seen = client_as_seen(client, &self.cfg);
-        if self.at_limit() || self.tcp.contains_key(&(guest, seen)) {
+        let key = (guest, seen);
+        let busy = self.tcp.contains_key(&key);
+        if self.at_limit() || busy && self.parked.contains_key(&key) {
             self.stats.refused_limit += 1;
             return None;
         }
@@ -1385,8 +1435,21 @@ impl Core {
             self.flows.remove(id);
             return None;
         }
-        self.tcp.insert((guest, seen), id);
         self.stats.tcp_inbound += 1;
+        if busy {
+            // The client reused its port at once. The host's kernel has finished the old
+            // connection on this 4-tuple (it accepted a new one on it), but the guest's side of
+            // it may still be closing: the new flow waits for it, at most `REUSE_WAIT`, after
+            // which the old one is reset.
+            self.parked.insert(key, id);
+            self.stats.tcp_inbound_waited += 1;
+            self.with_tcp(host, id, now, |f, out| {
+                f.hold(id, out, REUSE_WAIT);
+                Verdict::Keep
+            });
+            return Some(id);
+        }
+        self.tcp.insert(key, id);
         if self.macs().is_none() {
             self.arp_for_guest(host);
         }

@@ -243,7 +243,12 @@ impl TcpFlow {
         self.arm(id, out, backoff);
     }
 
-    /// The guest's initial sequence number (for an ICMP error quoting its SYN).
+    /// Holds an inbound flow back before its SYN: its timer fires after `wait` (the core then
+    /// decides).
+    pub fn hold(&mut self, id: FlowId, out: &mut Out<impl Host>, wait: Duration) {
+        self.arm(id, out, wait);
+    }
+
     /// Whether the guest was last told the window is shut.
     pub fn told_zero_window(&self) -> bool {
         self.last_window == 0 && self.state == State::Established
@@ -254,6 +259,7 @@ impl TcpFlow {
         (usize::from(cfg.mtu) - frame::ip_len(self.guest.ip()) - frame::TCP_LEN).min(65535) as u16
     }
 
+    /// The guest's initial sequence number (for an ICMP error quoting its SYN).
     pub fn guest_isn(&self) -> u32 {
         self.rcv_nxt.wrapping_sub(1)
     }
@@ -340,7 +346,12 @@ impl TcpFlow {
     }
 
     /// Resets the guest's side and closes the host socket.
-    fn abort(&mut self, id: FlowId, out: &mut Out<impl Host>, reset_host: bool) -> Verdict {
+    pub(super) fn abort(
+        &mut self,
+        id: FlowId,
+        out: &mut Out<impl Host>,
+        reset_host: bool,
+    ) -> Verdict {
         self.send_ctl(out, RST | ACK, self.snd_nxt, &[]);
         out.host.tcp_close(id, reset_host);
         self.release(out);

@@ -1345,6 +1345,127 @@ fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
     );
 }
 
+/// A host client that reuses its port at once (its kernel's side of the old connection is over)
+/// while the guest's side of the old flow is still closing: the new connection is taken, and its
+/// SYN waits for the old flow to finish (the guest's ACK of our FIN), or at most `REUSE_WAIT`,
+/// after which the old flow is reset.
+#[test]
+fn a_client_reusing_its_port_waits_for_the_old_flow_to_finish() {
+    let ms = std::time::Duration::from_millis;
+    let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 40000);
+    for guest_acks in [true, false] {
+        let mut core = Core::new(cfg());
+        let mut host = SimHost::new();
+        let t0 = std::time::Instant::now();
+        let stage = |host: &mut SimHost| {
+            host.staged = Some(super::sim::SimSock {
+                dst: Some(client.into()),
+                connected: true,
+                cap: 1 << 20,
+                ..Default::default()
+            });
+        };
+        core.on_frame(
+            &mut host,
+            &guest_udp(5000, SocketAddrV4::new(SERVER, 9), b"x"),
+            RxMeta::default(),
+            t0,
+        );
+        let udp_flows = core.flow_count();
+        stage(&mut host);
+        let old = core
+            .tcp_inbound(&mut host, client.into(), 80, t0)
+            .expect("a flow");
+        let iss = tcp_out(&host.to_guest)[0].1;
+        let guest =
+            |seq: u32, ack: u32, flags: u8| guest_tcp(80, client, seq, ack, flags, &[], &[]);
+        // Established; the guest closes first (as a web server does), and rnat passes its FIN
+        // on to the client.
+        for f in [
+            guest(1000, iss.wrapping_add(1), SYN | ACK),
+            guest(1001, iss.wrapping_add(1), FIN | ACK),
+        ] {
+            core.on_frame(&mut host, &f, RxMeta::default(), t0);
+        }
+        core.flush(&mut host, t0);
+        assert!(
+            host.socks[&old].shut_wr,
+            "the guest's FIN went to the client"
+        );
+        // The client closes too: rnat's FIN goes to the guest.
+        host.socks.get_mut(&old).expect("old socket").eof = true;
+        let hup = Ready {
+            hup: true,
+            ..Ready::READABLE
+        };
+        core.on_ready(&mut host, old, hup, t0);
+        let fin = (80, iss.wrapping_add(1), 1002, FIN | ACK, 0);
+        assert!(tcp_out(&host.to_guest).contains(&fin), "our FIN");
+        host.to_guest.clear();
+        // Before the guest has acknowledged it, the client is back on the same port.
+        stage(&mut host);
+        let new = core
+            .tcp_inbound(&mut host, client.into(), 80, t0 + ms(1))
+            .expect("the reused port is taken, not refused");
+        assert_ne!(new, old);
+        assert_eq!(core.stats().tcp_inbound_waited, 1);
+        assert!(
+            tcp_out(&host.to_guest).is_empty(),
+            "no SYN while the old flow holds the tuple"
+        );
+        let syn_of_new = |host: &SimHost| {
+            tcp_out(&host.to_guest)
+                .into_iter()
+                .find(|s| s.3 == SYN)
+                .map(|s| s.1)
+        };
+        if guest_acks {
+            core.on_frame(
+                &mut host,
+                &guest(1002, iss.wrapping_add(2), ACK),
+                RxMeta::default(),
+                t0 + ms(2),
+            );
+            assert!(host.socks[&old].closed && !host.socks[&old].reset);
+            let iss2 = syn_of_new(&host).expect("the new SYN as soon as the old flow is gone");
+            assert_ne!(iss2, iss);
+        } else {
+            core.on_timer(&mut host, t0 + ms(900));
+            assert_eq!(syn_of_new(&host), None, "still waiting at 0.9 s");
+            assert!(!host.socks[&old].closed);
+            core.on_timer(&mut host, t0 + ms(1001));
+            let out = tcp_out(&host.to_guest);
+            let rst = out
+                .iter()
+                .position(|s| s.3 & RST != 0 && s.1 == iss.wrapping_add(2));
+            let syn = out.iter().position(|s| s.3 == SYN);
+            assert!(
+                matches!((rst, syn), (Some(r), Some(s)) if r < s),
+                "the old flow reset, then the new SYN: {out:?}"
+            );
+            assert!(host.socks[&old].closed);
+        }
+        assert_eq!(core.flow_count(), udp_flows + 1, "the old flow is gone");
+        assert_eq!(core.stats().refused_limit, 0);
+        // The new flow is the tuple's now: the guest's SYN-ACK opens it.
+        let iss2 = syn_of_new(&host).expect("SYN");
+        host.to_guest.clear();
+        host.socks.get_mut(&new).expect("new socket").rx = b"GET /".to_vec();
+        core.on_ready(&mut host, new, Ready::READABLE, t0 + ms(1002));
+        core.on_frame(
+            &mut host,
+            &guest(5000, iss2.wrapping_add(1), SYN | ACK),
+            RxMeta::default(),
+            t0 + ms(1002),
+        );
+        let out = tcp_out(&host.to_guest);
+        assert!(
+            out.contains(&(80, iss2.wrapping_add(1), 5001, ACK, 5)),
+            "the new client's bytes reach the guest: {out:?}"
+        );
+    }
+}
+
 /// A flow's timer pushed back (a SYN sent again before its timeout) fires at the later time:
 /// the core's one wake-up per flow, due first, hands the deadline on.
 #[test]

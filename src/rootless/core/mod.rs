@@ -201,9 +201,11 @@ pub struct Stats {
     pub tcp_inbound: u64,
     /// SYNs to the guest sent again at once because an old connection was in TIME_WAIT.
     pub tcp_syn_after_timewait: u64,
-    /// Host clients of published ports that reused the 4-tuple of a flow still closing with the
-    /// guest: their flows waited for it (`Core::tcp_inbound`).
+    /// Host clients of published ports whose 4-tuple (as the guest sees it) another flow held:
+    /// their flows waited for it to go (`Core::tcp_inbound`).
     pub tcp_inbound_waited: u64,
+    /// ... of which reset, because the flow holding the tuple was a live connection.
+    pub tcp_inbound_tuple_busy: u64,
     pub tcp_closed: u64,
     pub tcp_reset: u64,
     pub tcp_reset_by_guest: u64,
@@ -408,6 +410,7 @@ impl Core {
             buffered: &mut self.buffered,
             timers: &mut self.new_timers,
             acks: &mut self.acks,
+            cap_hit: &mut self.cap_hit,
             now,
         };
         let mut next = None;
@@ -426,6 +429,28 @@ impl Core {
         }
         if let Some((key, next)) = next {
             self.unpark(host, key, next, now);
+        }
+    }
+
+    /// Inbound flow `id` has waited `REUSE_WAIT` for the flow holding its 4-tuple: a flow whose
+    /// host connection is over is reset (its guest has been slow to finish), and the new flow
+    /// opens; a live one stays, and the new flow's client is reset.
+    fn reuse_waited<H: Host>(
+        &mut self,
+        host: &mut H,
+        key: (SocketAddr, SocketAddr),
+        id: FlowId,
+        now: Instant,
+    ) {
+        let Some(old) = self.tcp.get(&key).copied() else {
+            self.parked.remove(&key);
+            return self.unpark(host, key, id, now);
+        };
+        if matches!(self.flows.get(old), Some(Flow::Tcp(f)) if f.host_over()) {
+            self.with_tcp(host, old, now, |f, out| f.abort(old, out, true));
+        } else {
+            self.stats.tcp_inbound_tuple_busy += 1;
+            self.with_tcp(host, id, now, |f, out| f.drop_unopened(id, out));
         }
     }
 
@@ -834,7 +859,7 @@ impl Core {
         now: Instant,
     ) {
         let Some(macs) = self.macs() else { return };
-        let is_syn = s.flags & frame::SYN != 0 && s.flags & frame::ACK == 0;
+        let is_syn = s.flags & (frame::SYN | frame::ACK | frame::RST) == frame::SYN;
         if !is_syn {
             if s.flags & frame::RST == 0 {
                 self.stats.tcp_no_flow += 1;
@@ -1065,6 +1090,13 @@ impl Core {
     /// A host socket reported readiness.
     pub fn on_ready<H: Host>(&mut self, host: &mut H, id: FlowId, ready: Ready, now: Instant) {
         match self.flows.get(id) {
+            Some(Flow::Tcp(f))
+                if ready.error && self.parked.get(&(f.guest, f.remote)) == Some(&id) =>
+            {
+                // A waiting flow's client gave up: it goes without a word to the guest (which
+                // knows the tuple as the old flow's).
+                self.with_tcp(host, id, now, |f, out| f.drop_unopened(id, out));
+            }
             Some(Flow::Tcp(_)) => self.with_tcp(host, id, now, |f, out| f.on_ready(id, ready, out)),
             Some(Flow::Udp(_)) => self.udp_readable(host, id, ready, now),
             Some(Flow::Ping(_)) => self.ping_readable(host, id, ready, now),
@@ -1320,17 +1352,8 @@ impl Core {
                 Some(t) if t <= now => {
                     let key = (f.guest, f.remote);
                     if self.parked.get(&key) == Some(&id) {
-                        // The old connection on the tuple kept it too long: it gives way.
                         f.timer = None;
-                        match self.tcp.get(&key).copied() {
-                            Some(old) => {
-                                self.with_tcp(host, old, now, |f, out| f.abort(old, out, true))
-                            }
-                            None => {
-                                self.parked.remove(&key);
-                                self.unpark(host, key, id, now);
-                            }
-                        }
+                        self.reuse_waited(host, key, id, now);
                         continue;
                     }
                     self.with_tcp(host, id, now, |f, out| f.on_timer(id, out));
@@ -1437,10 +1460,13 @@ impl Core {
         }
         self.stats.tcp_inbound += 1;
         if busy {
-            // The client reused its port at once. The host's kernel has finished the old
-            // connection on this 4-tuple (it accepted a new one on it), but the guest's side of
-            // it may still be closing: the new flow waits for it, at most `REUSE_WAIT`, after
-            // which the old one is reset.
+            // Another flow holds this 4-tuple. Most often it is the client's last connection
+            // from this port, over on the host (whose kernel took a new one on the tuple) but
+            // still closing with the guest. It may also be a live connection that the guest sees
+            // the same way: the client's port reused towards another host port or address
+            // published to the same guest port. The new flow waits, without a SYN, for the old
+            // one to go; after `REUSE_WAIT` the old one is reset if its host connection is over,
+            // and the new one otherwise (`Core::on_timer`).
             self.parked.insert(key, id);
             self.stats.tcp_inbound_waited += 1;
             self.with_tcp(host, id, now, |f, out| {

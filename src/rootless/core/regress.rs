@@ -657,3 +657,83 @@ fn windows_shut_by_the_global_cap_reopen_when_it_lifts() {
         &host.sent[before..]
     );
 }
+
+#[test]
+fn a_window_the_cap_shut_reopens_though_the_cap_lifted_between_batches() {
+    // The cap is reached and lifted within one batch, with no `flush` seeing it: B is told a
+    // shut window on a data segment meanwhile, and still hears when the cap lifts.
+    let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
+    cfg.max_buffered = 1000;
+    let mut core = Core::new(cfg);
+    let mut host = FakeHost::default();
+    let t0 = Instant::now();
+    let rx = RxMeta { csum_trusted: true };
+    let w = Ready {
+        writable: true,
+        ..Ready::default()
+    };
+    let mut iss = [0u32; 2];
+    for (i, port) in [40000u16, 40001].into_iter().enumerate() {
+        core.on_frame(&mut host, &tseg(port, 1000, 0, frame::SYN, &[]), rx, t0);
+        core.on_ready(&mut host, i, w, t0);
+        iss[i] = host
+            .sent
+            .iter()
+            .rev()
+            .find(|s| s.0 == port as usize)
+            .unwrap()
+            .1;
+        core.on_frame(
+            &mut host,
+            &tseg(port, 1001, iss[i].wrapping_add(1), frame::ACK, &[]),
+            rx,
+            t0,
+        );
+    }
+    core.flush(&mut host, t0);
+    // A's socket refuses: 2000 bytes queue, the cap is reached (no flush yet).
+    host.refuse.push(0);
+    core.on_frame(
+        &mut host,
+        &tseg(40000, 1001, iss[0] + 1, frame::ACK, &[7u8; 2000]),
+        rx,
+        t0,
+    );
+    // B's server sends: the segment to the guest carries window 0.
+    host.avail = 100;
+    core.on_ready(&mut host, 1, Ready::READABLE, t0);
+    let b_data = host.sent.iter().rev().find(|s| s.0 == 40001).unwrap();
+    assert_eq!(b_data.3, 0, "B's segment tells window 0: {b_data:?}");
+    // A drains before the batch ends: the cap lifts.
+    host.refuse.clear();
+    core.on_ready(&mut host, 0, w, t0);
+    assert_eq!(core.stats().buffered, 0);
+    let before = host.sent.len();
+    core.flush(&mut host, t0);
+    let b_open = host.sent[before..].iter().any(|s| s.0 == 40001 && s.3 > 0);
+    assert!(
+        b_open,
+        "B gets a window update when the cap lifts: {:?}",
+        &host.sent[before..]
+    );
+}
+
+#[test]
+fn a_syn_with_rst_opens_nothing() {
+    let cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
+    let mut core = Core::new(cfg);
+    let mut host = FakeHost::default();
+    let t0 = Instant::now();
+    let rx = RxMeta { csum_trusted: true };
+    core.on_frame(
+        &mut host,
+        &tseg(40000, 1000, 0, frame::SYN | frame::RST, &[]),
+        rx,
+        t0,
+    );
+    assert_eq!((core.stats().tcp_opened, core.stats().flows), (0, 0));
+    assert!(host.sent.is_empty(), "an RST is not answered");
+    // The same without RST opens a flow (the frame itself is fine).
+    core.on_frame(&mut host, &tseg(40000, 1000, 0, frame::SYN, &[]), rx, t0);
+    assert_eq!(core.stats().tcp_opened, 1);
+}

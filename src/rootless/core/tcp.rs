@@ -73,6 +73,9 @@ pub(super) struct Out<'a, H: Host> {
     pub timers: &'a mut Vec<(FlowId, Instant)>,
     /// Flows that owe the guest an ACK, sent when the current batch of frames is done.
     pub acks: &'a mut Vec<FlowId>,
+    /// Set when a flow tells the guest a window the global cap shut (`Core::flush` then watches
+    /// for the cap to lift).
+    pub cap_hit: &'a mut bool,
     pub now: Instant,
 }
 
@@ -249,6 +252,12 @@ impl TcpFlow {
         self.arm(id, out, wait);
     }
 
+    /// Whether the host connection is over: closed both ways (the peer's FIN reported and ours
+    /// sent), or failed or hung up.
+    pub fn host_over(&self) -> bool {
+        self.host_error || self.host_hup && self.host_shut
+    }
+
     /// Whether the guest was last told the window is shut.
     pub fn told_zero_window(&self) -> bool {
         self.last_window == 0 && self.state == State::Established
@@ -284,9 +293,14 @@ impl TcpFlow {
         (cfg.flow_window as usize).saturating_sub(self.pending.len()) as u32
     }
 
-    fn window_field(&mut self, cfg: &Config, buffered: usize) -> u16 {
-        let bytes = self.window_bytes(cfg, buffered);
+    /// The window field of a segment to the guest (scaled). A window the global cap shut is
+    /// noted in `Out::cap_hit`, so that the core tells the flow when the cap lifts.
+    fn window_field(&mut self, out: &mut Out<impl Host>) -> u16 {
+        let bytes = self.window_bytes(out.cfg, *out.buffered);
         self.last_window = bytes;
+        if bytes == 0 && *out.buffered >= out.cfg.max_buffered {
+            *out.cap_hit = true;
+        }
         (bytes >> self.rcv_wscale).min(65535) as u16
     }
 
@@ -298,7 +312,7 @@ impl TcpFlow {
             self.last_window = bytes;
             bytes as u16
         } else {
-            self.window_field(out.cfg, *out.buffered)
+            self.window_field(out)
         };
         let h = TcpHeader {
             src: self.remote,
@@ -354,6 +368,15 @@ impl TcpFlow {
     ) -> Verdict {
         self.send_ctl(out, RST | ACK, self.snd_nxt, &[]);
         out.host.tcp_close(id, reset_host);
+        self.release(out);
+        out.stats.tcp_reset += 1;
+        Verdict::Remove
+    }
+
+    /// Closes an inbound flow that never sent its SYN, resetting its client; the guest is told
+    /// nothing (the 4-tuple is another flow's as far as it knows).
+    pub fn drop_unopened(&mut self, id: FlowId, out: &mut Out<impl Host>) -> Verdict {
+        out.host.tcp_close(id, true);
         self.release(out);
         out.stats.tcp_reset += 1;
         Verdict::Remove
@@ -708,7 +731,7 @@ impl TcpFlow {
                 }
                 Ok(Peek::Later) => break,
                 Ok(Peek::Data(n)) => {
-                    let window = self.window_field(out.cfg, *out.buffered);
+                    let window = self.window_field(out);
                     let h = TcpHeader {
                         src: self.remote,
                         dst: self.guest,

@@ -1466,6 +1466,112 @@ fn a_client_reusing_its_port_waits_for_the_old_flow_to_finish() {
     }
 }
 
+/// Another host connection that the guest would see on the same 4-tuple as a live flow (the
+/// client's port reused towards a second host port published to the same guest port, or through a
+/// second host address): the newcomer waits, and after `REUSE_WAIT` it is the one reset, the live
+/// flow left alone, whether open both ways or half-closed. A waiting client that gives up goes at
+/// once. A flow whose host connection ends while a newcomer waits is the one reset.
+#[test]
+fn a_second_host_connection_on_a_live_flows_tuple_waits_then_is_reset() {
+    let ms = std::time::Duration::from_millis;
+    let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 40000);
+    let mut core = Core::new(cfg());
+    let mut host = SimHost::new();
+    let t0 = std::time::Instant::now();
+    let stage = |host: &mut SimHost| {
+        host.staged = Some(super::sim::SimSock {
+            dst: Some(client.into()),
+            connected: true,
+            cap: 1 << 20,
+            ..Default::default()
+        });
+    };
+    core.on_frame(
+        &mut host,
+        &guest_udp(5000, SocketAddrV4::new(SERVER, 9), b"x"),
+        RxMeta::default(),
+        t0,
+    );
+    stage(&mut host);
+    let live = core
+        .tcp_inbound(&mut host, client.into(), 80, t0)
+        .expect("a flow");
+    let iss = tcp_out(&host.to_guest)[0].1;
+    let guest = |seq: u32, ack: u32, flags: u8| guest_tcp(80, client, seq, ack, flags, &[], &[]);
+    core.on_frame(
+        &mut host,
+        &guest(1000, iss.wrapping_add(1), SYN | ACK),
+        RxMeta::default(),
+        t0,
+    );
+    let newcomer = |core: &mut Core, host: &mut SimHost, now| {
+        stage(host);
+        host.to_guest.clear();
+        let id = core
+            .tcp_inbound(host, client.into(), 80, now)
+            .expect("taken, to wait");
+        assert!(tcp_out(&host.to_guest).is_empty(), "no SYN while waiting");
+        id
+    };
+    let untouched = |host: &SimHost| {
+        assert!(
+            !host.socks[&live].closed,
+            "the live flow's socket stays open"
+        );
+        assert!(tcp_out(&host.to_guest).iter().all(|s| s.3 & RST == 0));
+    };
+    // Open both ways: the newcomer waits, then its client is reset.
+    let a = newcomer(&mut core, &mut host, t0);
+    core.on_timer(&mut host, t0 + ms(1001));
+    assert!(host.socks[&a].closed && host.socks[&a].reset);
+    untouched(&host);
+    assert_eq!(core.stats().tcp_inbound_tuple_busy, 1);
+    // Half-closed (the guest's FIN went to the client, whose side goes on): the same.
+    core.on_frame(
+        &mut host,
+        &guest(1001, iss.wrapping_add(1), FIN | ACK),
+        RxMeta::default(),
+        t0 + ms(1100),
+    );
+    core.flush(&mut host, t0 + ms(1100));
+    assert!(host.socks[&live].shut_wr);
+    let b = newcomer(&mut core, &mut host, t0 + ms(1200));
+    core.on_timer(&mut host, t0 + ms(2201));
+    assert!(host.socks[&b].closed && host.socks[&b].reset);
+    untouched(&host);
+    assert_eq!(core.stats().tcp_inbound_tuple_busy, 2);
+    // A waiting client that gives up is closed at once, the guest told nothing.
+    let c = newcomer(&mut core, &mut host, t0 + ms(2300));
+    let failed = Ready {
+        error: true,
+        ..Ready::READABLE
+    };
+    core.on_ready(&mut host, c, failed, t0 + ms(2400));
+    assert!(host.socks[&c].closed);
+    untouched(&host);
+    // The live flow's host connection ends while a newcomer waits (its report came after the
+    // newcomer): the old flow, still waiting for the guest's ACK of our FIN, is reset at the
+    // deadline, and the newcomer opens.
+    let d = newcomer(&mut core, &mut host, t0 + ms(2500));
+    host.socks.get_mut(&live).expect("socket").eof = true;
+    let hup = Ready {
+        hup: true,
+        ..Ready::READABLE
+    };
+    core.on_ready(&mut host, live, hup, t0 + ms(2600));
+    core.on_timer(&mut host, t0 + ms(3501));
+    let out = tcp_out(&host.to_guest);
+    let rst = out.iter().position(|s| s.3 & RST != 0);
+    let syn = out.iter().position(|s| s.3 == SYN);
+    assert!(
+        matches!((rst, syn), (Some(r), Some(s)) if r < s),
+        "the old flow reset, then the new SYN: {out:?}"
+    );
+    assert!(host.socks[&live].closed && !host.socks[&d].closed);
+    assert_eq!(core.stats().tcp_inbound_tuple_busy, 2);
+    assert_eq!(core.stats().tcp_inbound_waited, 4);
+}
+
 /// A flow's timer pushed back (a SYN sent again before its timeout) fires at the later time:
 /// the core's one wake-up per flow, due first, hands the deadline on.
 #[test]

@@ -752,7 +752,10 @@ use crate::harness::{C_IP, H_CLIENT_SIDE_IP};
 /// HOST PORT N` opens N connections together, sends a distinct line on each, checks each echo,
 /// and prints `ok=<count>`; `echoerr HOST` pings HOST from a ping socket and prints the error
 /// that comes back; `closefirst PORT` answers one message per connection and closes first, and
-/// `reuse HOST PORT N ADDR LPORT` is its client, N connections one after another from ADDR:LPORT.
+/// `reuse HOST PORT N ADDR LPORT` is its client, N connections one after another from ADDR:LPORT;
+/// `resetwatch PORT` tells each client how the connection before it ended (eof or reset), and
+/// `rst HOST PORT` reads a line, sends a little and aborts; `countserve PORT` answers each stream
+/// with its length and count of '!', and `urgentsend HOST PORT` sends it `urgentbulk`'s stream.
 const PY_HELPER: &str = r#"
 import asyncio, resource, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -896,6 +899,82 @@ def close_first(port):
             pass
         c.close()
 
+def count_server(port):
+    # Reads each client's stream to its end and answers with its length and how many '!' it held.
+    import socket
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(16)
+    srv.settimeout(120)
+    while True:
+        c, _ = srv.accept()
+        c.settimeout(20)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        d = b""
+        try:
+            while x := c.recv(65536):
+                d += x
+            c.sendall(f"{len(d)} {d.count(b'!')}\n".encode())
+        except OSError as e:
+            c.sendall(repr(e).encode() + b"\n")
+        c.close()
+
+def urgent_send(host, port):
+    # The urgent bulk stream of `urgentbulk`, sent by a client; prints the server's answer.
+    import socket
+    s = socket.create_connection((host, port), timeout=30)
+    s.settimeout(30)
+    s.sendall(b"a" * 9999 + b"!", socket.MSG_OOB)
+    s.sendall(b"b" * 1000)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    try:
+        while d := s.recv(4096):
+            got += d
+    except socket.timeout:
+        got += b"<timeout>"
+    print(got.decode(errors="replace").strip())
+
+def reset_watch(port):
+    # Tells each client, in its first line, how the connection before it ended: eof or reset.
+    import socket
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(16)
+    srv.settimeout(120)
+    last = b"none"
+    while True:
+        c, _ = srv.accept()
+        c.settimeout(20)
+        try:
+            c.sendall(last + b"\n")
+            while c.recv(65536):
+                pass
+            last = b"eof"
+        except ConnectionResetError:
+            last = b"reset"
+        except OSError as e:
+            last = repr(e).encode()
+        c.close()
+
+def rst_client(host, port):
+    # Reads the first line, sends a little, then aborts the connection (RST).
+    import socket, struct
+    s = socket.create_connection((host, port), timeout=30)
+    s.settimeout(20)
+    got = b""
+    while not got.endswith(b"\n"):
+        d = s.recv(4096)
+        if not d:
+            break
+        got += d
+    s.sendall(b"x" * 1000)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    print(repr(got))
+
 def reuse(host, port, n, local):
     # Each connection ends with the server's close and ours: ours is the second, so our side
     # keeps no TIME_WAIT and the next connection takes the same port at once, while the
@@ -949,6 +1028,14 @@ elif sys.argv[1] == "udpburst":
     udp_burst(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 elif sys.argv[1] == "echo":
     asyncio.run(serve(int(sys.argv[2])))
+elif sys.argv[1] == "countserve":
+    count_server(int(sys.argv[2]))
+elif sys.argv[1] == "urgentsend":
+    urgent_send(sys.argv[2], int(sys.argv[3]))
+elif sys.argv[1] == "resetwatch":
+    reset_watch(int(sys.argv[2]))
+elif sys.argv[1] == "rst":
+    rst_client(sys.argv[2], int(sys.argv[3]))
 elif sys.argv[1] == "closefirst":
     close_first(int(sys.argv[2]))
 elif sys.argv[1] == "reuse":
@@ -1295,6 +1382,22 @@ fn publish_and_unpublish_on_a_running_instance_spare_open_connections() {
         "{}",
         again.describe()
     );
+    // A container UDP port takes one host port: a second is refused, naming the container port,
+    // and leaves its host port free (the socket it bound is closed), as a publish there shows.
+    let udp = r.rnat_user(&["publish", "--name", "app", "5353:53/udp"]);
+    assert!(udp.success(), "{}", udp.describe());
+    let second = r.rnat_user(&["publish", "--name", "app", "5354:53/udp"]);
+    assert!(
+        !second.success() && second.stderr_str().contains("container port 53/udp"),
+        "{}",
+        second.describe()
+    );
+    let free = r.rnat_user(&["publish", "--name", "app", "5354:54/udp"]);
+    assert!(
+        free.success(),
+        "host port 5354 still bound\n{}",
+        free.describe()
+    );
     bg.signal("TERM");
     let _ = bg.wait_exit(Duration::from_secs(20));
 }
@@ -1425,6 +1528,92 @@ fn a_client_reusing_its_port_at_once_is_served_every_time() {
     assert!(
         waited.is_some_and(|n| n > 0) && inst["port_stats"]["refused"] == 0,
         "want new connections that waited for the old one on their 4-tuple, none refused\n{}",
+        ps.describe()
+    );
+    stop(&mut bg);
+}
+
+/// TCP urgent data through a spliced connection, both ways: `splice(2)` reads nothing at the
+/// urgent mark, so without help the stream stalls there, or ends there once the sender closes.
+/// Each stream has its mark after 10,000 of 11,000 bytes and its end right behind.
+#[test]
+fn urgent_data_passes_a_spliced_connection_both_ways() {
+    let t = topology!("rl_spliceurg");
+    let r = rig(t);
+    let helper = r.helper();
+    let mut bg = r.run_bg(
+        "urg",
+        &["-p", "8095:80", "-p", "8096:81"],
+        &format!("python3 {helper} urgentbulk 80 & python3 {helper} countserve 81"),
+    );
+    r.wait_published("urg", "8096->81/tcp");
+    let client = |args: &[&str]| {
+        let mut argv = vec!["python3", helper.as_str()];
+        argv.extend_from_slice(args);
+        procs::run_bounded(r.t.ns_command(&r.t.h, &argv), None, Duration::from_secs(60))
+    };
+    // Container → client (the servers may still be starting: retried until one answers).
+    let down = procs::poll(|| {
+        let out = client(&["count", "127.0.0.1", "8095"]);
+        (out.success() && !out.stdout_str().trim().is_empty() && out.stdout_str().trim() != "0 0")
+            .then_some(out)
+    });
+    let down = down.unwrap_or_else(|| client(&["count", "127.0.0.1", "8095"]));
+    assert_eq!(down.stdout_str().trim(), "11000 1", "{}", down.describe());
+    // Client → container.
+    let up = client(&["urgentsend", "127.0.0.1", "8096"]);
+    assert_eq!(up.stdout_str().trim(), "11000 1", "{}", up.describe());
+    let ps = r.rnat_user(&["ps", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&ps.stdout_str()).unwrap_or_default();
+    let spliced = list
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["name"] == "urg"))
+        .and_then(|i| i["port_stats"]["spliced"].as_u64());
+    assert!(
+        spliced.is_some_and(|n| n >= 2),
+        "want the spliced path\n{}",
+        ps.describe()
+    );
+    stop(&mut bg);
+}
+
+/// A loopback client (spliced kernel to kernel) that aborts its connection: the container's
+/// server hears a reset too, not an orderly end of a stream that was cut short.
+#[test]
+fn a_spliced_client_that_resets_resets_the_containers_side() {
+    let t = topology!("rl_splicerst");
+    let r = rig(t);
+    let helper = r.helper();
+    let mut bg = r.run_bg(
+        "rst",
+        &["-p", "8094:80"],
+        &format!("python3 {helper} resetwatch 80"),
+    );
+    r.wait_published("rst", "8094->80/tcp");
+    let client = |mode: &str| {
+        procs::run_bounded(
+            r.t.ns_command(&r.t.h, &["python3", &helper, mode, "127.0.0.1", "8094"]),
+            None,
+            Duration::from_secs(60),
+        )
+    };
+    // The first connection may come before the server listens: retried until it answers.
+    let first = procs::poll(|| {
+        let out = client("rst");
+        out.stdout_str().contains("none").then_some(out)
+    });
+    assert!(first.is_some(), "{}", client("rst").describe());
+    let told = client("line");
+    assert_eq!(
+        told.stdout_str().trim(),
+        "b'reset\\n'",
+        "the server heard the aborted connection end as\n{}",
+        told.describe()
+    );
+    let ps = r.rnat_user(&["ps", "--json"]);
+    assert!(
+        ps.stdout_str().contains("\"spliced\":2") || ps.stdout_str().contains("\"spliced\": 2"),
+        "want both connections spliced\n{}",
         ps.describe()
     );
     stop(&mut bg);

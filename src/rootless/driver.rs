@@ -781,6 +781,11 @@ impl KernelHost {
         }
     }
 
+    /// Closes a staged socket the core did not adopt.
+    pub fn discard_staged(&mut self) {
+        self.staged = None;
+    }
+
     /// Stages a bound UDP socket for `Core::udp_publish`. It hears of the ICMP errors its
     /// datagrams meet, as the engine's own UDP sockets do.
     pub fn stage_bound_udp(&mut self, s: Socket) {
@@ -833,6 +838,9 @@ impl KernelHost {
 pub enum Wake {
     /// A watched fd with this token is readable.
     Token(u64),
+    /// ... and a TCP socket among them has urgent data (`EPOLLPRI`, which only spliced
+    /// connections' sockets watch).
+    Urgent(u64),
     /// The TAP device went away (its namespace is gone).
     TapGone,
 }
@@ -884,7 +892,12 @@ pub fn serve(
                     }
                 }
                 t if t >= TAP => {
-                    if !on_wake(core, host, Wake::Token(t), now) {
+                    let wake = if flags.contains(EpollFlags::EPOLLPRI) {
+                        Wake::Urgent(t)
+                    } else {
+                        Wake::Token(t)
+                    };
+                    if !on_wake(core, host, wake, now) {
                         finish(core, host, &mut frame);
                         return Ok(());
                     }

@@ -49,6 +49,8 @@ pub enum PortError {
     Privileged(PortMapping, u16, u16),
     #[error("{0}: already published")]
     Published(PortMapping),
+    #[error("{0}: container port {1}/udp is already published on another host port (a container UDP port takes one host port)")]
+    UdpContainerPort(PortMapping, u16),
     #[error("{0}: not published")]
     NotPublished(PortMapping),
     #[error("{0}: {1}")]
@@ -87,6 +89,22 @@ struct Pipe {
     held: usize,
     eof: bool,
     shut: bool,
+    /// The source socket has reported urgent data: `splice` stops at its mark, so the byte
+    /// there is read and written into the pipe by hand.
+    urgent: bool,
+}
+
+impl Pipe {
+    fn new((r, w): (OwnedFd, OwnedFd)) -> Pipe {
+        Pipe {
+            r,
+            w,
+            held: 0,
+            eof: false,
+            shut: false,
+            urgent: false,
+        }
+    }
 }
 
 struct Splice {
@@ -245,10 +263,17 @@ impl Ports {
                         s.bind(&addr).map_err(io)?;
                         host.stage_bound_udp(s);
                         core.udp_publish(host, m.container_port, ip.is_ipv6(), now)
-                            .map_err(|e| match e {
-                                super::core::PublishError::Published => PortError::Published(*m),
-                                super::core::PublishError::NoIpv6 => PortError::UdpIpv6(*m),
-                                super::core::PublishError::Host(e) => PortError::Io(*m, e),
+                            .map_err(|e| {
+                                // Refused before adoption: the bound socket must not stay
+                                // staged (and the port bound) until the next adoption.
+                                host.discard_staged();
+                                match e {
+                                    super::core::PublishError::Published => {
+                                        PortError::UdpContainerPort(*m, m.container_port)
+                                    }
+                                    super::core::PublishError::NoIpv6 => PortError::UdpIpv6(*m),
+                                    super::core::PublishError::Host(e) => PortError::Io(*m, e),
+                                }
                             })?;
                         entry.udp[fam] = true;
                     }
@@ -293,6 +318,19 @@ impl Ports {
             }
         }
         Ok(()) // dropping the listeners closes them (and takes them out of epoll)
+    }
+
+    /// A spliced connection's socket with this token reported urgent data (its `on_event`
+    /// follows).
+    pub fn on_urgent(&mut self, token: u64) {
+        if !(SPLICE_BASE..SPLICE_BASE * 2).contains(&token) {
+            return;
+        }
+        let n = (token - SPLICE_BASE) as usize;
+        if let Some(s) = self.splices.get_mut(n >> 1) {
+            // Token 0 is the client's socket, the source of pipe 0; token 1 the container's.
+            s.pipes[n & 1].urgent = true;
+        }
     }
 
     /// Handles a token of ours; false if it is not one.
@@ -443,10 +481,20 @@ impl Ports {
             }
             Err(_) => return Err(Some(client)),
         };
+        // The container's server has accepted `inner`: if the splice cannot be set up, it hears
+        // a reset (the client goes through the engine), not an empty, orderly connection.
+        let abandon = |inner: Socket| {
+            let _ = inner.set_linger(Some(std::time::Duration::ZERO));
+        };
         let (Ok(a), Ok(b)) = (pipe(), pipe()) else {
+            abandon(inner);
             return Err(Some(client));
         };
-        if host.accepted_options(&client).is_err() {
+        // Urgent data comes in line on both sides, as on the engine's sockets (`pump_one`).
+        if host.accepted_options(&client).is_err()
+            || sys::set_oob_inline(inner.as_raw_fd()).is_err()
+        {
+            abandon(inner);
             return Err(Some(client));
         }
         let entry = self.splices.vacant_entry();
@@ -454,6 +502,7 @@ impl Ports {
         let flags = EpollFlags::EPOLLIN
             | EpollFlags::EPOLLOUT
             | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLPRI
             | EpollFlags::EPOLLET;
         if host
             .register(client.as_fd(), SPLICE_BASE + (idx << 1), flags)
@@ -462,8 +511,9 @@ impl Ports {
                 .register(inner.as_fd(), SPLICE_BASE + (idx << 1) + 1, flags)
                 .is_err()
         {
-            // Half set up: the client hears a reset, not an orderly close of a working connection.
+            // Half set up: both ends hear a reset, not an orderly close of a working connection.
             let _ = client.set_linger(Some(std::time::Duration::ZERO));
+            abandon(inner);
             self.stats.refused += 1;
             return Err(None);
         }
@@ -471,22 +521,7 @@ impl Ports {
             client,
             inner,
             connected: false,
-            pipes: [
-                Pipe {
-                    r: a.0,
-                    w: a.1,
-                    held: 0,
-                    eof: false,
-                    shut: false,
-                },
-                Pipe {
-                    r: b.0,
-                    w: b.1,
-                    held: 0,
-                    eof: false,
-                    shut: false,
-                },
-            ],
+            pipes: [Pipe::new(a), Pipe::new(b)],
         });
         Ok(())
     }
@@ -519,7 +554,10 @@ impl Ports {
             }
         }
         if failed {
+            // One side failed (a reset, most often): the other hears a reset too, not an orderly
+            // end of a stream that was cut short (whatever the pipes held is lost).
             let _ = s.client.set_linger(Some(std::time::Duration::ZERO));
+            let _ = s.inner.set_linger(Some(std::time::Duration::ZERO));
             self.splices.remove(idx);
         } else if s.pipes.iter().all(|p| p.shut) {
             self.splices.remove(idx);
@@ -528,12 +566,18 @@ impl Ports {
 }
 
 /// One direction: socket → pipe → socket until either side would block.
+///
+/// TCP urgent data: a `splice` from a socket stops at the urgent mark and reads nothing there
+/// (`EAGAIN`, or 0 once the peer has closed), whatever follows. So once the source has reported
+/// urgent data, a splice that moved nothing asks whether it stands at the mark, and if so the
+/// byte there is read (in line, `SO_OOBINLINE`) and written into the empty pipe; splicing then
+/// goes on past it. The byte arrives in order; its urgency is not passed on.
 fn pump_one(p: &mut Pipe, src: &Socket, dst: &Socket) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         let mut moved = false;
         if !p.eof && p.held < PIPE_SIZE as usize {
-            match splice(
+            let stalled = match splice(
                 src.as_fd(),
                 None,
                 p.w.as_fd(),
@@ -541,13 +585,38 @@ fn pump_one(p: &mut Pipe, src: &Socket, dst: &Socket) -> io::Result<()> {
                 PIPE_SIZE as usize - p.held,
                 flags,
             ) {
-                Ok(0) => p.eof = true,
+                Ok(0) => {
+                    p.eof = !(p.urgent && sys::at_urgent_mark(src.as_raw_fd())?);
+                    !p.eof
+                }
                 Ok(n) => {
                     p.held += n;
                     moved = true;
+                    false
                 }
-                Err(nix::errno::Errno::EAGAIN) => {}
+                Err(nix::errno::Errno::EAGAIN) if p.urgent => {
+                    let at = sys::at_urgent_mark(src.as_raw_fd())?;
+                    p.urgent = at;
+                    at
+                }
+                Err(nix::errno::Errno::EAGAIN) => false,
                 Err(e) => return Err(e.into()),
+            };
+            if stalled && p.held == 0 {
+                let mut byte = [0u8; 1];
+                // Both sockets are non-blocking.
+                match io::Read::read(&mut &*src, &mut byte) {
+                    Ok(1) => {
+                        if nix::unistd::write(&p.w, &byte)? != 1 {
+                            return Err(io::ErrorKind::WriteZero.into());
+                        }
+                        p.held = 1;
+                        moved = true;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         if p.held > 0 {

@@ -589,6 +589,11 @@ impl Instance {
                 ports.on_event(core, host, t, now);
                 true
             }
+            Wake::Urgent(t) => {
+                ports.on_urgent(t);
+                ports.on_event(core, host, t, now);
+                true
+            }
         });
         tracing::debug!(
             stats = ?self.core.stats(),

@@ -898,6 +898,21 @@ pub fn peer_closed_no_urgent(fd: RawFd) -> bool {
     r == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0 && p.revents & libc::POLLPRI == 0
 }
 
+/// `SIOCATMARK` (asm-generic/sockios.h), which the libc crate does not define for Linux.
+const SIOCATMARK: libc::c_ulong = 0x8905;
+
+/// Whether stream socket `fd`'s next byte is TCP urgent data (`SIOCATMARK`): a read from the
+/// socket stops short of it, and a `splice` reads nothing there at all.
+pub fn at_urgent_mark(fd: RawFd) -> io::Result<bool> {
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int through the pointer, which points at a live c_int.
+    let r = unsafe { libc::ioctl(fd, SIOCATMARK as _, &mut at as *mut libc::c_int) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(at != 0)
+}
+
 /// slirp4netns' `--enable-sandbox`: a private mount namespace whose root is an empty tmpfs (no
 /// file of the host is reachable any more), and no capability but CAP_NET_BIND_SERVICE.
 pub fn enter_sandbox() -> io::Result<()> {

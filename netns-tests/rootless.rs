@@ -755,7 +755,8 @@ use crate::harness::{C_IP, H_CLIENT_SIDE_IP};
 /// `reuse HOST PORT N ADDR LPORT` is its client, N connections one after another from ADDR:LPORT;
 /// `resetwatch PORT` tells each client how the connection before it ended (eof or reset), and
 /// `rst HOST PORT` reads a line, sends a little and aborts; `countserve PORT` answers each stream
-/// with its length and count of '!', and `urgentsend HOST PORT` sends it `urgentbulk`'s stream.
+/// with its length and count of '!', and `urgentsend HOST PORT` sends it `urgentbulk`'s stream;
+/// `hold HOST PORT N` keeps N echoed connections open while it makes a pipe of its own.
 const PY_HELPER: &str = r#"
 import asyncio, resource, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -782,6 +783,22 @@ async def one(host, port, i):
     got = await asyncio.wait_for(r.readline(), 30)
     w.close()
     return got == line
+
+async def hold(host, port, n):
+    # N connections at once, each echoing a line and then kept open while a new pipe of this
+    # user is made: prints ok=<echoed> and pipe=<its size>.
+    import fcntl, os
+    conns = await asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(n)))
+    ok = 0
+    for i, (r, w) in enumerate(conns):
+        w.write(f"held-{i}\n".encode())
+        await w.drain()
+    for i, (r, w) in enumerate(conns):
+        ok += await asyncio.wait_for(r.readline(), 30) == f"held-{i}\n".encode()
+    rd, wr = os.pipe()
+    print(f"ok={ok} pipe={fcntl.fcntl(wr, 1032)}")  # F_GETPIPE_SZ
+    for r, w in conns:
+        w.close()
 
 async def clients(host, port, n):
     sem = asyncio.Semaphore(n)
@@ -1028,6 +1045,8 @@ elif sys.argv[1] == "udpburst":
     udp_burst(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 elif sys.argv[1] == "echo":
     asyncio.run(serve(int(sys.argv[2])))
+elif sys.argv[1] == "hold":
+    asyncio.run(hold(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
 elif sys.argv[1] == "countserve":
     count_server(int(sys.argv[2]))
 elif sys.argv[1] == "urgentsend":
@@ -1528,6 +1547,58 @@ fn a_client_reusing_its_port_at_once_is_served_every_time() {
     assert!(
         waited.is_some_and(|n| n > 0) && inst["port_stats"]["refused"] == 0,
         "want new connections that waited for the old one on their 4-tuple, none refused\n{}",
+        ps.describe()
+    );
+    stop(&mut bg);
+}
+
+/// Many loopback clients at once: spliced connections' pipes stay within half the user's pipe
+/// soft limit (which the user's other processes share: past it, each new pipe of the user gets
+/// 2 pages), and the clients past that budget go through the engine, all of them served.
+#[test]
+fn spliced_connections_leave_the_users_pipe_quota_to_others() {
+    let t = topology!("rl_pipes");
+    let r = rig(t);
+    let helper = r.helper();
+    let mut bg = r.run_bg(
+        "pipes",
+        &["-p", "8097:80"],
+        &format!("python3 {helper} echo 80"),
+    );
+    r.wait_published("pipes", "8097->80/tcp");
+    wait_answer(&r.t, &r.t.h, "127.0.0.1", 8097);
+    // 300 clients, as the instance's own user (whose pipes the limit counts), from the host's
+    // loopback: 300 splices at 512 KiB of pipe each would be 150 MiB, over the default soft
+    // limit of 64 MiB.
+    let out = procs::run_bounded(
+        r.as_user(&[
+            "/usr/bin/python3",
+            &helper,
+            "hold",
+            "127.0.0.1",
+            "8097",
+            "300",
+        ]),
+        None,
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        out.stdout_str().trim(),
+        "ok=300 pipe=65536",
+        "every client echoed, and a new pipe of the user still has its default size\n{}",
+        out.describe()
+    );
+    let ps = r.rnat_user(&["ps", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&ps.stdout_str()).unwrap_or_default();
+    let stats = list
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["name"] == "pipes"))
+        .map(|i| i["port_stats"].clone())
+        .unwrap_or_default();
+    let (spliced, engine) = (stats["spliced"].as_u64(), stats["via_engine"].as_u64());
+    assert!(
+        spliced.is_some_and(|n| n > 0) && engine.is_some_and(|n| n > 0),
+        "want some clients spliced and the rest through the engine\n{}",
         ps.describe()
     );
     stop(&mut bg);

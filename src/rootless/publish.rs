@@ -36,7 +36,10 @@ pub const LISTEN_BASE: u64 = 1 << 41;
 pub const SPLICE_BASE: u64 = 1 << 42;
 /// Connections accepted per readiness event of a listener before others get a turn.
 const ACCEPT_BUDGET: usize = 64;
+/// The size a splice's pipes ask for while the pipe budget is less than half used.
 const PIPE_SIZE: libc::c_int = 256 << 10;
+/// The kernel's default pipe size (16 pages), which later splices keep.
+const PIPE_DEFAULT: libc::c_int = 64 << 10;
 /// Times a socket maker that died is replaced before loopback clients all go through the engine.
 const KEEPER_RESTARTS: u32 = 3;
 
@@ -86,6 +89,8 @@ fn bind_addresses(m: &PortMapping, container_v6: bool) -> Vec<IpAddr> {
 struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
+    /// What the pipe holds at most (its size), and holds now.
+    cap: usize,
     held: usize,
     eof: bool,
     shut: bool,
@@ -95,15 +100,22 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn new((r, w): (OwnedFd, OwnedFd)) -> Pipe {
-        Pipe {
+    /// A non-blocking pipe of `size` bytes, or of what the kernel allows (past the user's soft
+    /// limit, `fs.pipe-user-pages-soft`, a new pipe gets 2 pages and cannot grow).
+    fn new(size: libc::c_int) -> io::Result<Pipe> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        let cap = fcntl(&w, FcntlArg::F_SETPIPE_SZ(size))
+            .or_else(|_| fcntl(&w, FcntlArg::F_GETPIPE_SZ))?;
+        Ok(Pipe {
             r,
             w,
+            cap: usize::try_from(cap).unwrap_or(0),
             held: 0,
             eof: false,
             shut: false,
             urgent: false,
-        }
+        })
     }
 }
 
@@ -115,6 +127,12 @@ struct Splice {
     pipes: [Pipe; 2],
 }
 
+impl Splice {
+    fn pipe_bytes(&self) -> usize {
+        self.pipes.iter().map(|p| p.cap).sum()
+    }
+}
+
 /// Counters of the published-port paths.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct PortStats {
@@ -123,12 +141,19 @@ pub struct PortStats {
     pub via_engine: u64,
     pub refused: u64,
     pub splices_open: usize,
+    /// Bytes of pipe the open splices hold (bounded by half the user's pipe soft limit).
+    pub splice_pipe_bytes: usize,
 }
 
 pub struct Ports {
     entries: Vec<Option<Entry>>,
     splices: Slab<Splice>,
     max_splices: usize,
+    /// Bytes of pipe the open splices hold, and may hold (`pipe_budget`): big pipes while less
+    /// than half is used, default ones up to the budget, and past it loopback clients go
+    /// through the engine.
+    pipe_bytes: usize,
+    pipe_budget: usize,
     /// Opens the namespaces the keeper joins (made on the first loopback client).
     keeper_target: Box<dyn Fn() -> io::Result<(Option<OwnedFd>, OwnedFd)>>,
     keeper: Option<Keeper>,
@@ -151,10 +176,24 @@ fn unprivileged_port_start() -> u16 {
         .unwrap_or(1024)
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
-    let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
-    Ok((r, w))
+/// Bytes of pipe rnat's splices may hold together: half the per-user soft limit on pipe pages
+/// (`fs.pipe-user-pages-soft`), which the user's other processes share, those in the container
+/// among them: past that limit every new pipe of the user is cut to 2 pages. Unlimited if the
+/// limit is off (0).
+fn pipe_budget() -> usize {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|p| usize::try_from(p).ok())
+        .unwrap_or(4096);
+    let soft = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(16384);
+    match soft {
+        0 => usize::MAX,
+        pages => pages.saturating_mul(page) / 2,
+    }
 }
 
 impl Ports {
@@ -166,6 +205,8 @@ impl Ports {
             entries: Vec::new(),
             splices: Slab::new(),
             max_splices,
+            pipe_bytes: 0,
+            pipe_budget: pipe_budget(),
             keeper_target,
             keeper: None,
             keeper_restarts: 0,
@@ -177,6 +218,7 @@ impl Ports {
     pub fn stats(&self) -> PortStats {
         let mut s = self.stats.clone();
         s.splices_open = self.splices.len();
+        s.splice_pipe_bytes = self.pipe_bytes;
         s
     }
 
@@ -392,7 +434,9 @@ impl Ports {
             };
             // An IPv6 client of a container without IPv6 can only be spliced (to its IPv4).
             let splice_only = peer.is_ipv6() && !core.has_ipv6();
-            if (peer.ip().is_loopback() || splice_only) && self.splices.len() < self.max_splices {
+            let room = self.splices.len() < self.max_splices
+                && self.pipe_bytes + 2 * PIPE_DEFAULT as usize <= self.pipe_budget;
+            if (peer.ip().is_loopback() || splice_only) && room {
                 match self.splice_to(host, sock, guest_port) {
                     Ok(()) => {
                         self.stats.spliced += 1;
@@ -486,7 +530,12 @@ impl Ports {
         let abandon = |inner: Socket| {
             let _ = inner.set_linger(Some(std::time::Duration::ZERO));
         };
-        let (Ok(a), Ok(b)) = (pipe(), pipe()) else {
+        let size = if self.pipe_bytes + 2 * PIPE_SIZE as usize <= self.pipe_budget / 2 {
+            PIPE_SIZE
+        } else {
+            PIPE_DEFAULT
+        };
+        let (Ok(a), Ok(b)) = (Pipe::new(size), Pipe::new(size)) else {
             abandon(inner);
             return Err(Some(client));
         };
@@ -521,8 +570,9 @@ impl Ports {
             client,
             inner,
             connected: false,
-            pipes: [Pipe::new(a), Pipe::new(b)],
+            pipes: [a, b],
         });
+        self.pipe_bytes += self.splices[idx as usize].pipe_bytes();
         Ok(())
     }
 
@@ -537,7 +587,7 @@ impl Ports {
                 Ok(None) => return, // still connecting
                 _ => {
                     let _ = s.client.set_linger(Some(std::time::Duration::ZERO));
-                    self.splices.remove(idx);
+                    self.end_splice(idx);
                     return;
                 }
             }
@@ -558,10 +608,16 @@ impl Ports {
             // end of a stream that was cut short (whatever the pipes held is lost).
             let _ = s.client.set_linger(Some(std::time::Duration::ZERO));
             let _ = s.inner.set_linger(Some(std::time::Duration::ZERO));
-            self.splices.remove(idx);
+            self.end_splice(idx);
         } else if s.pipes.iter().all(|p| p.shut) {
-            self.splices.remove(idx);
+            self.end_splice(idx);
         }
+    }
+
+    /// Closes spliced connection `idx` and gives its pipes back to the budget.
+    fn end_splice(&mut self, idx: usize) {
+        let s = self.splices.remove(idx);
+        self.pipe_bytes -= s.pipe_bytes();
     }
 }
 
@@ -576,15 +632,9 @@ fn pump_one(p: &mut Pipe, src: &Socket, dst: &Socket) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         let mut moved = false;
-        if !p.eof && p.held < PIPE_SIZE as usize {
-            let stalled = match splice(
-                src.as_fd(),
-                None,
-                p.w.as_fd(),
-                None,
-                PIPE_SIZE as usize - p.held,
-                flags,
-            ) {
+        if !p.eof && p.held < p.cap {
+            let stalled = match splice(src.as_fd(), None, p.w.as_fd(), None, p.cap - p.held, flags)
+            {
                 Ok(0) => {
                     p.eof = !(p.urgent && sys::at_urgent_mark(src.as_raw_fd())?);
                     !p.eof

@@ -14,7 +14,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -72,24 +72,60 @@ pub fn listen(name: &str) -> io::Result<(UnixListener, PathBuf)> {
     Ok((listener, path))
 }
 
-/// Reads one request from a connection just accepted (bounded in time and size).
-pub fn read_request(conn: &UnixStream) -> io::Result<Request> {
+/// How long a request may take to arrive, in all: the engine serves nothing else meanwhile.
+const REQUEST_TIME: Duration = Duration::from_millis(500);
+/// Connections a control or API socket's readiness serves before the containers' traffic gets a
+/// turn (the listener, level-triggered, reports the rest again).
+pub const ACCEPTS_PER_WAKE: usize = 8;
+
+/// Reads from a connection just accepted until `whole` says the request is complete, the peer
+/// shuts down its side, `max` bytes have come, or `REQUEST_TIME` has passed since the start
+/// (which, before any byte, is an error). Replies written to the connection get the same bound
+/// per write.
+pub fn read_bounded(
+    conn: &UnixStream,
+    max: usize,
+    whole: impl Fn(&[u8]) -> bool,
+) -> io::Result<Vec<u8>> {
     conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_millis(500)))?;
-    conn.set_write_timeout(Some(Duration::from_millis(500)))?;
-    let mut line = String::new();
-    BufReader::new(conn.take_limited(64 << 10)).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-trait TakeLimited {
-    fn take_limited(&self, n: u64) -> io::Take<&Self>;
-}
-
-impl TakeLimited for UnixStream {
-    fn take_limited(&self, n: u64) -> io::Take<&UnixStream> {
-        io::Read::take(self, n)
+    conn.set_write_timeout(Some(REQUEST_TIME))?;
+    let deadline = Instant::now() + REQUEST_TIME;
+    let mut body = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return if body.is_empty() {
+                Err(io::ErrorKind::TimedOut.into())
+            } else {
+                Ok(body)
+            };
+        }
+        conn.set_read_timeout(Some(left))?;
+        let n = match io::Read::read(&mut &*conn, &mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !body.is_empty() => return Ok(body),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::ErrorKind::TimedOut.into())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok(body);
+        }
+        body.extend_from_slice(&buf[..n]);
+        if body.len() >= max || whole(&body) {
+            return Ok(body);
+        }
     }
+}
+
+/// Reads one request (a line of JSON) from a connection just accepted (bounded in time and size).
+pub fn read_request(conn: &UnixStream) -> io::Result<Request> {
+    let body = read_bounded(conn, 64 << 10, |b| b.contains(&b'\n'))?;
+    let line = body.split(|&c| c == b'\n').next().unwrap_or_default();
+    serde_json::from_slice(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Writes a reply: `{"ok": value}` or `{"error": message}`.
@@ -143,4 +179,33 @@ pub fn instances() -> Vec<(String, PathBuf)> {
     }
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that trickles its request gets `REQUEST_TIME` in all, not per byte: the read
+    /// ends long before the last of 20 bytes sent 100 ms apart (the engine serves nothing else
+    /// while it waits).
+    #[test]
+    fn a_trickled_request_is_cut_off_in_all() {
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let writer = std::thread::spawn(move || {
+            for _ in 0..20 {
+                if (&theirs).write_all(b"x").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let got = read_bounded(&ours, 64 << 10, |b| b.contains(&b'\n')).expect("some bytes");
+        assert!(
+            !got.is_empty() && got.len() < 20,
+            "read {} bytes of a request trickled over 2 s",
+            got.len()
+        );
+        drop(ours);
+        writer.join().expect("writer");
+    }
 }

@@ -561,7 +561,8 @@ impl Instance {
             Wake::Token(EXIT_TOKEN) | Wake::TapGone => false,
             Wake::Token(CONTROL_TOKEN) => {
                 if let Some((l, _)) = control {
-                    while let Ok((conn, _)) = l.accept() {
+                    for _ in 0..control::ACCEPTS_PER_WAKE {
+                        let Ok((conn, _)) = l.accept() else { break };
                         let result = match control::read_request(&conn) {
                             Ok(req) => handle(core, host, ports, name, *started, *child, req, now),
                             Err(e) => Err(format!("bad request: {e}")),
@@ -573,7 +574,8 @@ impl Instance {
             }
             Wake::Token(API_TOKEN) => {
                 if let Some((l, _)) = api {
-                    while let Ok((conn, _)) = l.accept() {
+                    for _ in 0..control::ACCEPTS_PER_WAKE {
+                        let Ok((conn, _)) = l.accept() else { break };
                         let reply = match read_api_request(&conn) {
                             Ok(body) => handle_api(core, host, ports, hostfwds, &body, now),
                             Err(_) => {
@@ -608,25 +610,10 @@ impl Instance {
 
 /// Reads one API request: up to EOF (the client shuts down its side) or 4 KiB and a bit.
 fn read_api_request(conn: &std::os::unix::net::UnixStream) -> io::Result<Vec<u8>> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
-    let mut body = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match io::Read::read(&mut &*conn, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                body.extend_from_slice(&buf[..n]);
-                // A whole JSON object may come without EOF (a client that waits for the reply).
-                if body.len() > 4096 || serde_json::from_slice::<serde_json::Value>(&body).is_ok() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !body.is_empty() => break,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(body)
+    // A whole JSON object may come without EOF (a client that waits for the reply).
+    control::read_bounded(conn, 4097, |b| {
+        serde_json::from_slice::<serde_json::Value>(b).is_ok()
+    })
 }
 
 /// Answers one slirp4netns API request.

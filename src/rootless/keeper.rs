@@ -72,12 +72,21 @@ impl Keeper {
         )
         .map_err(|e| broken(e.into()))?;
         let mut msg = [0u8; 4];
-        match sys::recv_fd(self.sock.as_raw_fd(), &mut msg) {
+        // A signal handled meanwhile (SIGTERM forwarded to the command, say) interrupts the wait
+        // even under SA_RESTART, because of the receive timeout; nothing was taken from the
+        // channel, so the wait goes on.
+        let answer = loop {
+            match sys::recv_fd(self.sock.as_raw_fd(), &mut msg) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                answer => break answer,
+            }
+        };
+        match answer {
             Ok((Some(fd), _)) => Ok(fd),
             Ok((None, 4)) => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(msg))),
             Ok((None, _)) => Err(broken(io::Error::from(io::ErrorKind::UnexpectedEof))),
             Err(e) if e.raw_os_error() == Some(libc::EMFILE) => Err(e),
-            // A timeout or an interruption leaves an answer in flight: the channel is out of step.
+            // A timeout leaves an answer in flight: the channel is out of step.
             Err(e) => Err(broken(e)),
         }
     }

@@ -1072,6 +1072,18 @@ impl Rig {
         self.t.spawn_command(self.as_user(&argv))
     }
 
+    /// Instance NAME's entry in `rnat ps --json` (null if it is not listed), and the output.
+    fn instance_json(&self, name: &str) -> (serde_json::Value, Finished) {
+        let ps = self.rnat_user(&["ps", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&ps.stdout_str()).unwrap_or_default();
+        let inst = list
+            .as_array()
+            .and_then(|l| l.iter().find(|i| i["name"] == name))
+            .cloned()
+            .unwrap_or_default();
+        (inst, ps)
+    }
+
     /// `rnat ARGS` (publish, unpublish, ps) as the test user.
     fn rnat_user(&self, args: &[&str]) -> Finished {
         let mut argv = vec![self.rnat.as_str()];
@@ -1537,12 +1549,7 @@ fn a_client_reusing_its_port_at_once_is_served_every_time() {
     );
     // The case this is about happened (the old flow still held the 4-tuple), and nothing was
     // refused.
-    let ps = r.rnat_user(&["ps", "--json"]);
-    let list: serde_json::Value = serde_json::from_str(&ps.stdout_str()).unwrap_or_default();
-    let inst = list
-        .as_array()
-        .and_then(|l| l.iter().find(|i| i["name"] == "reuse"))
-        .unwrap_or(&serde_json::Value::Null);
+    let (inst, ps) = r.instance_json("reuse");
     let waited = inst["stats"]["tcp_inbound_waited"].as_u64();
     assert!(
         waited.is_some_and(|n| n > 0) && inst["port_stats"]["refused"] == 0,
@@ -1588,13 +1595,8 @@ fn spliced_connections_leave_the_users_pipe_quota_to_others() {
         "every client echoed, and a new pipe of the user still has its default size\n{}",
         out.describe()
     );
-    let ps = r.rnat_user(&["ps", "--json"]);
-    let list: serde_json::Value = serde_json::from_str(&ps.stdout_str()).unwrap_or_default();
-    let stats = list
-        .as_array()
-        .and_then(|l| l.iter().find(|i| i["name"] == "pipes"))
-        .map(|i| i["port_stats"].clone())
-        .unwrap_or_default();
+    let (inst, ps) = r.instance_json("pipes");
+    let stats = &inst["port_stats"];
     let (spliced, engine) = (stats["spliced"].as_u64(), stats["via_engine"].as_u64());
     assert!(
         spliced.is_some_and(|n| n > 0) && engine.is_some_and(|n| n > 0),
@@ -1634,12 +1636,8 @@ fn urgent_data_passes_a_spliced_connection_both_ways() {
     // Client → container.
     let up = client(&["urgentsend", "127.0.0.1", "8096"]);
     assert_eq!(up.stdout_str().trim(), "11000 1", "{}", up.describe());
-    let ps = r.rnat_user(&["ps", "--json"]);
-    let list: serde_json::Value = serde_json::from_str(&ps.stdout_str()).unwrap_or_default();
-    let spliced = list
-        .as_array()
-        .and_then(|l| l.iter().find(|i| i["name"] == "urg"))
-        .and_then(|i| i["port_stats"]["spliced"].as_u64());
+    let (inst, ps) = r.instance_json("urg");
+    let spliced = inst["port_stats"]["spliced"].as_u64();
     assert!(
         spliced.is_some_and(|n| n >= 2),
         "want the spliced path\n{}",
@@ -1681,9 +1679,10 @@ fn a_spliced_client_that_resets_resets_the_containers_side() {
         "the server heard the aborted connection end as\n{}",
         told.describe()
     );
-    let ps = r.rnat_user(&["ps", "--json"]);
-    assert!(
-        ps.stdout_str().contains("\"spliced\":2") || ps.stdout_str().contains("\"spliced\": 2"),
+    let (inst, ps) = r.instance_json("rst");
+    assert_eq!(
+        inst["port_stats"]["spliced"],
+        2,
         "want both connections spliced\n{}",
         ps.describe()
     );
@@ -1828,12 +1827,7 @@ fn a_low_descriptor_limit_resets_excess_clients_and_recovers() {
         out.describe()
     );
     // Every reset client was refused by rnat and counted where `rnat ps --json` shows it.
-    let ps = r.rnat_user(&["ps", "--json"]);
-    let list: serde_json::Value = serde_json::from_str(&ps.stdout_str()).unwrap_or_default();
-    let inst = list
-        .as_array()
-        .and_then(|l| l.iter().find(|i| i["name"] == "fds"))
-        .unwrap_or(&serde_json::Value::Null);
+    let (inst, ps) = r.instance_json("fds");
     let refused = inst["port_stats"]["refused"].as_u64();
     assert!(
         refused.is_some_and(|n| n >= u64::from(reset)) && inst["link_stats"]["udp_dropped"] == 0,

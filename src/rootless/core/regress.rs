@@ -548,9 +548,9 @@ fn a_published_udp_port_does_not_expire_after_the_guest_answers() {
     );
 }
 
-/// Two established flows, A (port 40000, id 0) and B (port 40001, id 1), with the global queue
-/// cap reached by A's refused data and B told window 0.
-fn two_flows_at_the_cap() -> (Core, FakeHost, [u32; 2], Instant) {
+/// Two established flows, A (port 40000, id 0) and B (port 40001, id 1), under a global queue
+/// cap of 1000 bytes: rnat's ISNs for them.
+fn two_flows() -> (Core, FakeHost, [u32; 2], Instant) {
     let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
     cfg.max_buffered = 1000;
     let mut core = Core::new(cfg);
@@ -579,6 +579,13 @@ fn two_flows_at_the_cap() -> (Core, FakeHost, [u32; 2], Instant) {
             t0,
         );
     }
+    (core, host, iss, t0)
+}
+
+/// `two_flows` with the global queue cap reached by A's refused data and B told window 0.
+fn two_flows_at_the_cap() -> (Core, FakeHost, [u32; 2], Instant) {
+    let (mut core, mut host, iss, t0) = two_flows();
+    let rx = RxMeta { csum_trusted: true };
     // A's host socket refuses: 2000 bytes queue, the global cap is reached.
     host.refuse.push(0);
     core.on_frame(
@@ -662,34 +669,12 @@ fn windows_shut_by_the_global_cap_reopen_when_it_lifts() {
 fn a_window_the_cap_shut_reopens_though_the_cap_lifted_between_batches() {
     // The cap is reached and lifted within one batch, with no `flush` seeing it: B is told a
     // shut window on a data segment meanwhile, and still hears when the cap lifts.
-    let mut cfg = Config::for_cidr("10.0.2.0/24".parse().unwrap()).unwrap();
-    cfg.max_buffered = 1000;
-    let mut core = Core::new(cfg);
-    let mut host = FakeHost::default();
-    let t0 = Instant::now();
+    let (mut core, mut host, iss, t0) = two_flows();
     let rx = RxMeta { csum_trusted: true };
     let w = Ready {
         writable: true,
         ..Ready::default()
     };
-    let mut iss = [0u32; 2];
-    for (i, port) in [40000u16, 40001].into_iter().enumerate() {
-        core.on_frame(&mut host, &tseg(port, 1000, 0, frame::SYN, &[]), rx, t0);
-        core.on_ready(&mut host, i, w, t0);
-        iss[i] = host
-            .sent
-            .iter()
-            .rev()
-            .find(|s| s.0 == port as usize)
-            .unwrap()
-            .1;
-        core.on_frame(
-            &mut host,
-            &tseg(port, 1001, iss[i].wrapping_add(1), frame::ACK, &[]),
-            rx,
-            t0,
-        );
-    }
     core.flush(&mut host, t0);
     // A's socket refuses: 2000 bytes queue, the cap is reached (no flush yet).
     host.refuse.push(0);

@@ -1261,27 +1261,57 @@ fn published_udp(external: SocketAddr, local: SocketAddr, gateway: IpAddr) {
     assert!(sim.host.socks[&id].closed);
 }
 
-#[test]
-fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
+/// A core whose guest has spoken (so its MAC is known), the host, and the time it spoke.
+fn core_with_guest() -> (Core, SimHost, std::time::Instant) {
     let mut core = Core::new(cfg());
     let mut host = SimHost::new();
     let t0 = std::time::Instant::now();
-    let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 40000);
-    let stage = |host: &mut SimHost| {
-        host.staged = Some(super::sim::SimSock {
-            dst: Some(client.into()),
-            connected: true,
-            cap: 1 << 20,
-            ..Default::default()
-        });
-    };
-    // The guest speaks first, so its MAC is known.
     core.on_frame(
         &mut host,
         &guest_udp(5000, SocketAddrV4::new(SERVER, 9), b"x"),
         RxMeta::default(),
         t0,
     );
+    (core, host, t0)
+}
+
+/// The accepted socket of a host `client` of a published port, as the driver stages it.
+fn stage_client(host: &mut SimHost, client: SocketAddrV4) {
+    host.staged = Some(super::sim::SimSock {
+        dst: Some(client.into()),
+        connected: true,
+        cap: 1 << 20,
+        ..Default::default()
+    });
+}
+
+/// An inbound flow from `client` to the guest's port 80, established by the guest's SYN-ACK
+/// (its ISN 1000): the flow's id and rnat's ISN.
+fn inbound_established(
+    core: &mut Core,
+    host: &mut SimHost,
+    client: SocketAddrV4,
+    now: std::time::Instant,
+) -> (super::host::FlowId, u32) {
+    stage_client(host, client);
+    let id = core
+        .tcp_inbound(host, client.into(), 80, now)
+        .expect("a flow");
+    let iss = tcp_out(&host.to_guest)[0].1;
+    core.on_frame(
+        host,
+        &guest_tcp(80, client, 1000, iss.wrapping_add(1), SYN | ACK, &[], &[]),
+        RxMeta::default(),
+        now,
+    );
+    (id, iss)
+}
+
+#[test]
+fn a_syn_refused_by_time_wait_is_sent_again_at_once_with_a_later_isn() {
+    let (mut core, mut host, t0) = core_with_guest();
+    let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 40000);
+    let stage = |host: &mut SimHost| stage_client(host, client);
     stage(&mut host);
     core.tcp_inbound(&mut host, client.into(), 80, t0)
         .expect("a flow");
@@ -1354,39 +1384,20 @@ fn a_client_reusing_its_port_waits_for_the_old_flow_to_finish() {
     let ms = std::time::Duration::from_millis;
     let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 40000);
     for guest_acks in [true, false] {
-        let mut core = Core::new(cfg());
-        let mut host = SimHost::new();
-        let t0 = std::time::Instant::now();
-        let stage = |host: &mut SimHost| {
-            host.staged = Some(super::sim::SimSock {
-                dst: Some(client.into()),
-                connected: true,
-                cap: 1 << 20,
-                ..Default::default()
-            });
-        };
+        let (mut core, mut host, t0) = core_with_guest();
+        let stage = |host: &mut SimHost| stage_client(host, client);
+        let udp_flows = core.flow_count();
+        let (old, iss) = inbound_established(&mut core, &mut host, client, t0);
+        let guest =
+            |seq: u32, ack: u32, flags: u8| guest_tcp(80, client, seq, ack, flags, &[], &[]);
+        // The guest closes first (as a web server does), and rnat passes its FIN on to the
+        // client.
         core.on_frame(
             &mut host,
-            &guest_udp(5000, SocketAddrV4::new(SERVER, 9), b"x"),
+            &guest(1001, iss.wrapping_add(1), FIN | ACK),
             RxMeta::default(),
             t0,
         );
-        let udp_flows = core.flow_count();
-        stage(&mut host);
-        let old = core
-            .tcp_inbound(&mut host, client.into(), 80, t0)
-            .expect("a flow");
-        let iss = tcp_out(&host.to_guest)[0].1;
-        let guest =
-            |seq: u32, ack: u32, flags: u8| guest_tcp(80, client, seq, ack, flags, &[], &[]);
-        // Established; the guest closes first (as a web server does), and rnat passes its FIN
-        // on to the client.
-        for f in [
-            guest(1000, iss.wrapping_add(1), SYN | ACK),
-            guest(1001, iss.wrapping_add(1), FIN | ACK),
-        ] {
-            core.on_frame(&mut host, &f, RxMeta::default(), t0);
-        }
         core.flush(&mut host, t0);
         assert!(
             host.socks[&old].shut_wr,
@@ -1475,35 +1486,10 @@ fn a_client_reusing_its_port_waits_for_the_old_flow_to_finish() {
 fn a_second_host_connection_on_a_live_flows_tuple_waits_then_is_reset() {
     let ms = std::time::Duration::from_millis;
     let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 40000);
-    let mut core = Core::new(cfg());
-    let mut host = SimHost::new();
-    let t0 = std::time::Instant::now();
-    let stage = |host: &mut SimHost| {
-        host.staged = Some(super::sim::SimSock {
-            dst: Some(client.into()),
-            connected: true,
-            cap: 1 << 20,
-            ..Default::default()
-        });
-    };
-    core.on_frame(
-        &mut host,
-        &guest_udp(5000, SocketAddrV4::new(SERVER, 9), b"x"),
-        RxMeta::default(),
-        t0,
-    );
-    stage(&mut host);
-    let live = core
-        .tcp_inbound(&mut host, client.into(), 80, t0)
-        .expect("a flow");
-    let iss = tcp_out(&host.to_guest)[0].1;
+    let (mut core, mut host, t0) = core_with_guest();
+    let stage = |host: &mut SimHost| stage_client(host, client);
+    let (live, iss) = inbound_established(&mut core, &mut host, client, t0);
     let guest = |seq: u32, ack: u32, flags: u8| guest_tcp(80, client, seq, ack, flags, &[], &[]);
-    core.on_frame(
-        &mut host,
-        &guest(1000, iss.wrapping_add(1), SYN | ACK),
-        RxMeta::default(),
-        t0,
-    );
     let newcomer = |core: &mut Core, host: &mut SimHost, now| {
         stage(host);
         host.to_guest.clear();
@@ -1576,23 +1562,10 @@ fn a_second_host_connection_on_a_live_flows_tuple_waits_then_is_reset() {
 /// the core's one wake-up per flow, due first, hands the deadline on.
 #[test]
 fn a_timer_pushed_back_fires_at_its_new_deadline() {
-    let mut core = Core::new(cfg());
-    let mut host = SimHost::new();
-    let t0 = std::time::Instant::now();
+    let (mut core, mut host, t0) = core_with_guest();
     let ms = std::time::Duration::from_millis;
     let client = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 2), 40000);
-    core.on_frame(
-        &mut host,
-        &guest_udp(5000, SocketAddrV4::new(SERVER, 9), b"x"),
-        RxMeta::default(),
-        t0,
-    );
-    host.staged = Some(super::sim::SimSock {
-        dst: Some(client.into()),
-        connected: true,
-        cap: 1 << 20,
-        ..Default::default()
-    });
+    stage_client(&mut host, client);
     core.tcp_inbound(&mut host, client.into(), 80, t0)
         .expect("a flow");
     // The SYN's timer is due at 1 s; a bare ACK at 0.5 s sends it again and moves the timer to

@@ -654,9 +654,14 @@ fn windows_shut_by_the_global_cap_reopen_when_it_lifts() {
         ..Ready::default()
     };
     host.refuse.clear();
-    let before = host.sent.len();
     core.on_ready(&mut host, 0, w, t0);
-    core.flush(&mut host, t0);
+    flush_and_expect_b_open(&mut core, &mut host, t0);
+}
+
+/// Ends the batch, in which the global cap lifted: B (port 40001) must hear of its window.
+fn flush_and_expect_b_open(core: &mut Core, host: &mut FakeHost, t0: Instant) {
+    let before = host.sent.len();
+    core.flush(host, t0);
     let b_open = host.sent[before..].iter().any(|s| s.0 == 40001 && s.3 > 0);
     assert!(
         b_open,
@@ -693,14 +698,7 @@ fn a_window_the_cap_shut_reopens_though_the_cap_lifted_between_batches() {
     host.refuse.clear();
     core.on_ready(&mut host, 0, w, t0);
     assert_eq!(core.stats().buffered, 0);
-    let before = host.sent.len();
-    core.flush(&mut host, t0);
-    let b_open = host.sent[before..].iter().any(|s| s.0 == 40001 && s.3 > 0);
-    assert!(
-        b_open,
-        "B gets a window update when the cap lifts: {:?}",
-        &host.sent[before..]
-    );
+    flush_and_expect_b_open(&mut core, &mut host, t0);
 }
 
 #[test]

@@ -61,6 +61,14 @@ impl Ready {
         hup: false,
         urgent: false,
     };
+    /// Writable and nothing else (room in the send buffer, or a connect that completed).
+    pub const WRITABLE: Ready = Ready {
+        readable: false,
+        writable: true,
+        error: false,
+        hup: false,
+        urgent: false,
+    };
 }
 
 /// Why a packet could not be delivered: a destination-unreachable message's code as the

@@ -11,6 +11,9 @@ const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 
 /// A host whose TCP sockets all read from one peer that has sent `avail` bytes, and accept all
 /// they are given but for the flows in `refuse`; everything else succeeds.
+/// Frames whose checksums the link vouches for.
+const RX: RxMeta = RxMeta { csum_trusted: true };
+
 #[derive(Default)]
 struct FakeHost {
     avail: usize,
@@ -283,10 +286,7 @@ fn a_connect_is_asked_for_its_outcome_only_when_writable_or_failed() {
         (0, 0),
         "still connecting"
     );
-    let writable = Ready {
-        writable: true,
-        ..Ready::default()
-    };
+    let writable = Ready::WRITABLE;
     core.on_ready(&mut host, 0, writable, now);
     assert_eq!(host.connect_results, 1);
     let &(_, _, flags, _) = host.sent.last().expect("a SYN-ACK");
@@ -523,7 +523,7 @@ fn a_published_udp_port_does_not_expire_after_the_guest_answers() {
         ..FakeHost::default()
     };
     let t0 = Instant::now();
-    let rx = RxMeta { csum_trusted: true };
+    let rx = RX;
     let pid = core
         .udp_publish(&mut host, 5353, false, t0)
         .expect("published");
@@ -556,11 +556,8 @@ fn two_flows() -> (Core, FakeHost, [u32; 2], Instant) {
     let mut core = Core::new(cfg);
     let mut host = FakeHost::default();
     let t0 = Instant::now();
-    let rx = RxMeta { csum_trusted: true };
-    let w = Ready {
-        writable: true,
-        ..Ready::default()
-    };
+    let rx = RX;
+    let w = Ready::WRITABLE;
     let mut iss = [0u32; 2];
     for (i, port) in [40000u16, 40001].into_iter().enumerate() {
         core.on_frame(&mut host, &tseg(port, 1000, 0, frame::SYN, &[]), rx, t0);
@@ -585,7 +582,7 @@ fn two_flows() -> (Core, FakeHost, [u32; 2], Instant) {
 /// `two_flows` with the global queue cap reached by A's refused data and B told window 0.
 fn two_flows_at_the_cap() -> (Core, FakeHost, [u32; 2], Instant) {
     let (mut core, mut host, iss, t0) = two_flows();
-    let rx = RxMeta { csum_trusted: true };
+    let rx = RX;
     // A's host socket refuses: 2000 bytes queue, the global cap is reached.
     host.refuse.push(0);
     core.on_frame(
@@ -614,11 +611,8 @@ fn two_flows_at_the_cap() -> (Core, FakeHost, [u32; 2], Instant) {
 #[test]
 fn a_zero_window_probe_is_answered_so_the_window_reopens() {
     let (mut core, mut host, iss, t0) = two_flows_at_the_cap();
-    let rx = RxMeta { csum_trusted: true };
-    let w = Ready {
-        writable: true,
-        ..Ready::default()
-    };
+    let rx = RX;
+    let w = Ready::WRITABLE;
     // A drains: the cap is lifted.
     host.refuse.clear();
     core.on_ready(&mut host, 0, w, t0);
@@ -649,10 +643,7 @@ fn a_zero_window_probe_is_answered_so_the_window_reopens() {
 fn windows_shut_by_the_global_cap_reopen_when_it_lifts() {
     // Without a probe: lifting the cap itself sends the window update.
     let (mut core, mut host, _, t0) = two_flows_at_the_cap();
-    let w = Ready {
-        writable: true,
-        ..Ready::default()
-    };
+    let w = Ready::WRITABLE;
     host.refuse.clear();
     core.on_ready(&mut host, 0, w, t0);
     flush_and_expect_b_open(&mut core, &mut host, t0);
@@ -675,11 +666,8 @@ fn a_window_the_cap_shut_reopens_though_the_cap_lifted_between_batches() {
     // The cap is reached and lifted within one batch, with no `flush` seeing it: B is told a
     // shut window on a data segment meanwhile, and still hears when the cap lifts.
     let (mut core, mut host, iss, t0) = two_flows();
-    let rx = RxMeta { csum_trusted: true };
-    let w = Ready {
-        writable: true,
-        ..Ready::default()
-    };
+    let rx = RX;
+    let w = Ready::WRITABLE;
     core.flush(&mut host, t0);
     // A's socket refuses: 2000 bytes queue, the cap is reached (no flush yet).
     host.refuse.push(0);
@@ -707,7 +695,7 @@ fn a_syn_with_rst_opens_nothing() {
     let mut core = Core::new(cfg);
     let mut host = FakeHost::default();
     let t0 = Instant::now();
-    let rx = RxMeta { csum_trusted: true };
+    let rx = RX;
     core.on_frame(
         &mut host,
         &tseg(40000, 1000, 0, frame::SYN | frame::RST, &[]),

@@ -554,15 +554,7 @@ fn thousands_of_flows_and_the_flow_limit() {
     let ids: Vec<usize> = host.socks.keys().copied().collect();
     for &id in &ids {
         host.socks.get_mut(&id).expect("sock").connected = true;
-        core.on_ready(
-            &mut host,
-            id,
-            Ready {
-                writable: true,
-                ..Default::default()
-            },
-            now,
-        );
+        core.on_ready(&mut host, id, Ready::WRITABLE, now);
     }
     let synacks = tcp_out(&host.to_guest);
     assert_eq!(synacks.len(), usize::from(N));

@@ -579,18 +579,22 @@ fn two_flows() -> (Core, FakeHost, [u32; 2], Instant) {
     (core, host, iss, t0)
 }
 
+/// A's host socket refuses: 2000 bytes of A's queue, and the global cap is reached.
+fn a_fills_the_cap(core: &mut Core, host: &mut FakeHost, iss: [u32; 2], t0: Instant) {
+    host.refuse.push(0);
+    core.on_frame(
+        host,
+        &tseg(40000, 1001, iss[0] + 1, frame::ACK, &[7u8; 2000]),
+        RX,
+        t0,
+    );
+}
+
 /// `two_flows` with the global queue cap reached by A's refused data and B told window 0.
 fn two_flows_at_the_cap() -> (Core, FakeHost, [u32; 2], Instant) {
     let (mut core, mut host, iss, t0) = two_flows();
     let rx = RX;
-    // A's host socket refuses: 2000 bytes queue, the global cap is reached.
-    host.refuse.push(0);
-    core.on_frame(
-        &mut host,
-        &tseg(40000, 1001, iss[0] + 1, frame::ACK, &[7u8; 2000]),
-        rx,
-        t0,
-    );
+    a_fills_the_cap(&mut core, &mut host, iss, t0);
     core.flush(&mut host, t0);
     // B sends while at the cap: nothing accepted, ACK with window 0.
     core.on_frame(
@@ -666,18 +670,10 @@ fn a_window_the_cap_shut_reopens_though_the_cap_lifted_between_batches() {
     // The cap is reached and lifted within one batch, with no `flush` seeing it: B is told a
     // shut window on a data segment meanwhile, and still hears when the cap lifts.
     let (mut core, mut host, iss, t0) = two_flows();
-    let rx = RX;
     let w = Ready::WRITABLE;
     core.flush(&mut host, t0);
-    // A's socket refuses: 2000 bytes queue, the cap is reached (no flush yet).
-    host.refuse.push(0);
-    core.on_frame(
-        &mut host,
-        &tseg(40000, 1001, iss[0] + 1, frame::ACK, &[7u8; 2000]),
-        rx,
-        t0,
-    );
-    // B's server sends: the segment to the guest carries window 0.
+    a_fills_the_cap(&mut core, &mut host, iss, t0); // no flush yet
+                                                    // B's server sends: the segment to the guest carries window 0.
     host.avail = 100;
     core.on_ready(&mut host, 1, Ready::READABLE, t0);
     let b_data = host.sent.iter().rev().find(|s| s.0 == 40001).unwrap();

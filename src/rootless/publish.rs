@@ -646,7 +646,10 @@ fn pump_one(p: &mut Pipe, src: &Socket, dst: &Socket) -> io::Result<()> {
                 }
                 Err(nix::errno::Errno::EAGAIN) if p.urgent => {
                     let at = sys::at_urgent_mark(src.as_raw_fd())?;
-                    p.urgent = at;
+                    // Past the mark only if the socket, not a pipe full of small segments'
+                    // slots, said EAGAIN: with bytes in the pipe the mark may still be ahead,
+                    // and later wakes (the destination's) do not report it again.
+                    p.urgent = at || p.held > 0;
                     at
                 }
                 Err(nix::errno::Errno::EAGAIN) => false,
@@ -698,4 +701,88 @@ fn refuse(stats: &mut PortStats, sock: Socket) {
 /// Whether an error means this process (or the system) has no descriptor to spare.
 fn is_out_of_fds(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    /// A connected pair of TCP sockets on the test process's loopback: (ours, the peer).
+    fn tcp_pair() -> (Socket, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let peer = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (ours, _) = l.accept().expect("accept");
+        ours.set_nonblocking(true).expect("nonblocking");
+        sys::set_oob_inline(ours.as_raw_fd()).expect("oobinline");
+        (Socket::from(OwnedFd::from(ours)), peer)
+    }
+
+    /// Urgent data reported while the pipe is full by its slots (not by bytes) and the
+    /// destination is blocked: the EAGAIN came from the pipe, the mark is still ahead, and once
+    /// everything drains the byte at the mark and what follows it still arrive.
+    #[test]
+    fn urgent_data_behind_a_full_pipe_is_not_forgotten() {
+        let (src, mut client) = tcp_pair();
+        let (dst, mut server) = tcp_pair();
+        // The destination cannot take anything: its send buffer is full, the server not reading.
+        dst.set_send_buffer_size(4096).expect("sndbuf");
+        let filler = [0u8; 4096];
+        let mut stuffed = 0usize;
+        for _ in 0..100_000 {
+            match (&dst).write(&filler) {
+                Ok(n) => stuffed += n,
+                Err(_) => break,
+            }
+        }
+        // A one-slot pipe, holding one byte: full by slots, with room by bytes.
+        let mut p = Pipe::new(4096).expect("pipe");
+        nix::unistd::write(&p.w, b"<").expect("prefill");
+        p.held = 1;
+        client.write_all(b"before").expect("send");
+        nix::sys::socket::send(
+            client.as_raw_fd(),
+            b"!",
+            nix::sys::socket::MsgFlags::MSG_OOB,
+        )
+        .expect("send urgent");
+        client.write_all(b"after").expect("send");
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        std::thread::sleep(std::time::Duration::from_millis(50)); // let loopback deliver
+        p.urgent = true; // EPOLLPRI was reported
+        pump_one(&mut p, &src, &dst).expect("pump");
+        assert!(p.urgent, "forgot the urgent data while the pipe was full");
+        // The server reads everything; the pump runs as each wake would make it.
+        server.set_nonblocking(true).expect("nonblocking");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        for _ in 0..2000 {
+            while let Ok(n) = server.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            pump_one(&mut p, &src, &dst).expect("pump");
+            if p.shut {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        server.set_nonblocking(false).expect("blocking");
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        while let Ok(n) = server.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got.len(), stuffed + b"<before!after".len());
+        assert_eq!(&got[stuffed..], b"<before!after");
+    }
 }

@@ -1472,7 +1472,7 @@ fn a_client_reusing_its_port_waits_for_the_old_flow_to_finish() {
 /// Another host connection that the guest would see on the same 4-tuple as a live flow (the
 /// client's port reused towards a second host port published to the same guest port, or through a
 /// second host address): the newcomer waits, and after `REUSE_WAIT` it is the one reset, the live
-/// flow left alone, whether open both ways or half-closed. A waiting client that gives up goes at
+/// flow left alone, whether open both ways or half-closed. A waiting client that resets goes at
 /// once. A flow whose host connection ends while a newcomer waits is the one reset.
 #[test]
 fn a_second_host_connection_on_a_live_flows_tuple_waits_then_is_reset() {
@@ -1518,7 +1518,7 @@ fn a_second_host_connection_on_a_live_flows_tuple_waits_then_is_reset() {
     assert!(host.socks[&b].closed && host.socks[&b].reset);
     untouched(&host);
     assert_eq!(core.stats().tcp_inbound_tuple_busy, 2);
-    // A waiting client that gives up is closed at once, the guest told nothing.
+    // A waiting client that resets is closed at once, the guest told nothing.
     let c = newcomer(&mut core, &mut host, t0 + ms(2300));
     let failed = Ready {
         error: true,

@@ -4,6 +4,7 @@
 //! talks to, as a well-behaved NAT does), and the filtering is address-and-port dependent: only
 //! datagrams from a peer the guest has sent to come back in.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,7 @@ const MAX_PUBLISHED_PEERS: usize = 4096;
 
 pub(super) struct UdpFlow {
     pub guest: SocketAddr,
-    /// (host-side peer, the address the guest knows it by)
-    peers: Vec<(SocketAddr, SocketAddr)>,
+    peers: Peers,
     pub last_active: Instant,
     pub idle_timeout: Duration,
     /// The host socket is a published port's: any client may send, and it never expires.
@@ -26,7 +26,7 @@ impl UdpFlow {
     pub fn new(guest: SocketAddr, now: Instant, idle_timeout: Duration) -> Self {
         UdpFlow {
             guest,
-            peers: Vec::new(),
+            peers: Peers::default(),
             last_active: now,
             idle_timeout,
             published: false,
@@ -36,42 +36,69 @@ impl UdpFlow {
     /// Remembers that the guest sent to `seen`, which the host reaches as `real`: the peer
     /// becomes the most recently used, the last to be forgotten.
     pub fn note_peer(&mut self, real: SocketAddr, seen: SocketAddr) {
-        if let Some(i) = self.peers.iter().rposition(|(r, _)| *r == real) {
-            if i + 1 == self.peers.len() {
-                self.peers[i].1 = seen;
-            } else {
-                self.peers.remove(i);
-                self.peers.push((real, seen));
-            }
-            return;
-        }
         let max = if self.published {
             MAX_PUBLISHED_PEERS
         } else {
             MAX_PEERS
         };
-        if self.peers.len() >= max {
-            self.peers.remove(0);
-        }
-        self.peers.push((real, seen));
+        self.peers.note(real, seen, max);
     }
 
     /// The address the guest knows a host-side peer by, if the guest has sent to it.
     pub fn seen_as(&self, real: SocketAddr) -> Option<SocketAddr> {
-        self.peers
-            .iter()
-            .rev()
-            .find(|(r, _)| *r == real)
-            .map(|(_, s)| *s)
+        self.peers.by_real.get(&real).map(|&(seen, _)| seen)
     }
 
     /// The host-side peer behind an address the guest sends to, if it is a known one.
     pub fn real_for(&self, seen: SocketAddr) -> Option<SocketAddr> {
-        self.peers
-            .iter()
-            .rev()
-            .find(|(_, s)| *s == seen)
-            .map(|(r, _)| *r)
+        self.peers.by_seen.get(&seen).copied()
+    }
+}
+
+/// The peers a flow remembers, the least recently used forgotten first. Every look-up is a hash
+/// look-up and forgetting one is a tree's first entry, whatever the count (a published port
+/// remembers thousands of clients, and looks one up for every datagram).
+#[derive(Default)]
+struct Peers {
+    /// Host-side peer → (the address the guest knows it by, when it was last used).
+    by_real: HashMap<SocketAddr, (SocketAddr, u64)>,
+    /// The address the guest knows a peer by → the peer last noted under it.
+    by_seen: HashMap<SocketAddr, SocketAddr>,
+    /// When last used → peer: the oldest first.
+    order: BTreeMap<u64, SocketAddr>,
+    clock: u64,
+}
+
+impl Peers {
+    fn note(&mut self, real: SocketAddr, seen: SocketAddr, max: usize) {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some((known_as, used)) = self.by_real.get_mut(&real) {
+            self.order.remove(used);
+            *used = now;
+            if *known_as != seen && self.by_seen.get(known_as) == Some(&real) {
+                self.by_seen.remove(known_as);
+            }
+            *known_as = seen;
+        } else {
+            if self.by_real.len() >= max {
+                self.forget_oldest();
+            }
+            self.by_real.insert(real, (seen, now));
+        }
+        self.order.insert(now, real);
+        self.by_seen.insert(seen, real);
+    }
+
+    fn forget_oldest(&mut self) {
+        let Some((_, gone)) = self.order.pop_first() else {
+            return;
+        };
+        if let Some((seen, _)) = self.by_real.remove(&gone) {
+            if self.by_seen.get(&seen) == Some(&gone) {
+                self.by_seen.remove(&seen);
+            }
+        }
     }
 }
 
@@ -100,6 +127,29 @@ mod tests {
         assert_eq!(f.seen_as(peer(0)), Some(peer(0)), "the peer in use stays");
         assert_eq!(f.seen_as(peer(1)), None, "the least recently used goes");
         assert_eq!(f.seen_as(peer(100)), Some(peer(100)));
-        assert_eq!(f.peers.len(), MAX_PEERS);
+        assert_eq!(f.peers.by_real.len(), MAX_PEERS);
+        assert_eq!(
+            (f.peers.by_seen.len(), f.peers.order.len()),
+            (MAX_PEERS, MAX_PEERS)
+        );
+        assert_eq!(f.real_for(peer(100)), Some(peer(100)));
+        assert_eq!(f.real_for(peer(1)), None);
+    }
+
+    /// A peer the guest comes to know by another address is found by the new one only.
+    #[test]
+    fn a_peer_seen_anew_is_found_by_its_new_address() {
+        let guest = "10.0.2.100:5000".parse().expect("addr");
+        let mut f = UdpFlow::new(guest, Instant::now(), Duration::from_secs(60));
+        let real: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let (old, new): (SocketAddr, SocketAddr) = (
+            "10.0.2.2:4000".parse().expect("addr"),
+            "10.0.2.2:4001".parse().expect("addr"),
+        );
+        f.note_peer(real, old);
+        f.note_peer(real, new);
+        assert_eq!(f.seen_as(real), Some(new));
+        assert_eq!((f.real_for(new), f.real_for(old)), (Some(real), None));
+        assert_eq!(f.peers.by_real.len(), 1);
     }
 }

@@ -639,6 +639,96 @@ fn slirp4netns_enable_seccomp_installs_a_filter_and_serves() {
     assert_eq!(field("NoNewPrivs:"), "1", "no_new_privs\n{status}");
 }
 
+/// The slirp4netns API over its socket, as slirp4netns' `api.c` answers: ids from 1, never
+/// reused; `list_hostfwd` without a `return` wrapper; a port of 0 refused by name; an unknown id
+/// refused; and a removed forward's host port no longer bound.
+#[test]
+fn slirp4netns_api_answers_as_slirp4netns_does() {
+    let t = topology!("rl_api");
+    let r = rig(t);
+    let (holder, pid) = user_namespace_holder(&r);
+    let dir = r.t.work_path("api");
+    std::fs::create_dir_all(&dir).expect("api dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let sock = dir.join("slirp.sock");
+    let sock = sock.to_str().expect("UTF-8 path");
+    let pid_s = pid.to_string();
+    let mut served = r.t.spawn_command(r.as_user(&[
+        r.rnat.as_str(),
+        "slirp4netns",
+        "--configure",
+        "--api-socket",
+        sock,
+        &pid_s,
+        "tap0",
+    ]));
+    let target = format!("UNIX-CONNECT:{sock}");
+    let ask = |req: &str| {
+        let out = r.t.exec_input(
+            &r.t.h,
+            &["socat", "-t", "5", "-", &target],
+            req.as_bytes(),
+            Duration::from_secs(10),
+        );
+        out.stdout_str().trim().to_string()
+    };
+    let list = r#"{"execute":"list_hostfwd"}"#;
+    let first = procs::poll(|| Some(ask(list)).filter(|a| !a.is_empty()));
+    assert_eq!(first.as_deref(), Some(r#"{"entries":[]}"#));
+    let add = |host: u16, guest: u16| {
+        ask(&format!(
+            r#"{{"execute":"add_hostfwd","arguments":{{"proto":"tcp","host_addr":"","host_port":{host},"guest_addr":"","guest_port":{guest}}}}}"#
+        ))
+    };
+    let remove = |id: u64| {
+        ask(&format!(
+            r#"{{"execute":"remove_hostfwd","arguments":{{"id":{id}}}}}"#
+        ))
+    };
+    assert_eq!(add(8101, 80), r#"{"return":{"id":1}}"#);
+    assert_eq!(add(8102, 81), r#"{"return":{"id":2}}"#);
+    assert_eq!(remove(2), r#"{"return":{}}"#);
+    assert_eq!(
+        remove(2),
+        r#"{"error":{"desc":"bad request: remove_hostfwd: bad arguments.id"}}"#
+    );
+    assert_eq!(
+        add(0, 80),
+        r#"{"error":{"desc":"bad request: add_hostfwd: bad arguments.host_port"}}"#
+    );
+    assert_eq!(
+        add(8103, 82),
+        r#"{"return":{"id":3}}"#,
+        "ids are not reused"
+    );
+    let listed: serde_json::Value = serde_json::from_str(&ask(list)).unwrap_or_default();
+    let ports: Vec<(u64, u64, u64)> = listed["entries"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter_map(|f| {
+                    Some((
+                        f["id"].as_u64()?,
+                        f["host_port"].as_u64()?,
+                        f["guest_port"].as_u64()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(ports, [(1, 8101, 80), (3, 8103, 82)], "{listed}");
+    let listening = r.t.exec_ok(&r.t.h, &["ss", "-Hltn"]);
+    assert!(
+        listening.contains(":8101 ")
+            && listening.contains(":8103 ")
+            && !listening.contains(":8102 "),
+        "host ports bound\n{listening}"
+    );
+    served.signal("TERM");
+    let _ = served.wait_exit(Duration::from_secs(20));
+    drop(holder);
+}
+
 /// A new user and network namespace owned by the test user, held by a `sleep` in it: the
 /// holder and the sleep's PID.
 fn user_namespace_holder(r: &Rig) -> (crate::procs::BgProc, u32) {

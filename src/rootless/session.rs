@@ -445,7 +445,7 @@ struct Instance {
     child: i32,
     /// The slirp4netns API socket, and the forwards made through it.
     api: Option<(UnixListener, PathBuf)>,
-    hostfwds: Vec<slirp::HostFwd>,
+    hostfwds: slirp::HostFwds,
 }
 
 impl Drop for Instance {
@@ -510,7 +510,7 @@ impl Instance {
             started: std::time::SystemTime::now(),
             child: 0,
             api: None,
-            hostfwds: Vec::new(),
+            hostfwds: slirp::HostFwds::default(),
         })
     }
 
@@ -621,7 +621,7 @@ fn handle_api(
     core: &mut Core,
     host: &mut KernelHost,
     ports: &mut Ports,
-    fwds: &mut Vec<slirp::HostFwd>,
+    fwds: &mut slirp::HostFwds,
     body: &[u8],
     now: Instant,
 ) -> serde_json::Value {
@@ -629,11 +629,10 @@ fn handle_api(
     tracing::debug!(request = %String::from_utf8_lossy(body), "API request");
     match slirp::parse_request(body, guest) {
         Err(e) => e,
-        Ok(slirp::ApiOp::List) => slirp::list_reply(fwds, guest),
+        Ok(slirp::ApiOp::List) => slirp::list_reply(fwds.list(), guest),
         Ok(slirp::ApiOp::Add(m)) => match ports.publish(core, host, &m, now) {
             Ok(()) => {
-                let id = fwds.iter().map(|f| f.id).max().unwrap_or(0) + 1;
-                fwds.push(slirp::HostFwd { id, mapping: m });
+                let id = fwds.add(m);
                 serde_json::json!({"return": {"id": id}})
             }
             Err(e) => {
@@ -641,9 +640,8 @@ fn handle_api(
                 serde_json::json!({"error": {"desc": "bad request: add_hostfwd: slirp_add_hostfwd failed"}})
             }
         },
-        Ok(slirp::ApiOp::Remove(id)) => match fwds.iter().position(|f| f.id == id) {
-            Some(i) => {
-                let f = fwds.remove(i);
+        Ok(slirp::ApiOp::Remove(id)) => match fwds.remove(id) {
+            Some(f) => {
                 let _ = ports.unpublish(core, host, &f.mapping);
                 serde_json::json!({"return": {}})
             }

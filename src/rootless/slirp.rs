@@ -309,6 +309,43 @@ pub struct HostFwd {
     pub mapping: PortMapping,
 }
 
+/// The forwards made through the API, with slirp4netns' ids: 1, 2, 3, ..., never reused (a
+/// client holding the id of a forward it removed cannot remove another by mistake).
+#[derive(Debug)]
+pub struct HostFwds {
+    list: Vec<HostFwd>,
+    next_id: u64,
+}
+
+impl Default for HostFwds {
+    fn default() -> Self {
+        HostFwds {
+            list: Vec::new(),
+            next_id: 1,
+        }
+    }
+}
+
+impl HostFwds {
+    /// Records a forward made; its id.
+    pub fn add(&mut self, mapping: PortMapping) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.list.push(HostFwd { id, mapping });
+        id
+    }
+
+    /// Forgets forward `id`, if there is one.
+    pub fn remove(&mut self, id: u64) -> Option<HostFwd> {
+        let i = self.list.iter().position(|f| f.id == id)?;
+        Some(self.list.remove(i))
+    }
+
+    pub fn list(&self) -> &[HostFwd] {
+        &self.list
+    }
+}
+
 /// What the API asks of the instance.
 pub enum ApiOp {
     Add(PortMapping),
@@ -343,22 +380,24 @@ pub fn parse_request(body: &[u8], guest: Ipv4Addr) -> Result<ApiOp, Value> {
                     Err(_) => return Err(bad("add_hostfwd: bad arguments.host_addr")),
                 },
             };
+            // A port missing, 0 or out of range is refused, as slirp4netns refuses 0 (what it
+            // reads for a missing one), each under its own name.
+            let port = |k: &str| {
+                args.get(k)
+                    .and_then(Value::as_u64)
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| bad(&format!("add_hostfwd: bad arguments.{k}")))
+            };
+            let host_port = port("host_port")?;
+            // The guest is the only address forwards can reach here (slirp4netns would take any
+            // address of its network; its clients all pass the guest's, or none).
             match args.get("guest_addr").and_then(Value::as_str).unwrap_or("") {
                 "" => {}
                 s if s.parse::<Ipv4Addr>() == Ok(guest) => {}
                 _ => return Err(bad("add_hostfwd: bad arguments.guest_addr")),
             }
-            let port = |k: &str| {
-                args.get(k)
-                    .and_then(Value::as_u64)
-                    .and_then(|p| u16::try_from(p).ok())
-            };
-            let (Some(host_port), Some(container_port)) = (port("host_port"), port("guest_port"))
-            else {
-                return Err(bad(
-                    "add_hostfwd: bad arguments.host_port or arguments.guest_port",
-                ));
-            };
+            let container_port = port("guest_port")?;
             Ok(ApiOp::Add(PortMapping {
                 host_ip: host_addr,
                 host_port,
@@ -375,7 +414,8 @@ pub fn parse_request(body: &[u8], guest: Ipv4Addr) -> Result<ApiOp, Value> {
     }
 }
 
-/// `list_hostfwd`'s answer.
+/// `list_hostfwd`'s answer: `{"entries": [...]}`, without the `return` wrapper of the other
+/// answers, as slirp4netns sends it (its manual shows a wrapper that it never sent).
 pub fn list_reply(fwds: &[HostFwd], guest: Ipv4Addr) -> Value {
     let entries: Vec<Value> = fwds
         .iter()
@@ -390,7 +430,7 @@ pub fn list_reply(fwds: &[HostFwd], guest: Ipv4Addr) -> Value {
             })
         })
         .collect();
-    json!({"return": {"entries": entries}})
+    json!({ "entries": entries })
 }
 
 #[cfg(test)]
@@ -515,7 +555,30 @@ mod tests {
         }];
         assert_eq!(
             list_reply(&fwds, GUEST),
-            json!({"return":{"entries":[{"id":1,"proto":"udp","host_addr":"0.0.0.0","host_port":8091,"guest_addr":"10.0.2.100","guest_port":80}]}})
+            json!({"entries":[{"id":1,"proto":"udp","host_addr":"0.0.0.0","host_port":8091,"guest_addr":"10.0.2.100","guest_port":80}]})
         );
+        // Ports: 0 or missing is refused, each under its own name, host port first.
+        let with = |args: &str| {
+            format!(r#"{{"execute":"add_hostfwd","arguments":{{"proto":"tcp",{args}}}}}"#)
+        };
+        assert_eq!(
+            desc(with(r#""host_port":0,"guest_port":80"#).as_bytes()),
+            "bad request: add_hostfwd: bad arguments.host_port"
+        );
+        assert_eq!(
+            desc(with(r#""host_port":8080"#).as_bytes()),
+            "bad request: add_hostfwd: bad arguments.guest_port"
+        );
+        assert_eq!(
+            desc(with(r#""host_port":70000,"guest_port":80"#).as_bytes()),
+            "bad request: add_hostfwd: bad arguments.host_port"
+        );
+        // Ids count up and are never reused.
+        let mut made = HostFwds::default();
+        let m = fwds[0].mapping;
+        assert_eq!((made.add(m), made.add(m)), (1, 2));
+        assert!(made.remove(2).is_some() && made.remove(2).is_none());
+        assert_eq!(made.add(m), 3);
+        assert_eq!(made.list().iter().map(|f| f.id).collect::<Vec<_>>(), [1, 3]);
     }
 }

@@ -141,6 +141,13 @@ pub struct Config {
 impl Config {
     /// slirp4netns' layout in `cidr`: guest .100, gateway .2, DNS .3.
     pub fn for_cidr(cidr: Ipv4Net) -> Result<Config, String> {
+        if cidr.addr() != cidr.network() {
+            // As slirp4netns refuses it: the address was probably meant for something else.
+            return Err(format!(
+                "{cidr}: host bits are set (the network would be {})",
+                cidr.trunc()
+            ));
+        }
         if cidr.prefix_len() > 25 {
             return Err(format!(
                 "{cidr}: the network needs at least 128 addresses (/25 or larger)"

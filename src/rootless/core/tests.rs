@@ -1989,3 +1989,25 @@ fn ipv6_policy_and_dns() {
         "UDP checksum"
     );
 }
+
+/// `--cidr` names a network: one with host bits set is refused (as slirp4netns refuses it), and
+/// so is one too small for the guest's fixed addresses.
+#[test]
+fn a_cidr_with_host_bits_or_too_small_is_refused() {
+    let cidr = |s: &str| Config::for_cidr(s.parse().expect("cidr"));
+    let ok = cidr("192.0.2.0/24").expect("a network");
+    assert_eq!(
+        (ok.gateway, ok.dns, ok.guest),
+        (
+            Ipv4Addr::new(192, 0, 2, 2),
+            Ipv4Addr::new(192, 0, 2, 3),
+            Ipv4Addr::new(192, 0, 2, 100)
+        )
+    );
+    let err = cidr("192.0.2.5/24").err().unwrap_or_default();
+    assert!(
+        err.contains("host bits") && err.contains("192.0.2.0/24"),
+        "{err}"
+    );
+    assert!(cidr("192.0.2.0/26").is_err());
+}

@@ -1098,7 +1098,9 @@ impl Core {
     pub fn on_ready<H: Host>(&mut self, host: &mut H, id: FlowId, ready: Ready, now: Instant) {
         match self.flows.get(id) {
             Some(Flow::Tcp(f))
-                if ready.error && self.parked.get(&(f.guest, f.remote)) == Some(&id) =>
+                if ready.error
+                    && !self.parked.is_empty()
+                    && self.parked.get(&(f.guest, f.remote)) == Some(&id) =>
             {
                 // A waiting flow's client gave up: it goes without a word to the guest (which
                 // knows the tuple as the old flow's).
@@ -1358,7 +1360,7 @@ impl Core {
             match f.timer {
                 Some(t) if t <= now => {
                     let key = (f.guest, f.remote);
-                    if self.parked.get(&key) == Some(&id) {
+                    if !self.parked.is_empty() && self.parked.get(&key) == Some(&id) {
                         f.timer = None;
                         self.reuse_waited(host, key, id, now);
                         continue;

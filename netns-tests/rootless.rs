@@ -1201,14 +1201,14 @@ impl Rig {
     /// PORT, each echoing a line.
     fn clients_from_outside(&self, helper: &str, port: u16, n: u32) -> Finished {
         let (port, n) = (port.to_string(), n.to_string());
-        procs::run_bounded(
-            self.t.ns_command(
-                &self.t.c,
-                &["python3", helper, "clients", H_CLIENT_SIDE_IP, &port, &n],
-            ),
-            None,
-            Duration::from_secs(120),
-        )
+        self.run_helper(&self.t.c, helper, &["clients", H_CLIENT_SIDE_IP, &port, &n])
+    }
+
+    /// The python helper with ARGS, as root in namespace NS, bounded to 120 s.
+    fn run_helper(&self, ns: &str, helper: &str, args: &[&str]) -> Finished {
+        let mut argv = vec!["python3", helper];
+        argv.extend_from_slice(args);
+        procs::run_bounded(self.t.ns_command(ns, &argv), None, Duration::from_secs(120))
     }
 
     fn helper(&self) -> String {
@@ -1614,23 +1614,8 @@ fn a_client_reusing_its_port_at_once_is_served_every_time() {
     );
     r.wait_published("reuse", "8092->80/tcp");
     wait_answer(&r.t, &r.t.c, H_CLIENT_SIDE_IP, 8092);
-    let out = procs::run_bounded(
-        r.t.ns_command(
-            &r.t.c,
-            &[
-                "python3",
-                &helper,
-                "reuse",
-                H_CLIENT_SIDE_IP,
-                "8092",
-                "500",
-                C_IP,
-                "41000",
-            ],
-        ),
-        None,
-        Duration::from_secs(120),
-    );
+    let args = ["reuse", H_CLIENT_SIDE_IP, "8092", "500", C_IP, "41000"];
+    let out = r.run_helper(&r.t.c, &helper, &args);
     assert_eq!(
         out.stdout_str().lines().next(),
         Some("ok=500 bad=0"),
@@ -1710,11 +1695,7 @@ fn urgent_data_passes_a_spliced_connection_both_ways() {
         &format!("python3 {helper} urgentbulk 80 & python3 {helper} countserve 81"),
     );
     r.wait_published("urg", "8096->81/tcp");
-    let client = |args: &[&str]| {
-        let mut argv = vec!["python3", helper.as_str()];
-        argv.extend_from_slice(args);
-        procs::run_bounded(r.t.ns_command(&r.t.h, &argv), None, Duration::from_secs(60))
-    };
+    let client = |args: &[&str]| r.run_helper(&r.t.h, &helper, args);
     // Container → client (the servers may still be starting: retried until one answers).
     let down = procs::poll(|| {
         let out = client(&["count", "127.0.0.1", "8095"]);
@@ -1749,13 +1730,7 @@ fn a_spliced_client_that_resets_resets_the_containers_side() {
         &format!("python3 {helper} resetwatch 80"),
     );
     r.wait_published("rst", "8094->80/tcp");
-    let client = |mode: &str| {
-        procs::run_bounded(
-            r.t.ns_command(&r.t.h, &["python3", &helper, mode, "127.0.0.1", "8094"]),
-            None,
-            Duration::from_secs(60),
-        )
-    };
+    let client = |mode: &str| r.run_helper(&r.t.h, &helper, &[mode, "127.0.0.1", "8094"]);
     // The first connection may come before the server listens: retried until it answers.
     let first = procs::poll(|| {
         let out = client("rst");

@@ -624,10 +624,11 @@ impl Ports {
 /// One direction: socket → pipe → socket until either side would block.
 ///
 /// TCP urgent data: a `splice` from a socket stops at the urgent mark and reads nothing there
-/// (`EAGAIN`, or 0 once the peer has closed), whatever follows. So once the source has reported
-/// urgent data, a splice that moved nothing asks whether it stands at the mark, and if so the
-/// byte there is read (in line, `SO_OOBINLINE`) and written into the empty pipe; splicing then
-/// goes on past it. The byte arrives in order; its urgency is not passed on.
+/// (`EAGAIN`, or 0 once the peer has closed), whatever follows. So a splice that moved nothing
+/// asks whether it stands at the mark (on `EAGAIN` only once the source has reported urgent
+/// data; before taking 0 for the end, always), and if so the byte there is read (in line,
+/// `SO_OOBINLINE`) and written into the empty pipe; splicing then goes on past it. The byte
+/// arrives in order; its urgency is not passed on.
 fn pump_one(p: &mut Pipe, src: &Socket, dst: &Socket) -> io::Result<()> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
@@ -636,8 +637,13 @@ fn pump_one(p: &mut Pipe, src: &Socket, dst: &Socket) -> io::Result<()> {
             let stalled = match splice(src.as_fd(), None, p.w.as_fd(), None, p.cap - p.held, flags)
             {
                 Ok(0) => {
-                    p.eof = !(p.urgent && sys::at_urgent_mark(src.as_raw_fd())?);
-                    !p.eof
+                    // Asked whatever the flag says: the pump runs for either socket's report,
+                    // and the source's report of urgent data may come later in the same batch,
+                    // after an end taken here would have dropped the rest.
+                    let at = sys::at_urgent_mark(src.as_raw_fd())?;
+                    p.urgent |= at;
+                    p.eof = !at;
+                    at
                 }
                 Ok(n) => {
                     p.held += n;
@@ -717,6 +723,42 @@ mod tests {
         ours.set_nonblocking(true).expect("nonblocking");
         sys::set_oob_inline(ours.as_raw_fd()).expect("oobinline");
         (Socket::from(OwnedFd::from(ours)), peer)
+    }
+
+    /// The sender's urgent byte, more data and its close are all queued before the source's
+    /// report of urgent data is handled (the pump ran for the other socket's report): the 0 the
+    /// splice returns at the mark is not the end, and everything arrives.
+    #[test]
+    fn an_end_at_the_urgent_mark_is_not_taken_for_the_end() {
+        let (src, mut client) = tcp_pair();
+        let (dst, mut server) = tcp_pair();
+        let mut p = Pipe::new(PIPE_DEFAULT).expect("pipe");
+        client.write_all(b"before").expect("send");
+        nix::sys::socket::send(
+            client.as_raw_fd(),
+            b"!",
+            nix::sys::socket::MsgFlags::MSG_OOB,
+        )
+        .expect("send urgent");
+        client.write_all(b"after").expect("send");
+        client
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        std::thread::sleep(std::time::Duration::from_millis(50)); // let loopback deliver
+        assert!(!p.urgent, "no report of urgent data handled yet");
+        for _ in 0..10 {
+            pump_one(&mut p, &src, &dst).expect("pump");
+            if p.shut {
+                break;
+            }
+        }
+        assert!(p.shut, "the end reached, after the urgent byte");
+        let mut got = Vec::new();
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        server.read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"before!after");
     }
 
     /// Urgent data reported while the pipe is full by its slots (not by bytes) and the
